@@ -1,0 +1,344 @@
+"""The ``sacla-dask`` command line: a thin layer over the Python API.
+
+This module owns argument parsing (click), turning user errors into one
+clear line and a non-zero exit (``--debug`` for the traceback), and
+choosing where the work runs (``--workers``, ``--scheduler``,
+``--scheduler-file``, ``--cluster``). Every computation lives in the
+library modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+import numpy as np
+
+from .errors import SaclaDaskError
+
+log = logging.getLogger("sacla_dask")
+
+EXIT_USER_ERROR = 2
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print SaclaDaskError as one line and exit 2, unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = (ctx.find_root().obj or {}).get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except SaclaDaskError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="sacla_dask")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, verbose: int) -> None:
+    """Angular cross-correlation of SACLA XFEL runs, with Dask.
+
+    \b
+    Example (a synthetic run, processed on this machine):
+      sacla-dask demo --dir demo
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    ctx.obj["verbose"] = verbose
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+# -- synth ---------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--tags", "n_tags", default=60, show_default=True, help="Tags with images.")
+@click.option("--dark", "n_dark", default=5, show_default=True,
+              help="Leading shutter-closed (dark) tags.")
+@click.option("--shape", nargs=2, type=int, default=(512, 512), show_default=True,
+              help="Image shape NY NX in pixels (MPCCD octal: 2400 2400).")
+@click.option("--center", nargs=2, type=float, default=None,
+              help="Beam centre X Y in pixels (default: near the image centre).")
+@click.option("--ring", "rings", multiple=True, type=float,
+              help="Powder ring radius in pixels (repeatable; default 0.3 and 0.6 of the "
+                   "half-width).")
+@click.option("--ring-width", default=2.0, show_default=True, help="Ring width (sigma), px.")
+@click.option("--pixel-size", default=50e-6, show_default=True, help="Pixel size, metres.")
+@click.option("--distance", default=0.053, show_default=True, help="Detector distance, metres.")
+@click.option("--energy", default=8600.0, show_default=True, help="Photon energy, eV.")
+@click.option("--order", default=6, show_default=True,
+              help="Angular modulation order n of cos(n (phi - phase)) per shot.")
+@click.option("--amplitude", default=0.2, show_default=True, help="Modulation amplitude.")
+@click.option("--compression", type=click.Choice(["none", "gzip", "bitshuffle-lz4", "zstd"]),
+              default="none", show_default=True, help="HDF5 filter of the detector data.")
+@click.option("--mask-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write a panel-gap mask (.npy, 1 = good) for these images.")
+@click.option("--seed", default=0, show_default=True, help="Random seed.")
+@_handle_errors
+def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
+          center: tuple[float, float] | None, rings: tuple[float, ...], ring_width: float,
+          pixel_size: float, distance: float, energy: float, order: int, amplitude: float,
+          compression: str, mask_out: str | None, seed: int) -> None:
+    """Write a synthetic SACLA run (DataConvert layout) with known truth.
+
+    \b
+    Example:
+      sacla-dask synth run.h5 --tags 200 --shape 1024 1024 --mask-out mask.npy
+    """
+    from .synthetic import panel_mask, write_synthetic_run
+
+    half = min(shape) / 2
+    radii = rings or (0.3 * half, 0.6 * half)
+    truth = write_synthetic_run(out, n_tags=n_tags, n_dark=n_dark, shape=tuple(shape),
+                                center=center, ring_radii=radii, ring_width=ring_width,
+                                pixel_size=pixel_size, distance=distance,
+                                photon_energy=energy, modulation_order=order,
+                                modulation_amplitude=amplitude, compression=compression,
+                                seed=seed)
+    if mask_out:
+        np.save(mask_out, panel_mask(tuple(shape)))
+    q = truth.ring_q()
+    click.echo(f"wrote {out}: run {truth.run}, {n_tags} tags ({n_dark} dark), images {shape}")
+    click.echo(f"centre x={truth.center_x:.3f} y={truth.center_y:.3f} px; rings at "
+               + ", ".join(f"r={r:.1f} px (q={qq:.4f} 1/A)" for r, qq in zip(truth.ring_radii, q))
+               + f"; wavelength {truth.wavelength:.5f} A")
+
+
+# -- process -------------------------------------------------------------------
+def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--workers", type=int, default=None,
+                     help="LocalCluster worker processes (default: number of cores)."),
+        click.option("--scheduler", default=None,
+                     help="Attach to a running scheduler, e.g. tcp://host:8786."),
+        click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None,
+                     help="Attach to the scheduler described by this scheduler file."),
+        click.option("--cluster", type=click.Choice(["local", "jobqueue"]), default="local",
+                     show_default=True,
+                     help="'jobqueue': a dask-jobqueue cluster from dask's config "
+                          "(see deploy/README.md)."),
+        click.option("--jobs", type=int, default=None,
+                     help="Batch jobs to start with --cluster jobqueue."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def _client_from(workers: int | None, scheduler: str | None, scheduler_file: str | None,
+                 cluster: str, jobs: int | None) -> Any:
+    import distributed  # noqa: F401  (configures its loggers on import)
+
+    from .cluster import dask_client
+
+    # distributed logs every worker start/stop at INFO: keep the terminal for
+    # what the user asked unless -v was given.
+    verbose = (click.get_current_context().find_root().obj or {}).get("verbose", 0)
+    for name in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    with dask_client(workers=workers, scheduler=scheduler, scheduler_file=scheduler_file,
+                     cluster=cluster, jobs=jobs) as client:
+        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        yield client
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output Zarr store.")
+@click.option("--geometry", type=click.Path(dir_okay=False), default=None,
+              help="Geometry YAML (center_x, center_y, pixel_size, distance, wavelength, "
+                   "mask); the flags below override it.")
+@click.option("--center", nargs=2, type=float, default=None,
+              help="Beam centre X Y in pixels (X = fast/column axis, Y = slow/row axis).")
+@click.option("--qmin", type=float, required=True, help="Inner edge of the q band, 1/Angstrom.")
+@click.option("--qmax", type=float, required=True, help="Outer edge of the q band, 1/Angstrom.")
+@click.option("--pixel-size", type=float, default=None, help="Pixel size, metres (MPCCD 5e-5).")
+@click.option("--distance", type=float, default=None, help="Detector distance, metres.")
+@click.option("--wavelength", type=float, default=None,
+              help="Wavelength, Angstrom (default: from the run's photon energy).")
+@click.option("--mask", type=click.Path(dir_okay=False), default=None,
+              help="Pixel mask .npy, same shape as the images, 1 = good.")
+@click.option("--nphi", type=int, default=None,
+              help="Phi bins (default: one pixel of arc at the band's outer radius).")
+@click.option("--fast-nphi", is_flag=True, help="Round nphi up to an FFT-friendly length.")
+@click.option("--nq", type=int, default=None, help="q bins (default: one per pixel of radius).")
+@click.option("--method", type=click.Choice(["nearest", "bilinear"]), default="nearest",
+              show_default=True, help="Polar interpolation.")
+@click.option("--pairs", type=click.Path(dir_okay=False), default=None,
+              help="JSON list of [tagA, tagB] pairs (default: consecutive bright shots).")
+@click.option("--non-overlapping", is_flag=True,
+              help="Consecutive pairs (t1,t2),(t3,t4)... instead of (t1,t2),(t2,t3)...")
+@click.option("--chunk-size", default="128MiB", show_default=True,
+              help="Image bytes per task (e.g. 256MiB) or a number of tags.")
+@click.option("--no-store-polar", is_flag=True,
+              help="Correlation only: do not keep the per-tag polar images.")
+@click.option("--compression", type=click.Choice(["lz4", "zstd", "none"]), default="lz4",
+              show_default=True, help="Codec of the polar images in the store.")
+@click.option("--on-bad-tag", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True, help="A damaged/missing tag image: stop, or go on without it.")
+@click.option("--overwrite", is_flag=True, help="Replace what is at --out.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar.")
+@_cluster_options
+@_handle_errors
+def process(runs: tuple[str, ...], out: str, geometry: str | None,
+            center: tuple[float, float] | None, qmin: float, qmax: float,
+            pixel_size: float | None, distance: float | None, wavelength: float | None,
+            mask: str | None, nphi: int | None, fast_nphi: bool, nq: int | None, method: str,
+            pairs: str | None, non_overlapping: bool, chunk_size: str, no_store_polar: bool,
+            compression: str, on_bad_tag: str, overwrite: bool, dry_run: bool,
+            progress: bool, workers: int | None, scheduler: str | None,
+            scheduler_file: str | None, cluster: str, jobs: int | None) -> None:
+    """Process run file(s) into a labelled correlation Zarr store.
+
+    \b
+    Example:
+      sacla-dask process run.h5 --out run.zarr --center 1200.5 1199.8 \\
+          --qmin 2.64 --qmax 2.71 --pixel-size 5e-5 --distance 0.053 \\
+          --mask mask.npy --workers 2
+    """
+    from .errors import ParameterError
+    from .geometry import read_geometry_file
+    from .pipeline import plan_run
+
+    geo: dict[str, Any] = read_geometry_file(geometry) if geometry else {}
+    cx, cy = center if center is not None else (geo.get("center_x"), geo.get("center_y"))
+    pixel_size = pixel_size if pixel_size is not None else geo.get("pixel_size")
+    distance = distance if distance is not None else geo.get("distance")
+    wavelength = wavelength if wavelength is not None else geo.get("wavelength")
+    mask = mask if mask is not None else (geo.get("mask") or None)
+    missing = [n for n, v in (("--center", cx), ("--pixel-size", pixel_size),
+                              ("--distance", distance)) if v is None]
+    if missing:
+        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s) or --geometry)")
+    chunks: int | str = int(chunk_size) if chunk_size.isdigit() else chunk_size
+    plan = plan_run(list(runs), qmin=qmin, qmax=qmax, center=(cx, cy), pixel_size=pixel_size,
+                    distance=distance, wavelength=wavelength, mask=mask, nphi=nphi, nq=nq,
+                    method=method, fast_nphi=fast_nphi, pairs=pairs,
+                    overlapping=not non_overlapping, chunks=chunks, out=out,
+                    store_polar=not no_store_polar, compression=compression,
+                    on_bad_tag=on_bad_tag)
+    click.echo(repr(plan))
+    if dry_run:
+        return
+    t0 = time.perf_counter()
+    with _client_from(workers, scheduler, scheduler_file, cluster, jobs):
+        ds = plan.execute(progress=progress, overwrite=overwrite)
+    dt = time.perf_counter() - t0
+    click.echo(f"wrote {out}: {ds.sizes['tag']} tags, {int(ds['n_pairs'])} pairs, "
+               f"corr {dict(ds['corr'].sizes)} in {dt:.1f} s "
+               f"({ds.sizes['tag'] / dt:.1f} tags/s)")
+
+
+# -- demo ----------------------------------------------------------------------
+@main.command()
+@click.option("--dir", "workdir", default="sacla-dask-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for the run, mask and store.")
+@click.option("--tags", "n_tags", default=200, show_default=True, help="Tags to synthesise.")
+@click.option("--shape", nargs=2, type=int, default=(1024, 1024), show_default=True,
+              help="Image shape NY NX in pixels.")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="LocalCluster worker processes.")
+@_handle_errors
+def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int) -> None:
+    """The whole job end to end on a synthetic run, on a LocalCluster.
+
+    Writes a synthetic run with dark shots, a known centre, powder rings
+    and a 6-fold angular modulation; processes the band around the outer
+    ring on a LocalCluster; checks the result against the known truth.
+
+    \b
+    Example:
+      sacla-dask demo --dir demo --tags 200 --workers 2
+    """
+    from .pipeline import plan_run
+    from .synthetic import panel_mask, write_synthetic_run
+
+    os.makedirs(workdir, exist_ok=True)
+    run_path = os.path.join(workdir, "run_synthetic.h5")
+    mask_path = os.path.join(workdir, "mask.npy")
+    out = os.path.join(workdir, "result.zarr")
+    half = min(shape) / 2
+    t0 = time.perf_counter()
+    truth = write_synthetic_run(run_path, n_tags=n_tags, n_dark=10, shape=tuple(shape),
+                                ring_radii=(0.3 * half, 0.6 * half), ring_width=2.5,
+                                modulation_order=6, modulation_amplitude=0.2)
+    np.save(mask_path, panel_mask(tuple(shape), center=(truth.center_x, truth.center_y),
+                                  beamstop=0.1 * half))
+    click.echo(f"1. wrote synthetic run {run_path} ({n_tags} tags, {shape[0]}x{shape[1]}) "
+               f"in {time.perf_counter() - t0:.1f} s")
+    g = truth.geometry
+    r = truth.ring_radii[1]
+    qmin, qmax = g.radius_to_q(r - 10), g.radius_to_q(r + 10)
+    plan = plan_run(run_path, qmin=qmin, qmax=qmax, center=(truth.center_x, truth.center_y),
+                    pixel_size=truth.pixel_size, distance=truth.distance, mask=mask_path,
+                    out=out, chunks="64MiB")
+    click.echo("2. plan:\n" + repr(plan))
+    t0 = time.perf_counter()
+    with _client_from(workers, None, None, "local", None):
+        ds = plan.execute(progress=True, overwrite=True)
+    dt = time.perf_counter() - t0
+    click.echo(f"3. processed on a LocalCluster of {workers} workers in {dt:.1f} s "
+               f"({ds.sizes['tag'] / dt:.1f} tags/s) -> {out}")
+    bright = ds["bright"].values
+    prof = ds["polar"].where(ds["polar_mask"]).isel(tag=bright).mean(("tag", "phi"))
+    ring_q = float(ds.q[int(np.argmax(ds["row_mean"].isel(tag=bright).mean("tag").values))])
+    corr = ds["corr"].mean("q").values
+    n = corr.size
+    lo = n // 24
+    peak = float(ds.dphi[lo + int(np.argmax(corr[lo: n // 2 - lo]))])
+    click.echo(f"4. ring found at q = {ring_q:.4f} 1/A (truth {truth.ring_q()[1]:.4f}); "
+               f"correlation peak at dphi = {peak:.3f} rad "
+               f"(truth: multiples of 2 pi/{truth.modulation_order} = "
+               f"{2 * np.pi / truth.modulation_order:.3f}); normalised polar mean "
+               f"{float(prof.mean()):.3f}")
+    click.echo(f"open it with: xarray.open_zarr({out!r}) or sacla_dask.open_result({out!r})")
+
+
+# -- info ----------------------------------------------------------------------
+@main.command()
+@click.argument("path", type=click.Path())
+@_handle_errors
+def info(path: str) -> None:
+    """Summarise a run file (HDF5) or a result store (Zarr).
+
+    \b
+    Example:
+      sacla-dask info run.h5
+      sacla-dask info result.zarr
+    """
+    from .store import open_result, store_state
+
+    if os.path.isdir(path):
+        state = store_state(path)
+        ds = open_result(path, allow_incomplete=True)
+        click.echo(f"result store {path} ({state})")
+        click.echo(repr(ds))
+        return
+    from .run import open_run
+
+    run = open_run(path)
+    click.echo(repr(run))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,224 @@
+"""Experiment geometry: detector distance, pixel size, wavelength and beam centre.
+
+This module owns the conversion between pixel radius on the detector and
+momentum transfer ``q``, the default angular sampling ``nphi``, the photon
+energy to wavelength conversion, and reading/writing the geometry YAML file
+shared by ``sacla-dask center`` and ``sacla-dask process``.
+
+Conventions
+-----------
+* ``center_x`` is along the fast (column, last) image axis and ``center_y``
+  along the slow (row) axis, both in pixels, pixel centres at integers.
+* ``q = 4 pi / lambda * sin(arctan(r * pixel_size / distance) / 2)``, in
+  inverse Angstrom, with ``r`` in pixels, ``pixel_size`` and ``distance`` in
+  metres and ``lambda`` in Angstrom.
+* ``phi = atan2(y - center_y, x - center_x)`` in radians, in ``[0, 2 pi)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import GeometryError, ParameterError
+
+#: h * c in keV * Angstrom (CODATA 2018).
+HC_KEV_ANGSTROM = 12.398419843320026
+
+GEOMETRY_KEYS = ("center_x", "center_y", "pixel_size", "distance", "wavelength", "mask")
+
+
+def energy_to_wavelength(energy_ev: float | np.ndarray) -> float | np.ndarray:
+    """Photon energy in eV to wavelength in Angstrom.
+
+    Parameters
+    ----------
+    energy_ev : float or ndarray
+        Photon energy in electronvolts; must be positive.
+
+    Returns
+    -------
+    float or ndarray
+        Wavelength in Angstrom (``12398.42 / E[eV]``).
+    """
+    e = np.asarray(energy_ev, dtype=float)
+    if not np.all(np.isfinite(e)) or np.any(e <= 0):
+        raise ParameterError(f"photon energy must be positive and finite (got {energy_ev!r} eV)")
+    out = HC_KEV_ANGSTROM * 1e3 / e
+    return float(out) if out.ndim == 0 else out
+
+
+def _positive(name: str, value: float, unit: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{name} must be a number in {unit} (got {value!r})") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ParameterError(f"{name} must be positive and finite, in {unit} (got {value!r})")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Scattering geometry of one detector.
+
+    Parameters
+    ----------
+    center_x, center_y : float
+        Beam centre in pixels (x = fast/column axis, y = slow/row axis).
+    pixel_size : float
+        Pixel size in metres (MPCCD: 50e-6).
+    distance : float
+        Sample-to-detector distance in metres.
+    wavelength : float
+        X-ray wavelength in Angstrom.
+    """
+
+    center_x: float
+    center_y: float
+    pixel_size: float
+    distance: float
+    wavelength: float
+
+    def __post_init__(self) -> None:
+        for name in ("center_x", "center_y"):
+            v = getattr(self, name)
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise ParameterError(f"{name} must be a number of pixels (got {v!r})") from None
+            if not math.isfinite(fv):
+                raise ParameterError(f"{name} must be finite (got {v!r})")
+            object.__setattr__(self, name, fv)
+        object.__setattr__(self, "pixel_size", _positive("pixel_size", self.pixel_size, "metres"))
+        object.__setattr__(self, "distance", _positive("distance", self.distance, "metres"))
+        object.__setattr__(self, "wavelength", _positive("wavelength", self.wavelength, "Angstrom"))
+
+    # -- conversions -------------------------------------------------------
+    @property
+    def q_max_physical(self) -> float:
+        """Largest q reachable at 90 degrees scattering angle, in inverse Angstrom."""
+        return 4 * math.pi / self.wavelength * math.sin(math.pi / 4)
+
+    def radius_to_q(self, radius_px: float | np.ndarray) -> float | np.ndarray:
+        """Pixel radius from the beam centre to momentum transfer q (1/Angstrom)."""
+        r = np.asarray(radius_px, dtype=float)
+        two_theta = np.arctan(r * self.pixel_size / self.distance)
+        q = 4 * np.pi / self.wavelength * np.sin(two_theta / 2)
+        return float(q) if q.ndim == 0 else q
+
+    def q_to_radius(self, q: float | np.ndarray) -> float | np.ndarray:
+        """Momentum transfer q (1/Angstrom) to pixel radius from the beam centre."""
+        qa = np.asarray(q, dtype=float)
+        s = qa * self.wavelength / (4 * np.pi)
+        if np.any(s < 0) or np.any(s >= math.sin(math.pi / 4)):
+            raise GeometryError(
+                f"q = {q!r} 1/A is not reachable on a flat detector at wavelength "
+                f"{self.wavelength} A (must be 0 <= q < {self.q_max_physical:.4g} 1/A)"
+            )
+        r = np.tan(2 * np.arcsin(s)) * self.distance / self.pixel_size
+        return float(r) if r.ndim == 0 else r
+
+    def two_theta(self, radius_px: float | np.ndarray) -> float | np.ndarray:
+        """Scattering angle 2-theta in radians at a pixel radius."""
+        r = np.asarray(radius_px, dtype=float)
+        out = np.arctan(r * self.pixel_size / self.distance)
+        return float(out) if out.ndim == 0 else out
+
+    def check_on_detector(self, shape: tuple[int, int]) -> None:
+        """Raise :class:`GeometryError` if the centre lies outside an image of ``shape``.
+
+        A centre may legitimately sit in a gap or behind the beam stop, but not
+        off the detector: a fit that wandered there is wrong.
+        """
+        ny, nx = shape
+        if not (-0.5 <= self.center_x <= nx - 0.5 and -0.5 <= self.center_y <= ny - 0.5):
+            raise GeometryError(
+                f"beam centre (center_x={self.center_x:g}, center_y={self.center_y:g}) px "
+                f"lies off the {ny}x{nx} detector image"
+            )
+
+    def replace(self, **changes: Any) -> Geometry:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_attrs(self) -> dict[str, float]:
+        """The geometry as a flat dict (the result store's attrs names)."""
+        return dataclasses.asdict(self)
+
+
+def default_nphi(outer_radius_px: float, fast: bool = False) -> int:
+    """Number of phi bins giving about one pixel of arc at ``outer_radius_px``.
+
+    Parameters
+    ----------
+    outer_radius_px : float
+        Outer radius of the q band, in pixels (not in inverse Angstrom: the
+        tutorial's ``int(2*pi*qmax)`` slip).
+    fast : bool
+        Round up to a length that FFTs fast (``scipy.fft.next_fast_len``).
+
+    Returns
+    -------
+    int
+        ``ceil(2 pi r)``, at least 8, optionally rounded up.
+    """
+    if not math.isfinite(outer_radius_px) or outer_radius_px <= 0:
+        raise ParameterError(f"outer radius must be positive (got {outer_radius_px!r} px)")
+    n = max(8, int(math.ceil(2 * math.pi * outer_radius_px)))
+    if fast:
+        import scipy.fft
+
+        n = int(scipy.fft.next_fast_len(n, real=True))
+    return n
+
+
+# -- YAML geometry file ------------------------------------------------------
+def read_geometry_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a geometry YAML file into a dict of the known keys.
+
+    Keys: ``center_x``, ``center_y`` (pixels), ``pixel_size``, ``distance``
+    (metres), ``wavelength`` (Angstrom), ``mask`` (path, relative to the
+    YAML file's folder when not absolute). Unknown keys are refused.
+    """
+    import yaml
+
+    p = os.fspath(path)
+    try:
+        with open(p) as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ParameterError(f"geometry file {p!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"geometry file {p!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ParameterError(f"geometry file {p!r} must hold a mapping of {GEOMETRY_KEYS}")
+    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - {"radius", "notes", "fit"})
+    if unknown:
+        raise ParameterError(
+            f"geometry file {p!r} has unknown keys {unknown}; allowed: {list(GEOMETRY_KEYS)}"
+        )
+    out = dict(data)
+    if out.get("mask") and not os.path.isabs(out["mask"]):
+        out["mask"] = os.path.join(os.path.dirname(os.path.abspath(p)), out["mask"])
+    return out
+
+
+def write_geometry_file(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:
+    """Write a geometry YAML file (see :func:`read_geometry_file` for the keys)."""
+    import yaml
+
+    clean: dict[str, Any] = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        if isinstance(v, (np.floating, np.integer)):
+            v = v.item()
+        clean[k] = v
+    with open(os.fspath(path), "w") as fh:
+        yaml.safe_dump(clean, fh, sort_keys=False)
