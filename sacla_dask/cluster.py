@@ -86,7 +86,7 @@ def dask_client(
     if n < 1:
         raise ParameterError(f"--workers must be >= 1 (got {workers})")
     lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                      memory_limit=memory_limit, dashboard_address=":0")
+                      memory_limit=memory_limit, dashboard_address="127.0.0.1:0")
     client = Client(lc)
     try:
         yield client
