@@ -1,0 +1,190 @@
+"""End-to-end pipeline: lazy == eager, known truth, schedulers, output contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from dask.array.utils import assert_eq
+
+import sacla_dask as sd
+from sacla_dask.pipeline import plan_run
+from sacla_dask.run import open_run
+from sacla_dask.synthetic import write_synthetic_run
+
+
+def tutorial_reference(images, tags, bright, geom, qmin, qmax, nphi, mask):
+    """The tutorial's algorithm in plain numpy (its two slips fixed), independent of the package.
+
+    Nearest-neighbour polar sampling at radii one pixel apart, phi_j = 2 pi j / nphi,
+    polar mask from the pixel mask, rows divided by their masked mean, consecutive bright
+    pairs, FFT autocorrelation of the difference divided by the mask's autocorrelation,
+    mean over pairs only.
+    """
+    r_in, r_out = geom.q_to_radius(qmin), geom.q_to_radius(qmax)
+    nq = max(1, int(round(r_out - r_in)))
+    dr = (r_out - r_in) / nq
+    radius = r_in + (np.arange(nq) + 0.5) * dr
+    phi = 2 * np.pi * np.arange(nphi) / nphi
+    x = geom.center_x + radius[:, None] * np.cos(phi)[None, :]
+    y = geom.center_y + radius[:, None] * np.sin(phi)[None, :]
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    pmask = mask[iy, ix]
+    polar = images[:, iy, ix] * pmask
+    norms = np.array([[row[m].mean() for row, m in zip(p, pmask)] for p in polar])
+    polar = polar / norms[:, :, None]
+    b = np.sort(tags[bright])
+    pos = {t: i for i, t in enumerate(tags)}
+    diffs = np.array([polar[pos[a]] - polar[pos[c]] for a, c in zip(b[:-1], b[1:])])
+    f = np.fft.fft(diffs, axis=-1)
+    ac = np.fft.ifft(np.abs(f) ** 2, axis=-1).real
+    fm = np.fft.fft(pmask.astype(float), axis=-1)
+    mac = np.fft.ifft(np.abs(fm) ** 2, axis=-1).real
+    return polar, pmask, (ac / mac).mean(axis=0), np.asarray(geom.radius_to_q(radius))
+
+
+def test_lazy_equals_eager_and_tutorial(small_run, small_mask, small_params):
+    plan = plan_run(small_run.path, mask=small_mask, chunks=7, **small_params)
+    ds = plan.dataset()
+    # lazy: a graph, not yet values
+    assert ds["polar"].chunks[0][0] == 7
+    run = open_run(small_run.path)
+    images = run.images(chunks=run.tags.size).compute()
+    polar, pmask, corr, q = tutorial_reference(
+        images, run.tags, run.bright, plan.geometry, small_params["qmin"], small_params["qmax"],
+        plan.transform.nphi, small_mask)
+    np.testing.assert_array_equal(ds["polar_mask"].values, pmask)
+    np.testing.assert_allclose(ds["q"].values, q, rtol=1e-12)
+    assert_eq(ds["polar"].data, polar.astype(np.float32), rtol=1e-5, atol=1e-6)
+    assert_eq(ds["corr"].data, corr, rtol=1e-6, atol=1e-7)
+
+
+def test_result_independent_of_chunking(small_run, small_params):
+    a = plan_run(small_run.path, chunks=3, **small_params).dataset()
+    b = plan_run(small_run.path, chunks=40, **small_params).dataset()
+    assert_eq(a["corr"].data, b["corr"].data.compute(), rtol=1e-10)
+    assert int(a["n_pairs"]) == int(b["n_pairs"]) == int(small_run.bright.sum()) - 1
+
+
+def test_ring_lands_at_known_q(small_run, small_params):
+    ds = plan_run(small_run.path, **small_params).dataset()
+    bright = ds["bright"].values
+    profile = ds["row_mean"].isel(tag=bright).mean("tag").compute()
+    q_peak = float(profile.q[int(np.argmax(profile.values))])
+    q_true = small_run.ring_q()[1]
+    dq = float(np.diff(ds.q.values).mean())
+    assert abs(q_peak - q_true) <= dq, (q_peak, q_true, dq)
+
+
+def test_modulated_shots_correlate_at_theory_peaks(small_run, small_params):
+    """Shots modulated by 1 + a cos(n (phi - p_i)), random p_i: the mean difference
+    autocorrelation is a^2 <I>^2-weighted cos(n dphi): maxima at dphi = 2 pi k / n."""
+    ds = plan_run(small_run.path, **small_params).dataset().compute()
+    n = small_run.modulation_order
+    c = ds["corr"].sel(q=small_run.ring_q()[1], method="nearest").values
+    # the spectrum of the correlation is dominated by order n
+    spec = np.abs(np.fft.rfft(c))
+    assert int(np.argmax(spec[1:]) + 1) == n
+    nphi = c.size
+    # maxima at dphi = 2 pi k / n, minima half way between
+    mid = [int(round((k + 0.5) * nphi / n)) for k in range(n)]
+    peaks = [int(round(k * nphi / n)) % nphi for k in range(1, n)]
+    assert np.all(c[peaks] > 0) and np.all(c[mid] < 0)
+
+
+def test_distributed_equals_threaded(small_run, small_params, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    plan = plan_run(small_run.path, chunks=6, out=tmp_path / "threaded.zarr", **small_params)
+    ref = plan.execute()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        plan2 = plan_run(small_run.path, chunks=6, out=tmp_path / "dist.zarr", **small_params)
+        res = plan2.execute()
+    xr.testing.assert_allclose(ref["corr"], res["corr"], rtol=1e-12)
+    xr.testing.assert_equal(ref["polar"], res["polar"])
+
+
+def test_output_contract(small_run, small_params, tmp_path):
+    out = tmp_path / "r.zarr"
+    sd.process_run(small_run.path, out, **small_params)
+    ds = xr.open_zarr(out, consolidated=False)
+    assert ds.attrs["complete"] is True
+    assert ds["polar"].dims == ("tag", "q", "phi") and ds["polar"].dtype == np.float32
+    assert ds["polar_mask"].dtype == bool and ds["polar_mask"].dims == ("q", "phi")
+    assert ds["corr"].dims == ("q", "dphi") and ds["corr"].dtype == np.float64
+    assert ds["tag"].dtype == np.int64
+    np.testing.assert_array_equal(ds["tag"].values, small_run.tags)
+    for key in ("center_x", "center_y", "pixel_size", "distance", "wavelength", "run",
+                "source", "sacla_dask_version"):
+        assert key in ds.attrs, key
+    assert ds.attrs["run"] == small_run.run
+    np.testing.assert_allclose(ds.attrs["wavelength"], small_run.wavelength, rtol=1e-3)
+    assert np.all(ds["polar"].values[:, ~ds["polar_mask"].values] == 0)
+    phi = ds["phi"].values
+    assert phi[0] == 0 and phi[-1] < 2 * np.pi
+    pa, pb = ds["pair_tag_a"].values, ds["pair_tag_b"].values
+    bright_tags = small_run.tags[small_run.bright]
+    assert set(pa) | set(pb) <= set(bright_tags)
+    np.testing.assert_array_equal(np.sort(pa), bright_tags[:-1])
+
+
+def test_real_image_polar_transform_with_mask():
+    from conftest import shared_file
+
+    img = np.load(shared_file("loki", "test_img.npy"))
+    mask = np.load(shared_file("loki", "test_mask.npy"))
+    geom = sd.Geometry(152, 151, 400e-6, 0.051, 1.41)
+    qmin, qmax = geom.radius_to_q(40), geom.radius_to_q(62)
+    tr = sd.PolarTransform(geom, img.shape, qmin, qmax, mask=mask)
+    polar = tr(img)
+    pm = tr.polar_mask
+    assert polar.shape == tr.shape == (22, sd.default_nphi(62))
+    assert 0.5 < pm.mean() < 1.0          # the panel gaps are carried into the polar mask
+    assert np.all(polar[~pm] == 0)
+    # every good polar bin is the value of a good pixel at the nearest position
+    r, p = np.meshgrid(tr.radius, tr.phi, indexing="ij")
+    ix = np.rint(152 + r * np.cos(p)).astype(int)
+    iy = np.rint(151 + r * np.sin(p)).astype(int)
+    np.testing.assert_array_equal(pm, mask[iy, ix])
+    np.testing.assert_allclose(polar[pm], img[iy, ix][pm], rtol=1e-6)
+    # the bright broad ring peaks near r = 51 px
+    prof = np.array([row[m].mean() for row, m in zip(polar, pm)])
+    assert abs(tr.radius[int(np.argmax(prof))] - 51) <= 3
+
+
+def test_wavelength_from_photon_energy(small_run, small_params):
+    plan = plan_run(small_run.path, **small_params)
+    np.testing.assert_allclose(plan.geometry.wavelength, small_run.wavelength, rtol=1e-3)
+
+
+def test_plan_repr_and_nothing_read(small_run, small_params, monkeypatch):
+    from sacla_dask import run as runmod
+
+    calls = []
+    orig = runmod._read_block
+    monkeypatch.setattr(runmod, "_read_block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    plan = plan_run(small_run.path, **small_params)
+    ds = plan.dataset()
+    text = repr(plan)
+    assert "q band" in text and "pairs" in text and "34" in text
+    assert "<table>" in plan._repr_html_()
+    assert calls == []
+    ds["corr"].compute()
+    assert calls
+
+
+def test_nphi_default_uses_outer_radius_in_pixels(small_run, small_params):
+    plan = plan_run(small_run.path, **small_params)
+    r_out = plan.geometry.q_to_radius(small_params["qmax"])
+    assert plan.transform.nphi == int(np.ceil(2 * np.pi * r_out))
+    assert plan.transform.nphi > 100   # not 2*pi*qmax (a handful of bins)
+
+
+def test_compressed_run_matches_uncompressed(tmp_path, small_params):
+    kw = dict(n_tags=12, n_dark=2, shape=(128, 128), center=(66.3, 61.7), ring_radii=(20.0, 40.0),
+              ring_width=1.5, seed=3)
+    a = write_synthetic_run(tmp_path / "a.h5", **kw)
+    b = write_synthetic_run(tmp_path / "b.h5", compression="bitshuffle-lz4", **kw)
+    ra = plan_run(a.path, **small_params).dataset()["corr"].values
+    rb = plan_run(b.path, **small_params).dataset()["corr"].values
+    np.testing.assert_array_equal(ra, rb)
