@@ -160,6 +160,19 @@ def _client_from(workers: int | None, scheduler: str | None, scheduler_file: str
         yield client
 
 
+@contextlib.contextmanager
+def _performance_report(path: str | None) -> Any:
+    """``distributed.performance_report`` to ``path`` (nothing if None)."""
+    if path is None:
+        yield
+        return
+    from distributed import performance_report
+
+    with performance_report(filename=path):
+        yield
+    click.echo(f"dask performance report: {path}", err=True)
+
+
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output Zarr store.")
@@ -198,6 +211,9 @@ def _client_from(workers: int | None, scheduler: str | None, scheduler_file: str
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write a Dask performance report (HTML: task stream, worker profiles, "
+                   "bandwidth) of the computation to this file.")
 @_cluster_options
 @_handle_errors
 def process(runs: tuple[str, ...], out: str, geometry: str | None,
@@ -207,8 +223,13 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
             pairs: str | None, non_overlapping: bool, chunk_size: str, no_store_polar: bool,
             compression: str, on_bad_tag: str, overwrite: bool, dry_run: bool,
             progress: bool, workers: int | None, scheduler: str | None,
-            scheduler_file: str | None, cluster: str, jobs: int | None) -> None:
+            scheduler_file: str | None, cluster: str, jobs: int | None,
+            report: str | None = None) -> None:
     """Process run file(s) into a labelled correlation Zarr store.
+
+    The store is written tag chunk by tag chunk: if the run is killed,
+    running the same command again resumes it (only the missing chunks are
+    computed). A store of other parameters is refused unless --overwrite.
 
     \b
     Example:
@@ -241,8 +262,14 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
     if dry_run:
         return
     t0 = time.perf_counter()
-    with _client_from(workers, scheduler, scheduler_file, cluster, jobs):
-        ds = plan.execute(progress=progress, overwrite=overwrite)
+    try:
+        with _client_from(workers, scheduler, scheduler_file, cluster, jobs), \
+                _performance_report(report):
+            ds = plan.execute(progress=progress, overwrite=overwrite)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the finished tag chunks stay in {out}; run the same "
+                   "command again to resume", err=True)
+        sys.exit(130)
     dt = time.perf_counter() - t0
     click.echo(f"wrote {out}: {ds.sizes['tag']} tags, {int(ds['n_pairs'])} pairs, "
                f"corr {dict(ds['corr'].sizes)} in {dt:.1f} s "
@@ -315,29 +342,262 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int) -> Non
 
 
 # -- info ----------------------------------------------------------------------
+#: HDF5 filter ids -> names (built-in filters and the registered plugins that
+#: hdf5plugin provides for SACLA exports).
+_HDF5_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
+                 6: "scaleoffset", 32000: "lzf", 32001: "blosc", 32004: "lz4",
+                 32008: "bitshuffle", 32015: "zstd", 32026: "blosc2"}
+
+
+def _hdf5_storage(path: str, dataset: str) -> tuple[str, dict[str, Any]]:
+    """Compression/chunking of one HDF5 dataset, and the detector_info it sits beside."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        d = fh[dataset]
+        plist = d.id.get_create_plist()
+        names = []
+        for i in range(plist.get_nfilters()):
+            code, _flags, vals, _name = plist.get_filter(i)
+            name = _HDF5_FILTERS.get(code, f"HDF5 filter {code}")
+            if code == 1 and vals:
+                name += f" (level {vals[0]})"
+            elif code == 32008:  # cd_values: major, minor, itemsize, block, codec
+                codec = int(vals[4]) if len(vals) > 4 else 0
+                name += {2: "+lz4", 3: "+zstd"}.get(codec, " (no LZ4/zstd stage)")
+            elif code == 32015 and vals:
+                name += f" (level {vals[0]})"
+            names.append(name)
+        layout = ("chunks " + "x".join(map(str, d.chunks))) if d.chunks else "contiguous"
+        text = f"{' + '.join(names) if names else 'none'} ({layout})"
+        det: dict[str, Any] = {}
+        grp = fh.get(dataset.rsplit("/", 2)[0] + "/detector_info")
+        if grp is not None:
+            for key in ("detector_name", "pixel_size_in_micro_meter"):
+                if key in grp:
+                    v = grp[key][()]
+                    det[key] = v.decode(errors="replace") if isinstance(v, bytes) else v
+    return text, det
+
+
+def _span(values: np.ndarray) -> str:
+    """'first..last' of sorted integer tags, with the step when it is constant."""
+    v = np.asarray(values)
+    if v.size == 0:
+        return "none"
+    if v.size == 1:
+        return str(v[0])
+    steps = np.unique(np.diff(v))
+    step = f", step {steps[0]}" if steps.size == 1 else ""
+    return f"{v[0]}..{v[-1]}{step}"
+
+
+def _event_summary(name: str, values: np.ndarray, units: str) -> str:
+    v = np.asarray(values)
+    finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
+    u = f" {units}" if units else ""
+    missing = f", {v.size - finite.size} missing" if finite.size < v.size else ""
+    if finite.size == 0:
+        return f"{name}: no values"
+    uniq = np.unique(finite)
+    if uniq.size <= 4:
+        return f"{name}: values {{{', '.join(f'{x:g}' for x in uniq)}}}{u}{missing}"
+    return (f"{name}: {finite.min():g}..{finite.max():g}{u} (mean {finite.mean():g}{u})"
+            f"{missing}")
+
+
+def _run_lines(path: str) -> list[str]:
+    import warnings
+
+    from dask.utils import format_bytes
+
+    from .errors import ParameterError
+    from .run import mean_wavelength, open_run
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = open_run(path, on_bad_tag="skip")
+    tags, bright = run.tags, run.bright
+    ev = run.events
+    lines = [f"run file {path} ({format_bytes(os.path.getsize(path))})",
+             f"  run number : {', '.join(map(str, run.runs))}",
+             f"  tags       : {len(run)} with images ({_span(tags)})"]
+    n_event = run.all_events.sizes["tag"]
+    if n_event != len(run):
+        lines.append(f"  event_info : {n_event} tags ({_span(run.all_events['tag'].values)}): "
+                     f"{n_event - len(run):+d} vs. the images (a subset file?)")
+    if "pulse_selector" in ev or "shutter" in ev:
+        how = "pulse selector" if "pulse_selector" in ev else "shutter status"
+        dark = tags[~bright]
+        lines.append(f"  shots      : {int(bright.sum())} bright, {dark.size} dark "
+                     f"(from the {how}" + (f"; dark tags {_span(dark)})" if dark.size else ")"))
+    else:
+        lines.append(f"  shots      : {len(run)} bright, 0 dark (no pulse-selector or shutter "
+                     "status in event_info: every tag counts as bright)")
+    storage, det = _hdf5_storage(run.sources[0].path, run.sources[0].dataset)
+    ny, nx = run.image_shape
+    lines.append(f"  images     : {ny} x {nx} px (rows x cols), {run.image_dtype}, "
+                 f"{format_bytes(ny * nx * run.image_dtype.itemsize)} each")
+    lines.append(f"  compression: {storage}")
+    if det:
+        px = det.get("pixel_size_in_micro_meter")
+        pxs = np.unique(np.atleast_1d(px)) if px is not None else np.array([])
+        px_txt = (f", pixel {' x '.join(f'{p:g}' for p in pxs)} um" if pxs.size else "")
+        lines.append(f"  detector   : {det.get('detector_name', '?')}{px_txt}")
+    names = [n for n in ev.data_vars if n not in ("bright", "run", "source")]
+    lines.append(f"  event data : {', '.join(names) if names else 'none'}")
+    for n in names:
+        lines.append("    " + _event_summary(n, ev[n].values, ev[n].attrs.get("units", "")))
+    try:
+        lines.append(f"  wavelength : {mean_wavelength(run):.5f} A (mean photon energy of the "
+                     "bright shots)")
+    except ParameterError:
+        lines.append("  wavelength : unknown (no photon energy): give --wavelength to process")
+    if run.bad_tags:
+        lines.append(f"  bad tags   : {len(run.bad_tags)} left out, e.g. {run.bad_tags[0]}")
+    for w in caught:
+        if not run.bad_tags or "bad tag" not in str(w.message):
+            lines.append(f"  note       : {w.message}")
+    return lines
+
+
+def _dir_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def _result_lines(path: str) -> list[str]:
+    from dask.utils import format_bytes
+    from .store import open_result, store_state
+
+    state = store_state(path)
+    ds = open_result(path, allow_incomplete=True)
+    a = ds.attrs
+    head = f"result store {path}: {state}"
+    if state == "incomplete":
+        head += (" (the run that wrote it did not finish: values may be missing; re-run the "
+                 "same command to finish it)")
+    lines = [head]
+    src = a.get("source") or []
+    srcs = [src] if isinstance(src, str) else list(src)
+    reach = ("reachable" if srcs and all(os.path.exists(s) for s in srcs)
+             else "not reachable from here")
+    lines.append(f"  run        : {a.get('run')} from {', '.join(srcs) or '?'} ({reach})")
+    tags = ds["tag"].values
+    tag_txt = f"{tags.size} ({_span(tags)})"
+    if "bright" in ds:
+        tag_txt += f", {int(np.asarray(ds['bright'].values, dtype=bool).sum())} bright"
+    lines.append(f"  tags       : {tag_txt}")
+    q = np.asarray(ds["q"].values, dtype=float)
+    r = np.asarray(ds["radius"].values, dtype=float) if "radius" in ds.coords else None
+    band = (f"; band {a['qmin']:.5g}..{a['qmax']:.5g} 1/A" if "qmin" in a and "qmax" in a
+            else "")
+    rtxt = f", r = {r.min():.1f}..{r.max():.1f} px" if r is not None and r.size else ""
+    lines.append(f"  q          : {q.min():.5g}..{q.max():.5g} 1/A ({q.size} bins{band}{rtxt})")
+    nphi = ds.sizes.get("phi", ds.sizes.get("dphi", 0))
+    dflt = (f"; one pixel of arc: {a['nphi_default']}" if "nphi_default" in a else "")
+    lines.append(f"  nphi       : {nphi} ({360 / max(nphi, 1):.3f} deg bins{dflt}; "
+                 f"{a.get('method', '?')} interpolation)")
+    npair = ds.sizes.get("pair", 0)
+    ptxt = f"{npair} correlated"
+    if "pair_rejected" in ds and state == "complete":
+        ptxt += f", {int(np.asarray(ds['pair_rejected'].values, dtype=bool).sum())} rejected"
+    if "n_pairs_dropped" in a:
+        ptxt += f", {a['n_pairs_dropped']} dropped (a tag not in the run)"
+    lines.append(f"  pairs      : {ptxt}")
+    try:
+        lines.append(f"  geometry   : centre ({a['center_x']:.3f}, {a['center_y']:.3f}) px, "
+                     f"pixel {a['pixel_size'] * 1e6:g} um, distance {a['distance'] * 1e3:g} mm, "
+                     f"wavelength {a['wavelength']:.5f} A")
+    except (KeyError, TypeError):
+        lines.append("  geometry   : not recorded")
+    lines.append(f"  mask       : {a.get('mask') or 'none'}")
+    contents = ", ".join(f"{n} ({' x '.join(ds[n].dims)})" for n in ("polar", "corr")
+                         if n in ds)
+    if "polar" not in ds:
+        contents += " (correlation only: no per-tag polar images)"
+    lines.append(f"  arrays     : {contents}")
+    lines.append(f"  written by : sacla_dask {a.get('sacla_dask_version', '?')}; "
+                 f"{format_bytes(_dir_size(path))} on disk")
+    return lines
+
+
 @main.command()
-@click.argument("path", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @_handle_errors
-def info(path: str) -> None:
-    """Summarise a run file (HDF5) or a result store (Zarr).
+def info(paths: tuple[str, ...]) -> None:
+    """Summarise run files (HDF5) or result stores (Zarr), without processing.
+
+    For a run file: run number, tags with images (count, first..last, step),
+    bright and dark shot counts, image shape (pixels) and dtype, the HDF5
+    compression of detector_data, detector name and pixel size (um), and
+    the per-tag event data (photon energy in eV -> wavelength in A).
+    For a result store: complete or not, source run, tags, q range (1/A)
+    and radii (px), nphi, pairs, geometry (centre px, pixel um, distance
+    mm, wavelength A) and what arrays it holds.
 
     \b
     Example:
-      sacla-dask info run.h5
+      sacla-dask info run_178884.h5
       sacla-dask info result.zarr
     """
-    from .store import open_result, store_state
+    for i, path in enumerate(paths):
+        if i:
+            click.echo("")
+        lines = _result_lines(path) if os.path.isdir(path) else _run_lines(path)
+        click.echo("\n".join(lines))
 
-    if os.path.isdir(path):
-        state = store_state(path)
-        ds = open_result(path, allow_incomplete=True)
-        click.echo(f"result store {path} ({state})")
-        click.echo(repr(ds))
-        return
-    from .run import open_run
 
-    run = open_run(path)
-    click.echo(repr(run))
+# -- plot ----------------------------------------------------------------------
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the PNG files (created when missing).")
+@click.option("--cut", default=0.05, show_default=True, type=float,
+              help="Fraction of the full circle (2 pi rad) left out at each end of dphi, to "
+                   "hide the self-correlation edge: 0.05 drops dphi < 0.1 pi and > 1.9 pi.")
+@click.option("--q", "q_profile", type=float, default=None,
+              help="q of the correlation line profile, 1/Angstrom (default: the ring, i.e. "
+                   "the brightest q row of the mean bright shot).")
+@click.option("--tag", type=int, default=None,
+              help="SACLA tag of the polar image shown (default: the first bright tag).")
+@click.option("--shots", default=10, show_default=True,
+              help="Bright raw shots averaged for image.png (read from the run file).")
+@click.option("--dpi", default=120, show_default=True, help="PNG resolution, dots per inch.")
+@_handle_errors
+def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int | None,
+         shots: int, dpi: int) -> None:
+    """Write the standard figures of a result store as PNG files.
+
+    \b
+    image.png               mean raw shot, mask, centre and q band (needs the
+                            run file named in the store's 'source' attr)
+    polar.png               one tag's polar image: phi (rad) x q (1/A)
+    correlation.png         C(q, dphi) without the self-correlation edge
+    correlation_profile.png C(dphi) at one q, +/- 1 s.e.m. over pairs
+    radial_profile.png      mean intensity vs q (1/A) and radius (px)
+    pair_statistics.png     per-pair statistic, accepted/rejected pairs
+
+    \b
+    Example:
+      sacla-dask plot run.zarr --out figures --cut 0.05 --q 2.67
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # never open a window from the command line
+    from .plot import plot_result
+    from .store import open_result
+
+    report = plot_result(open_result(store), out_dir, cut=cut, q=q_profile, tag=tag,
+                         shots=shots, dpi=dpi)
+    for name, path in report.written.items():
+        click.echo(f"wrote {path}")
+    for name, why in report.skipped.items():
+        click.echo(f"skipped {name}: {why}")
 
 
 if __name__ == "__main__":  # pragma: no cover
