@@ -472,6 +472,7 @@ def _dir_size(path: str) -> int:
 
 def _result_lines(path: str) -> list[str]:
     from dask.utils import format_bytes
+
     from .store import open_result, store_state
 
     state = store_state(path)
@@ -594,7 +595,7 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
 
     report = plot_result(open_result(store), out_dir, cut=cut, q=q_profile, tag=tag,
                          shots=shots, dpi=dpi)
-    for name, path in report.written.items():
+    for path in report.written.values():
         click.echo(f"wrote {path}")
     for name, why in report.skipped.items():
         click.echo(f"skipped {name}: {why}")

@@ -48,6 +48,7 @@ __all__ = [
     "PlotReport",
     "format_pi",
     "kept_dphi",
+    "pair_rejection",
     "plot_correlation",
     "plot_correlation_profile",
     "plot_image",
@@ -55,6 +56,7 @@ __all__ = [
     "plot_polar",
     "plot_radial_profile",
     "plot_result",
+    "ring_q",
     "set_pi_ticks",
 ]
 
@@ -266,7 +268,12 @@ def plot_image(
         norm = LogNorm(vmin=max(vmin, floor), vmax=max(vmax, 2 * floor))
     else:
         norm = Normalize(vmin=vmin, vmax=vmax)
-    im = ax.imshow(img, origin="upper", cmap=cmap, norm=norm, interpolation="nearest")
+    import matplotlib
+
+    base = matplotlib.colormaps[cmap]
+    # pixels <= 0 have no colour on a log scale: draw them like the lowest value
+    cm = base.with_extremes(bad=base(0.0)) if log else base
+    im = ax.imshow(img, origin="upper", cmap=cm, norm=norm, interpolation="nearest")
     if colorbar:
         fig.colorbar(im, ax=ax, label="intensity (detector units)", shrink=0.85)
     handles: list[Any] = []
@@ -283,8 +290,8 @@ def plot_image(
         bad = np.asarray(getattr(fit, "rejected_points", np.empty((0, 2))),
                          dtype=float).reshape(-1, 2)
         if pts.size:
-            handles.append(ax.scatter(pts[:, 0], pts[:, 1], s=9, c="white", edgecolors="k",
-                                      linewidths=0.4, zorder=4,
+            handles.append(ax.scatter(pts[:, 0], pts[:, 1], s=4, c="white", edgecolors="k",
+                                      linewidths=0.3, zorder=4,
                                       label=f"ring peak points ({len(pts)})"))
         if bad.size:
             handles.append(ax.scatter(bad[:, 0], bad[:, 1], s=20, marker="x", c="red",
@@ -294,7 +301,7 @@ def plot_image(
         handles.append(ax.plot([cx], [cy], "+", color="white", mec="k", ms=12, mew=2,
                                zorder=5, label=f"centre ({cx:.2f}, {cy:.2f}) px")[0])
         if radius is not None:
-            ring = Circle((cx, cy), float(radius), fill=False, ec="white", lw=1.5, zorder=3,
+            ring = Circle((cx, cy), float(radius), fill=False, ec="cyan", lw=1.2, zorder=3,
                           label=f"ring r = {float(radius):.2f} px")
             ax.add_patch(ring)
             handles.append(ring)
@@ -313,7 +320,8 @@ def plot_image(
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel(Y_LABEL)
     if handles:
-        ax.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2,
+                  fontsize="small", frameon=False)
     if title:
         ax.set_title(title)
     return fig, ax
@@ -519,6 +527,8 @@ def plot_correlation_profile(
         s = _auto_rows(sem)[0]
         if s.shape != c.shape:
             raise ParameterError(f"sem has shape {s.shape} but corr is {c.shape}")
+    if at is None and ny == 1:
+        at = float(yq[0])
     if at is None:
         y = np.nanmean(c, axis=0)
         err = None if s is None else np.sqrt(np.nansum(s**2, axis=0)) / ny
@@ -545,9 +555,10 @@ def plot_correlation_profile(
     set_pi_ticks(ax.xaxis, phi_step)
     ax.set_xlabel(DPHI_LABEL)
     ax.set_ylabel("C(Δφ)")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(title if title is not None else f"correlation profile, {where}",
-                 fontsize="medium")
+    ax.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=3,
+              frameon=False)
+    if title:
+        ax.set_title(title, fontsize="medium", pad=22)
     return fig, ax
 
 
@@ -855,8 +866,7 @@ def plot_result(
 
     # pair statistics
     if "pair_stat" in ds:
-        rej = ds["pair_rejected"].values if "pair_rejected" in ds else None
-        thr = _threshold(ds)
+        rej, thr = pair_rejection(ds)
         fig, _ = plot_pair_statistics(ds["pair_stat"].values, rej,
                                       tags=ds["pair_tag_a"].values if "pair_tag_a" in ds
                                       else None, threshold=thr)
@@ -866,13 +876,32 @@ def plot_result(
     return report
 
 
-def _threshold(ds: Any) -> float | None:
-    """A pair-rejection threshold recorded in the store, if any."""
-    for holder in ((ds["pair_rejected"].attrs if "pair_rejected" in ds else {}), ds.attrs):
-        for k, v in holder.items():
-            if "threshold" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
-                return float(v)
-    return None
+def pair_rejection(ds: Any) -> tuple[np.ndarray | None, float | None]:
+    """The pairs rejected as outliers and the threshold, as recorded in a store.
+
+    Returns ``(rejected, threshold)``: ``rejected`` is the boolean
+    ``pair_rejected`` variable, or None when the store has none or records
+    that no rejection was applied (``reject_nsigma`` 0 and nothing
+    rejected); ``threshold`` is ``pair_stat_threshold`` (a variable or an
+    attribute), or None.
+    """
+    rejected = None
+    if "pair_rejected" in ds:
+        rej = np.asarray(ds["pair_rejected"].values, dtype=bool)
+        applied = ds["pair_rejected"].attrs.get("reject_nsigma", None)
+        if rej.any() or applied is None or float(applied) > 0:
+            rejected = rej
+    threshold = None
+    if "pair_stat_threshold" in ds:
+        threshold = float(np.asarray(ds["pair_stat_threshold"].values))
+    else:
+        for holder in ((ds["pair_rejected"].attrs if "pair_rejected" in ds else {}), ds.attrs):
+            for k, v in holder.items():
+                if "threshold" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    threshold = float(v)
+    if threshold is not None and not np.isfinite(threshold):
+        threshold = None
+    return rejected, threshold
 
 
 def _plot_raw(ds: Any, srcs: list[str], shots: int, center: Any, radius: Any,

@@ -324,3 +324,24 @@ def test_plot_result_skips_raw_image_when_the_run_is_gone(result, tmp_path):
 def test_plot_result_rejects_unknown_tag(result, tmp_path):
     with pytest.raises(ParameterError, match="tag 12 is not in the store"):
         plot_result(open_result(result), tmp_path, tag=12)
+
+
+def test_pair_rejection_read_from_a_store_layout():
+    import xarray as xr
+
+    from sacla_dask.plot import pair_rejection
+
+    stat = np.array([1.0, 1.2, 9.0, 0.9])
+    rej = stat > 5
+    ds = xr.Dataset({"pair_stat": ("pair", stat),
+                     "pair_rejected": ("pair", rej, {"reject_nsigma": 3.0}),
+                     "pair_stat_threshold": ((), 5.0)})
+    got, thr = pair_rejection(ds)
+    np.testing.assert_array_equal(got, rej)
+    assert thr == 5.0
+    # recorded as "no rejection applied": every pair is plotted as plain pairs
+    ds2 = xr.Dataset({"pair_stat": ("pair", stat),
+                      "pair_rejected": ("pair", np.zeros(4, bool), {"reject_nsigma": 0.0})})
+    assert pair_rejection(ds2) == (None, None)
+    # older stores without the variable
+    assert pair_rejection(xr.Dataset({"pair_stat": ("pair", stat)})) == (None, None)
