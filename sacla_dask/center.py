@@ -12,14 +12,14 @@ This module owns the ``sacla-dask center`` numerics:
   position* is measured in many angular sectors about the current centre
   (sectors that are masked, off the detector, in a panel gap or have no
   significant peak are skipped), and a circle is fitted to those ``(x, y)``
-  points by robust least squares (``soft_l1`` loss, then sigma-clipping and
-  a final ordinary least-squares step whose Jacobian gives 1-sigma
-  uncertainties). The sector measurement is repeated about the new centre
+  points by robust least squares (a RANSAC start, ``soft_l1`` loss, then
+  sigma-clipping and a final ordinary least-squares step whose Jacobian
+  gives 1-sigma uncertainties). The sector measurement is repeated about the new centre
   until it stops moving. An ellipse (detector tilt) is fitted to the same
   points and reported beside the circle.
 * :func:`refine_center_by_sharpness` -- an independent second method: the
   centre that makes the ring in the sub-pixel masked radial profile
-  highest (or narrowest), by a grid search then Nelder-Mead.
+  highest above its local baseline, by a grid search then Nelder-Mead.
 * :func:`find_center` -- runs both from the same starting guess and reports
   their disagreement in pixels.
 * :func:`mean_image` -- the mean of the (bright) shots of a run from a lazy
@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -64,8 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Guess = Sequence[float] | None
-SharpnessMetric = Literal["height", "width"]
-SHARPNESS_METRICS: tuple[str, ...] = ("height", "width")
 
 
 # -- result objects ----------------------------------------------------------
@@ -234,13 +232,10 @@ class SharpnessFit:
     fwhm : float
         Ring full width at half maximum in that profile, in pixels.
     sharpness : float
-        Objective at the optimum: peak height above the linear baseline
-        (image units) for ``metric="height"``, minus the FWHM in pixels for
-        ``metric="width"``.
+        Objective at the optimum: ring height above the linear baseline of
+        the smoothed profile, in image units.
     sharpness_at_guess : float
-        Same objective at the starting centre.
-    metric : str
-        ``"height"`` or ``"width"``.
+        Same objective at the starting centre (final window and smoothing).
     profile_radius, profile_mean : ndarray
         Sub-pixel masked radial profile about the optimum (pixels, image
         units).
@@ -261,7 +256,6 @@ class SharpnessFit:
     fwhm: float
     sharpness: float
     sharpness_at_guess: float
-    metric: str
     profile_radius: np.ndarray
     profile_mean: np.ndarray
     guess: tuple[float, float, float]
@@ -284,7 +278,7 @@ class SharpnessFit:
     def __repr__(self) -> str:
         return (
             f"SharpnessFit(center=({self.center_x:.3f}, {self.center_y:.3f}) px, "
-            f"radius={self.radius:.3f} px, fwhm={self.fwhm:.3f} px, metric={self.metric}, "
+            f"radius={self.radius:.3f} px, fwhm={self.fwhm:.3f} px, "
             f"sharpness {self.sharpness_at_guess:.4g} -> {self.sharpness:.4g}, "
             f"{self.n_evaluations} evaluations)"
         )
@@ -298,27 +292,32 @@ class CenterComparison:
     ----------
     circle : CenterFit
         Robust circle fit to the ring peak points (the adopted result).
-    sharpness : SharpnessFit
-        Profile-sharpness refinement from the same starting guess.
+    sharpness : SharpnessFit or None
+        Profile-sharpness refinement from the same starting guess; None if
+        it failed (see ``sharpness_error``).
     disagreement_px : float
-        Distance between the two centres, in pixels.
+        Distance between the two centres, in pixels (NaN if the sharpness
+        refinement failed).
     dx, dy : float
         ``sharpness - circle`` centre difference along x and y, in pixels.
     tolerance_px : float
         Disagreement above which :attr:`agree` is False.
+    sharpness_error : str or None
+        Why the sharpness refinement failed, if it did.
     """
 
     circle: CenterFit
-    sharpness: SharpnessFit
+    sharpness: SharpnessFit | None
     disagreement_px: float
     dx: float
     dy: float
     tolerance_px: float
+    sharpness_error: str | None = None
 
     @property
     def agree(self) -> bool:
-        """True when the two centres are within ``tolerance_px`` of each other."""
-        return bool(self.disagreement_px <= self.tolerance_px)
+        """True when both methods ran and their centres are within ``tolerance_px``."""
+        return bool(self.sharpness is not None and self.disagreement_px <= self.tolerance_px)
 
     @property
     def center(self) -> tuple[float, float]:
@@ -330,6 +329,12 @@ class CenterComparison:
         return self.circle.to_geometry_dict()
 
     def __repr__(self) -> str:
+        if self.sharpness is None:
+            return (
+                f"CenterComparison(circle=({self.circle.center_x:.3f}, "
+                f"{self.circle.center_y:.3f}) r={self.circle.radius:.3f} px, "
+                f"sharpness FAILED: {self.sharpness_error})"
+            )
         verdict = "agree" if self.agree else "DISAGREE"
         return (
             f"CenterComparison(circle=({self.circle.center_x:.3f}, {self.circle.center_y:.3f}) "
@@ -558,16 +563,25 @@ def _find_rings(
     r = radius[lo:hi]
     y = np.interp(r, radius[ok], mean[ok])  # bridge masked radii
     sm = _nan_smooth(y, smooth_px / bw)
-    peaks, props = sig.find_peaks(sm, prominence=0)
+    peaks, _ = sig.find_peaks(sm)
     if peaks.size == 0:
         return []
-    widths = sig.peak_widths(sm, peaks, rel_height=0.5, prominence_data=(
-        props["prominences"], props["left_bases"], props["right_bases"]))[0]
+    # prominence and width judged locally (+/- max(10 px, r/2)), so that a broad
+    # ring sitting on the shoulder of a beam-stop edge is measured against its
+    # own surroundings, not against the shadow
+    proms = np.empty(peaks.size)
+    widths = np.empty(peaks.size)
+    for i, p in enumerate(peaks):
+        wlen = 2 * int(math.ceil(max(10.0, 0.5 * float(r[p])) / bw)) + 1
+        pr = sig.peak_prominences(sm, [p], wlen=wlen)
+        proms[i] = pr[0][0]
+        widths[i] = sig.peak_widths(sm, [p], rel_height=0.5, prominence_data=pr)[0][0]
     # noise of one bin of the profile: pixel scatter / sqrt(pixels per bin)
     with np.errstate(invalid="ignore", divide="ignore"):
-        sigma_bin = np.sqrt(np.interp(r, radius[ok], var[ok]) / np.interp(r, radius[ok], weight[ok]))
+        sigma_bin = np.sqrt(np.interp(r, radius[ok], var[ok])
+                            / np.interp(r, radius[ok], weight[ok]))
     rings = []
-    for p, prom, wid in zip(peaks, props["prominences"], widths):
+    for p, prom, wid in zip(peaks, proms, widths, strict=True):
         noise = float(np.nanmedian(sigma_bin[max(0, p - 2):p + 3]))
         snr = prom / noise if noise > 0 else (np.inf if prom > 0 else 0.0)
         a = p - 1 if p > 0 else p
@@ -620,20 +634,43 @@ def _locate_ring(
         close = [g for g in strong if abs(g.radius - near) <= tol]
         if not close:
             raise NoRingFoundError(
-                f"no ring with signal-to-noise >= min_snr={min_snr:g} in the radial profile "
-                f"within {tol:.1f} px of the guess radius r={near:.1f} px about "
+                f"no powder ring found: no ring with signal-to-noise >= min_snr={min_snr:g} in "
+                f"the radial profile within {tol:.1f} px of r={near:.1f} px about "
                 f"({cx:.1f}, {cy:.1f}); significant rings are at "
-                f"{[round(g.radius, 1) for g in strong[:5]]} px"
+                f"{[round(float(g.radius), 1) for g in strong[:5]]} px"
             )
         # prefer the strongest among those near the guessed radius
         return close[0], radius, mean
     if not strong:
-        best = f" (best peak at r={rings[0].radius:.1f} px has S/N {rings[0].snr:.1f})" if rings else ""
+        best = (f" (best peak at r={rings[0].radius:.1f} px has S/N {rings[0].snr:.1f})"
+                if rings else "")
         raise NoRingFoundError(
             f"no powder ring found: the masked radial profile about ({cx:.1f}, {cy:.1f}) px has "
             f"no peak with signal-to-noise >= min_snr={min_snr:g}{best}"
         )
     return strong[0], radius, mean
+
+
+def _start_ring(
+    img: np.ndarray, good: np.ndarray, cx: float, cy: float, r_guess: float | None,
+    min_snr: float,
+) -> _Ring:
+    """The ring to start from: the strongest one, or the one near the guessed radius.
+
+    A user's radius is trusted when the profile about a wrong centre smears
+    the ring below significance (it splits into two caustics at ``r +/-
+    offset``): the ring is then sought in a wide window (+/- 0.3 r to 0.5 r)
+    around it.
+    """
+    try:
+        return _locate_ring(img, good, cx, cy, r_guess, min_snr, 3.0)[0]
+    except NoRingFoundError:
+        if r_guess is None:
+            raise
+        log.info("no significant ring near r=%.1f px about the guess; searching around it",
+                 r_guess)
+        width = min(0.5 * r_guess, max(0.3 * r_guess, 12.0))
+        return _Ring(radius=float(r_guess), fwhm=width, prominence=math.nan, snr=math.nan)
 
 
 def _weighted_centroid(img: np.ndarray, good: np.ndarray) -> tuple[float, float]:
@@ -761,7 +798,8 @@ def _sector_peaks(
             reason[s] = 2
             continue
         win = slice(k - span, k + span + 1)
-        if not vs[win].all():
+        core = max(2, span // 3)
+        if not vs[k - core:k + core + 1].all() or vs[win].mean() < 0.75:
             reason[s] = 3
             continue
         left = sm[s, : k - span][vs[: k - span]]
@@ -784,8 +822,9 @@ def _sector_peaks(
             reason[s] = 4
             continue
         # sub-pixel peak: weighted quadratic fit of the raw profile over the top
-        rr = rc[win] - rc[k]
-        coef = np.polyfit(rr, prof[s, win], 2, w=np.sqrt(W[s, win]))
+        fit_ok = vs[win]
+        rr = rc[win][fit_ok] - rc[k]
+        coef = np.polyfit(rr, prof[s, win][fit_ok], 2, w=np.sqrt(W[s, win][fit_ok]))
         if not coef[0] < 0:
             reason[s] = 5
             continue
@@ -835,14 +874,19 @@ def _robust_fit(
     reject_sigma: float,
     min_scale: float,
     nparam: int,
+    inliers: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Robust-loss fit, sigma clipping, then an ordinary LSQ step on the inliers.
 
+    ``inliers`` is an optional starting inlier set (e.g. RANSAC's); clipped
+    points are re-admitted when a later fit brings them back within range.
     Returns (params, covariance, inlier boolean mask).
     """
     inl = np.ones(x.size, dtype=bool)
+    if inliers is not None and inliers.sum() >= nparam + 2:
+        inl = inliers.copy()
     p = np.asarray(p0, dtype=float)
-    scale = max(_robust_scale(fun(p, x, y)), min_scale)
+    scale = max(_robust_scale(fun(p, x[inl], y[inl])), min_scale)
     for _ in range(10):
         sol = opt.least_squares(fun, p, jac=jac, args=(x[inl], y[inl]), loss=loss,
                                 f_scale=scale, method="trf", x_scale="jac")
@@ -859,13 +903,60 @@ def _robust_fit(
     return sol.x, cov, inl
 
 
-def _kasa_circle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Algebraic (Kasa) circle fit, used only as a starting point."""
-    a = np.column_stack([x, y, np.ones_like(x)])
-    b = x * x + y * y
-    c, *_ = np.linalg.lstsq(a, b, rcond=None)
-    cx, cy = c[0] / 2, c[1] / 2
-    return np.array([cx, cy, math.sqrt(max(c[2] + cx * cx + cy * cy, 1e-12))])
+def _ransac_circle(
+    x: np.ndarray, y: np.ndarray, threshold: float, r_range: tuple[float, float],
+    n_trials: int = 400, seed: int = 0,
+) -> np.ndarray | None:
+    """Circle through 3 peak points that best explains the others (MSAC).
+
+    A robust starting point when some sectors picked a feature that is not
+    the ring (a beam-stop edge, another ring): least squares started from an
+    algebraic fit to all points can settle on a circle through the outliers.
+    Deterministic (fixed seed). Returns ``(cx, cy, r)`` or None.
+    """
+    n = x.size
+    if n < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    if n <= 16:
+        trip = np.array([(i, j, k) for i in range(n) for j in range(i + 1, n)
+                         for k in range(j + 1, n)])
+    else:
+        trip = np.sort(np.array([rng.choice(n, 3, replace=False) for _ in range(n_trials)]), axis=1)
+    x1, x2, x3 = x[trip[:, 0]], x[trip[:, 1]], x[trip[:, 2]]
+    y1, y2, y3 = y[trip[:, 0]], y[trip[:, 1]], y[trip[:, 2]]
+    d = 2 * (x1 * (y2 - y3) + x2 * (y3 - y1) + x3 * (y1 - y2))
+    ok = np.abs(d) > 1e-9
+    s1, s2, s3 = x1**2 + y1**2, x2**2 + y2**2, x3**2 + y3**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ux = (s1 * (y2 - y3) + s2 * (y3 - y1) + s3 * (y1 - y2)) / d
+        uy = (s1 * (x3 - x2) + s2 * (x1 - x3) + s3 * (x2 - x1)) / d
+    rr = np.hypot(x1 - ux, y1 - uy)
+    ok &= np.isfinite(rr) & (rr >= r_range[0]) & (rr <= r_range[1])
+    if not ok.any():
+        return None
+    ux, uy, rr = ux[ok], uy[ok], rr[ok]
+    res = np.abs(np.hypot(x[None, :] - ux[:, None], y[None, :] - uy[:, None]) - rr[:, None])
+    # MSAC score: truncated squared residuals (precise inliers beat loose ones)
+    cost = np.minimum(res, threshold) ** 2
+    b = int(np.argmin(cost.sum(axis=1)))
+    if (res[b] < threshold).sum() < 3:
+        return None
+    return np.array([ux[b], uy[b], rr[b]])
+
+
+def _point_scatter(radius: np.ndarray) -> float:
+    """Noise of sector peak radii from second differences of neighbours (px); NaN if unknown.
+
+    ``radius`` is per sector in angular order, NaN where a sector has no peak.
+    A smooth ring (circle seen from a nearby centre) has tiny second
+    differences, so what remains is the scatter of the peak positions.
+    """
+    d2 = radius[:-2] - 2 * radius[1:-1] + radius[2:]
+    d2 = d2[np.isfinite(d2)]
+    if d2.size < 5:
+        return math.nan
+    return float(1.4826 * np.median(np.abs(d2)) / math.sqrt(6.0))
 
 
 def _ellipse_residuals(p: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -993,15 +1084,18 @@ def fit_center(
     guess : (x, y) or (x, y, r), optional
         Starting centre and ring radius in pixels. Without ``r`` the
         strongest ring of the profile about ``(x, y)`` is used; with ``r``
-        the strongest significant ring within ``max(5, 0.2 r)`` px of it.
-        Without a guess, :func:`initial_guess`.
+        the strongest significant ring within ``max(5, 0.2 r)`` px of it,
+        or ``r`` itself if the profile about a poor ``(x, y)`` smears the
+        ring below significance. Without a guess, the masked
+        intensity-weighted centre and its strongest ring
+        (:func:`initial_guess`).
     n_sectors : int, optional
         Angular sectors; default about one per 3 px of arc at the ring,
         between 24 and 720.
     search_width : float, optional
-        Half-width in pixels of the radial window searched in each sector on
-        the first pass; default the larger of 6 px and the ring's FWHM about
-        the starting centre (which grows with the centre error).
+        Half-width in pixels of the radial window searched in each sector;
+        default on the first pass the largest of 6 px, the ring's FWHM about
+        the starting centre (which grows with the centre error) and 0.3 r.
     bin_width : float
         Radial bin width of the sector profiles, in pixels.
     min_snr : float
@@ -1017,9 +1111,10 @@ def fit_center(
     min_points : int
         Fewest peak points accepted for a fit.
     max_iter : int
-        Most sector-sampling passes.
+        Most sector-sampling passes (at least 3 are made when allowed).
     tol : float
-        Convergence: centre shift between passes, in pixels.
+        Convergence: centre shift between passes, in pixels (passes also stop
+        once the shift is below twice the centre's 1-sigma uncertainty).
     fit_ellipse : bool
         Also fit an ellipse to the same peak points.
 
@@ -1034,7 +1129,9 @@ def fit_center(
     GeometryError
         If ``guess`` lies off the detector or its radius is impossible.
     NoRingFoundError
-        If no significant ring is found, or too few sectors give a peak.
+        If no significant ring is found, too few sectors give a peak, or the
+        ring is not significant in the radial profile about the fitted
+        centre.
     ParameterError, MaskError
         For a bad image, mask or option.
     """
@@ -1049,6 +1146,8 @@ def fit_center(
     _check_positive("reject_sigma", reject_sigma, "robust standard deviations")
     if int(min_points) < 4:
         raise ParameterError(f"min_points must be >= 4 (got {min_points})")
+    if int(max_iter) < 1:
+        raise ParameterError(f"max_iter must be >= 1 (got {max_iter})")
     if search_width is not None:
         search_width = _check_positive("search_width", search_width)
     if n_sectors is not None and int(n_sectors) < 8:
@@ -1059,10 +1158,12 @@ def fit_center(
         r_guess = None
     else:
         cx, cy, r_guess = _check_guess(guess, img.shape)
-    ring, _, _ = _locate_ring(img, good, cx, cy, r_guess, ring_min_snr, 3.0)
+    ring = _start_ring(img, good, cx, cy, r_guess, ring_min_snr)
     start = (cx, cy, ring.radius if r_guess is None else float(r_guess))
     r0, fwhm = ring.radius, ring.fwhm
-    hw = search_width if search_width is not None else max(6.0, fwhm)
+    # first pass: wide enough for a centre error of ~ r/4 (a wrong centre
+    # smears the ring over r +/- error; fwhm about it already includes that)
+    hw = search_width if search_width is not None else max(6.0, fwhm, 0.3 * r0)
 
     p = np.array([cx, cy, r0])
     cov = np.full((3, 3), np.nan)
@@ -1071,6 +1172,7 @@ def fit_center(
     n_skip = 0
     ns = 0
     it = 0
+    ring_seen = False
     for it in range(1, int(max_iter) + 1):
         ns = int(n_sectors) if n_sectors is not None else int(
             np.clip(round(2 * math.pi * r0 / 3.0), 24, 720))
@@ -1086,24 +1188,36 @@ def fit_center(
             counts = {name: int((secs.reason == i).sum()) for i, name in enumerate(_REASONS)
                       if i and (secs.reason == i).any()}
             raise NoRingFoundError(
-                f"only {int(ok.sum())} of {ns} angular sectors show a ring peak between "
+                f"no powder ring found: only {int(ok.sum())} of {ns} angular sectors show a "
+                f"ring peak between "
                 f"r={r_lo:.1f} and {r_hi:.1f} px about ({p[0]:.2f}, {p[1]:.2f}) px "
                 f"(need min_points={min_points}); sectors skipped as {counts}"
             )
         pts_x, pts_y = secs.x[ok], secs.y[ok]
-        start_p = p if it > 1 else _kasa_circle(pts_x, pts_y)
-        if not np.all(np.isfinite(start_p)):
-            start_p = p
+        start_p, inl0 = p, None
+        if it == 1:
+            scatter = _point_scatter(np.hypot(secs.x - p[0], secs.y - p[1]))
+            thr = float(np.clip(4.0 * scatter, 0.25, 3.0)) if math.isfinite(scatter) else \
+                float(np.clip(fwhm / 2, 1.0, 3.0))
+            ransac = _ransac_circle(pts_x, pts_y, thr, (0.25 * r0, 4.0 * r0 + 10.0))
+            if ransac is not None:
+                # drop only gross outliers here: an elliptical ring deviates
+                # smoothly from any circle and must keep all its points
+                res0 = _circle_residuals(ransac, pts_x, pts_y)
+                start_p = ransac
+                inl0 = np.abs(res0) < max(3.0, 5.0 * _robust_scale(res0))
         new_p, cov, inl = _robust_fit(_circle_residuals, _circle_jac, start_p, pts_x, pts_y,
-                                      loss, reject_sigma, 0.02, 3)
+                                      loss, reject_sigma, 0.02, 3, inl0)
         if (not np.all(np.isfinite(new_p)) or new_p[2] <= 0
                 or not (-0.5 - new_p[2] <= new_p[0] <= nx - 0.5 + new_p[2])
                 or not (-0.5 - new_p[2] <= new_p[1] <= ny - 0.5 + new_p[2])):
             raise NoRingFoundError(
-                f"the circle fit to {int(ok.sum())} peak points diverged "
+                f"no powder ring found: the circle fit to {int(ok.sum())} peak points diverged "
                 f"(centre {new_p[0]:.1f}, {new_p[1]:.1f}; radius {new_p[2]:.1f} px)"
             )
         shift = float(np.hypot(*(new_p[:2] - p[:2])))
+        log.debug("pass %d: centre (%.4f, %.4f) r=%.4f shift %.4f px, %d points",
+                  it, new_p[0], new_p[1], new_p[2], shift, int(ok.sum()))
         p = new_p
         res = _circle_residuals(p, pts_x[inl], pts_y[inl])
         rms = float(np.sqrt(np.mean(res**2)))
@@ -1111,14 +1225,25 @@ def fit_center(
         try:
             ring, _, _ = _locate_ring(img, good, p[0], p[1], p[2], ring_min_snr, 3.0)
             fwhm = ring.fwhm
+            ring_seen = True
         except NoRingFoundError:
-            pass
+            ring_seen = False
         r0 = float(p[2])
         if search_width is None:
             hw = float(max(4.0, 0.75 * fwhm, 6.0 * rms))
-        if shift < tol:
+        # re-sampling about a new centre changes which pixels fall in which
+        # sector, so successive passes scatter by about the fit's own sigma
+        sigma_c = math.hypot(math.sqrt(abs(cov[0, 0])), math.sqrt(abs(cov[1, 1])))
+        if it >= 3 and shift < max(tol, 2.0 * sigma_c):
             break
 
+    if not ring_seen:
+        # the azimuthal average about a right centre shows the ring sharply
+        raise NoRingFoundError(
+            f"no powder ring found: the circle fitted to {int(inl.sum())} sector peaks "
+            f"(centre ({p[0]:.2f}, {p[1]:.2f}), r={p[2]:.1f} px) has no significant ring "
+            f"(min_snr={ring_min_snr:g}) in the radial profile about it"
+        )
     if not (-0.5 <= p[0] <= nx - 0.5 and -0.5 <= p[1] <= ny - 0.5):
         raise GeometryError(
             f"the fitted beam centre ({p[0]:.2f}, {p[1]:.2f}) px lies off the {ny}x{nx} "
@@ -1138,7 +1263,7 @@ def fit_center(
         points=np.column_stack([pts_x[inl], pts_y[inl]]),
         rejected_points=np.column_stack([pts_x[~inl], pts_y[~inl]]),
         residuals=res, profile_radius=prof_r, profile_mean=prof_m, ring_fwhm=float(fwhm),
-        ellipse=ellipse, guess=tuple(float(v) for v in start),  # type: ignore[arg-type]
+        ellipse=ellipse, guess=(float(start[0]), float(start[1]), float(start[2])),
         n_iterations=it,
     )
 
@@ -1156,7 +1281,10 @@ def _peak_of(r: np.ndarray, prof: np.ndarray) -> tuple[float, float, float]:
     x2, y2 = float(r[-m:].mean()), float(np.median(y[-m:]))
     base = y1 + (y2 - y1) * (r - x1) / (x2 - x1)
     h = y - base
-    k = int(np.argmax(h[1:-1])) + 1
+    k = int(np.argmax(h))
+    if k < m or k > n - 1 - m:
+        # the maximum sits in a baseline region: no ring peak inside the window
+        return float(r[k]), -math.inf, math.inf
     hk, rk = float(h[k]), float(r[k])
     den = h[k - 1] - 2 * h[k] + h[k + 1]
     if den < 0:
@@ -1190,21 +1318,21 @@ def refine_center_by_sharpness(
     half_width: float | None = None,
     bin_width: float = 0.5,
     smooth_px: float | None = None,
-    metric: SharpnessMetric = "height",
     ring_min_snr: float = 5.0,
     xtol: float = 0.005,
 ) -> SharpnessFit:
     """Beam centre that makes the ring sharpest in the masked radial profile.
 
-    Independent of :func:`fit_center`: no peak points, no circle. For each
+    Independent of :func:`fit_center` (no peak points, no circle). For a
     candidate centre the masked radial profile is built with fractional
     (linear split) bins of ``bin_width`` over ``r +/- half_width``, lightly
-    smoothed, and its ring is measured against a straight baseline through
-    the window ends. The objective is the ring's height above that baseline
-    (``metric="height"``) or minus its FWHM (``metric="width"``); a wrong
-    centre smears the ring over ``2 x offset`` and lowers/widens it. It is
-    maximised on a grid of step ``grid_step`` over ``+/- search`` pixels,
-    then by Nelder-Mead from the best grid point.
+    smoothed, and the objective is the ring's height above the straight
+    baseline through the window ends (parabola-interpolated maximum). A
+    wrong centre smears the ring over ``2 x offset`` and lowers it. The
+    height is maximised on a grid of step ``grid_step`` over ``+/- search``
+    pixels; the ring's radius and width are then re-measured about the best
+    grid point to set the final window and smoothing, and Nelder-Mead
+    refines the centre.
 
     Parameters
     ----------
@@ -1220,17 +1348,17 @@ def refine_center_by_sharpness(
     grid_step : float
         Coarse grid step in pixels.
     half_width : float, optional
-        Half-width of the radial window, in pixels; default the larger of
-        6 px and the ring's FWHM about the starting centre.
+        Half-width of the radial window in pixels; default the larger of
+        6 px and the ring's FWHM (measured about the starting centre for the
+        grid, about the best grid point for the refinement).
     bin_width : float
         Radial bin width in pixels.
     smooth_px : float, optional
         Gaussian smoothing of the profile, in pixels; default a fifth of the
-        ring FWHM (0.5 to 4 px).
-    metric : {"height", "width"}
-        Sharpness measure.
+        ring FWHM, clipped to 0.5 .. 4 px.
     ring_min_snr : float
-        Minimum prominence of the starting ring, in units of 1-px-bin noise.
+        Minimum prominence of the ring in the 1-px profile, in units of its
+        noise.
     xtol : float
         Nelder-Mead centre tolerance, in pixels.
 
@@ -1241,63 +1369,84 @@ def refine_center_by_sharpness(
     Raises
     ------
     GeometryError
-        If ``guess`` lies off the detector, or the optimum runs to the edge
-        of the search square (the guess is too far off).
+        If ``guess`` lies off the detector, or the optimum leaves the search
+        square (the guess is too far off).
     NoRingFoundError
         If no ring is found near the guess.
     """
     img = _check_image(image)
     good = _good_pixels(img, mask)
-    if metric not in SHARPNESS_METRICS:
-        raise ParameterError(f"metric must be one of {SHARPNESS_METRICS} (got {metric!r})")
     search = _check_positive("search", search)
     grid_step = _check_positive("grid_step", grid_step)
     bw = _check_positive("bin_width", bin_width)
+    if half_width is not None:
+        half_width = _check_positive("half_width", half_width)
+    if smooth_px is not None:
+        smooth_px = _check_positive("smooth_px", smooth_px)
     if guess is None:
         cx0, cy0 = _weighted_centroid(img, good)
         r_guess = None
     else:
         cx0, cy0, r_guess = _check_guess(guess, img.shape)
-    ring, _, _ = _locate_ring(img, good, cx0, cy0, r_guess, ring_min_snr, 3.0)
+    ring = _start_ring(img, good, cx0, cy0, r_guess, ring_min_snr)
     r0 = ring.radius
-    hw = _check_positive("half_width", half_width) if half_width is not None else max(6.0, ring.fwhm)
-    sm_px = (_check_positive("smooth_px", smooth_px) if smooth_px is not None
-             else float(np.clip(ring.fwhm / 5.0, 0.5, 4.0)))
-    r_lo = max(0.5, r0 - hw)
-    r_hi = r0 + hw
-    nb = max(8, int(math.ceil((r_hi - r_lo) / bw)))
-    rc = r_lo + (np.arange(nb) + 0.5) * bw
-    x, y, v = _pixels_near(img, good, cx0, cy0, r_hi + search + 2)
-    d0 = np.hypot(x - cx0, y - cy0)
-    keep = (d0 >= r_lo - search - 2) & (d0 <= r_hi + search + 2)
-    x, y, v = x[keep], y[keep], v[keep]
-    sigma_b = sm_px / bw
     n_eval = 0
+    # pixels that any candidate window can reach
+    reach = max(6.0, ring.fwhm) if half_width is None else half_width
+    margin = reach + 2 * search + 2
+    x, y, v = _pixels_near(img, good, cx0, cy0, r0 + margin)
+    d0 = np.hypot(x - cx0, y - cy0)
+    keep = (d0 >= r0 - margin) & (d0 <= r0 + margin)
+    x, y, v = x[keep], y[keep], v[keep]
 
-    def profile(c: np.ndarray) -> np.ndarray:
-        r = np.hypot(x - c[0], y - c[1])
-        acc = _bin_accumulate(r, v, r_lo, bw, nb, True)
+    def setup(r_mid: float, fwhm: float) -> tuple[float, int, np.ndarray, float]:
+        hw = half_width if half_width is not None else min(max(6.0, fwhm), reach)
+        r_lo = max(0.5, r_mid - hw)
+        nb = max(8, int(math.ceil((r_mid + hw - r_lo) / bw)))
+        rc = r_lo + (np.arange(nb) + 0.5) * bw
+        sm = smooth_px if smooth_px is not None else float(np.clip(fwhm / 5.0, 0.5, 4.0))
+        return r_lo, nb, rc, sm / bw
+
+    def profile(c: np.ndarray, cfg: tuple[float, int, np.ndarray, float],
+                smooth: bool = True) -> np.ndarray:
+        r_lo, nb, _, sigma_b = cfg
+        acc = _bin_accumulate(np.hypot(x - c[0], y - c[1]), v, r_lo, bw, nb, True)
         with np.errstate(invalid="ignore", divide="ignore"):
             prof = np.where(acc["w"] > 0.25 * bw, acc["wi"] / acc["w"], np.nan)
-        return _nan_smooth(prof, sigma_b)
+        return _nan_smooth(prof, sigma_b) if smooth else prof
 
-    def objective(c: np.ndarray) -> float:
+    def objective(c: np.ndarray, cfg: tuple[float, int, np.ndarray, float]) -> float:
         nonlocal n_eval
         n_eval += 1
-        _, height, width = _peak_of(rc, profile(c))
-        val = height if metric == "height" else -width
-        return -val if np.isfinite(val) else 1e300
+        height = _peak_of(cfg[2], profile(c, cfg))[1]
+        return -height if np.isfinite(height) else 1e300
 
+    cfg = setup(r0, ring.fwhm)
     offs = np.arange(-search, search + 0.5 * grid_step, grid_step)
-    grid = [(objective(np.array([cx0 + ox, cy0 + oy])), ox, oy) for oy in offs for ox in offs]
+    grid = [(objective(np.array([cx0 + ox, cy0 + oy]), cfg), ox, oy)
+            for oy in offs for ox in offs]
     best = min(grid)
-    at_guess = -objective(np.array([cx0, cy0]))
+    if max(abs(best[1]), abs(best[2])) >= search - 1e-9:
+        raise GeometryError(
+            f"the sharpest ring on the grid is at the edge of the search square "
+            f"(+/- search={search:g} px about the guess ({cx0:.2f}, {cy0:.2f})): the centre "
+            f"is probably farther off; give a better guess or a larger search"
+        )
     x_start = np.array([cx0 + best[1], cy0 + best[2]])
+    # re-measure the ring about the best grid point: narrower window and smoothing
+    try:
+        ring2, _, _ = _locate_ring(img, good, x_start[0], x_start[1], r0, ring_min_snr, 3.0)
+        if abs(ring2.radius - r0) <= search:
+            cfg = setup(ring2.radius, ring2.fwhm)
+    except NoRingFoundError:
+        pass
+    at_guess = -objective(np.array([cx0, cy0]), cfg)
+    f_start = objective(x_start, cfg)
     simplex = np.array([x_start, x_start + [grid_step / 2, 0], x_start + [0, grid_step / 2]])
-    sol = opt.minimize(objective, x_start, method="Nelder-Mead",
+    sol = opt.minimize(objective, x_start, args=(cfg,), method="Nelder-Mead",
                        options={"xatol": xtol, "fatol": 1e-12, "initial_simplex": simplex,
                                 "maxiter": 400})
-    c = sol.x if sol.fun <= best[0] else x_start
+    c = sol.x if sol.fun <= f_start else x_start
     if max(abs(c[0] - cx0), abs(c[1] - cy0)) > search:
         raise GeometryError(
             f"the sharpest-ring centre ({c[0]:.2f}, {c[1]:.2f}) px lies outside the search "
@@ -1309,17 +1458,13 @@ def refine_center_by_sharpness(
         raise GeometryError(
             f"the sharpest-ring centre ({c[0]:.2f}, {c[1]:.2f}) px lies off the {ny}x{nx} image"
         )
-    prof = profile(c)
-    rk, height, width = _peak_of(rc, prof)
-    r_raw = np.hypot(x - c[0], y - c[1])
-    acc = _bin_accumulate(r_raw, v, r_lo, bw, nb, True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        raw = np.where(acc["w"] > 0, acc["wi"] / acc["w"], np.nan)
+    rc = cfg[2]
+    rk, height, width = _peak_of(rc, profile(c, cfg))
     return SharpnessFit(
         center_x=float(c[0]), center_y=float(c[1]), radius=float(rk), fwhm=float(width),
-        sharpness=float(height if metric == "height" else -width),
-        sharpness_at_guess=float(at_guess), metric=metric, profile_radius=rc,
-        profile_mean=raw, guess=(float(cx0), float(cy0), float(r0 if r_guess is None else r_guess)),
+        sharpness=float(height), sharpness_at_guess=float(at_guess), profile_radius=rc,
+        profile_mean=profile(c, cfg, smooth=False),
+        guess=(float(cx0), float(cy0), float(r0 if r_guess is None else r_guess)),
         n_evaluations=n_eval,
     )
 
@@ -1358,23 +1503,39 @@ def find_center(
     -------
     CenterComparison
         Both results, their distance ``disagreement_px`` and ``dx``, ``dy``
-        (sharpness minus circle) in pixels.
+        (sharpness minus circle) in pixels. If the sharpness refinement
+        fails (e.g. the guess is farther off than its search square), the
+        circle fit is still returned, with ``sharpness=None``, NaN
+        disagreement, ``agree`` False and the reason in ``sharpness_error``.
+
+    Raises
+    ------
+    GeometryError, NoRingFoundError, ParameterError
+        As :func:`fit_center`.
     """
     tol = _check_positive("tolerance", tolerance)
     img = _check_image(image)
     if guess is None:
         guess = initial_guess(img, mask)
     circle = fit_center(img, mask, guess, **(circle_options or {}))
-    sharp = refine_center_by_sharpness(img, mask, guess, **(sharpness_options or {}))
+    try:
+        sharp: SharpnessFit | None = refine_center_by_sharpness(
+            img, mask, guess, **(sharpness_options or {}))
+    except (GeometryError, NoRingFoundError) as exc:
+        log.warning("sharpness refinement failed, the circle fit is unchecked: %s", exc)
+        return CenterComparison(circle=circle, sharpness=None, disagreement_px=math.nan,
+                                dx=math.nan, dy=math.nan, tolerance_px=tol,
+                                sharpness_error=str(exc))
     dx = sharp.center_x - circle.center_x
     dy = sharp.center_y - circle.center_y
-    out = CenterComparison(circle=circle, sharpness=sharp, disagreement_px=float(math.hypot(dx, dy)),
-                           dx=float(dx), dy=float(dy), tolerance_px=tol)
+    out = CenterComparison(circle=circle, sharpness=sharp,
+                           disagreement_px=float(math.hypot(dx, dy)), dx=float(dx), dy=float(dy),
+                           tolerance_px=tol)
     if not out.agree:
         log.warning(
-            "centre methods disagree by %.2f px (circle fit (%.2f, %.2f), sharpness (%.2f, %.2f)); "
-            "check the mask and the ring", out.disagreement_px, circle.center_x, circle.center_y,
-            sharp.center_x, sharp.center_y,
+            "centre methods disagree by %.2f px (circle fit (%.2f, %.2f), sharpness (%.2f, %.2f));"
+            " check the mask and the ring", out.disagreement_px, circle.center_x,
+            circle.center_y, sharp.center_x, sharp.center_y,
         )
     return out
 
