@@ -199,6 +199,29 @@ def _performance_report(path: str | None) -> Any:
               help="JSON list of [tagA, tagB] pairs (default: consecutive bright shots).")
 @click.option("--non-overlapping", is_flag=True,
               help="Consecutive pairs (t1,t2),(t3,t4)... instead of (t1,t2),(t2,t3)...")
+@click.option("--pairing", type=click.Choice(["consecutive", "intensity", "pulse_energy",
+                                              "profile", "angular"]),
+              default="consecutive", show_default=True,
+              help="Without --pairs: consecutive bright shots, or disjoint pairs of shots "
+                   "that look alike (nearest band mean intensity, pulse energy, radial or "
+                   "angular profile; all but pulse_energy read the band once more first).")
+@click.option("--q-pairs", default="none", show_default=True,
+              help="Cross-correlations C(q1, q2, dphi) besides the autocorrelations: 'all' "
+                   "(every q1 <= q2), or pairs like '0:3,2:5' (q row indices) or "
+                   "'2.65:2.70' (q in 1/Angstrom, nearest row).")
+@click.option("--bragg", type=float, default=None, metavar="NSIGMA",
+              help="Mask polar bins more than NSIGMA robust sigmas (median/MAD) above their "
+                   "row (Bragg spots) before correlating.")
+@click.option("--reject-outliers", type=float, default=None, metavar="NSIGMA",
+              help="Leave out pairs whose mean squared normalised difference is NSIGMA "
+                   "robust sigmas (of its log) above the median (recorded in pair_rejected).")
+@click.option("--bootstrap", type=int, default=0, show_default=True, metavar="N",
+              help="Poisson-bootstrap resamples for percentile confidence intervals "
+                   "(corr_ci_low/high); 0 = none.")
+@click.option("--ci-level", type=float, default=0.95, show_default=True,
+              help="Confidence level of the bootstrap intervals.")
+@click.option("--keep-pairs", is_flag=True,
+              help="Keep every pair's correlation in the store (corr_pairs, float32).")
 @click.option("--chunk-size", default="128MiB", show_default=True,
               help="Image bytes per task (e.g. 256MiB) or a number of tags.")
 @click.option("--no-store-polar", is_flag=True,
@@ -224,7 +247,9 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
             compression: str, on_bad_tag: str, overwrite: bool, dry_run: bool,
             progress: bool, workers: int | None, scheduler: str | None,
             scheduler_file: str | None, cluster: str, jobs: int | None,
-            report: str | None = None) -> None:
+            report: str | None = None, pairing: str = "consecutive", q_pairs: str = "none",
+            bragg: float | None = None, reject_outliers: float | None = None,
+            bootstrap: int = 0, ci_level: float = 0.95, keep_pairs: bool = False) -> None:
     """Process run file(s) into a labelled correlation Zarr store.
 
     The store is written tag chunk by tag chunk: if the run is killed,
@@ -257,7 +282,9 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
                     method=method, fast_nphi=fast_nphi, pairs=pairs,
                     overlapping=not non_overlapping, chunks=chunks, out=out,
                     store_polar=not no_store_polar, compression=compression,
-                    on_bad_tag=on_bad_tag)
+                    on_bad_tag=on_bad_tag, pairing=pairing, q_pairs=q_pairs, bragg=bragg,
+                    reject_outliers=reject_outliers, bootstrap=bootstrap, ci_level=ci_level,
+                    keep_pairs=keep_pairs)
     click.echo(repr(plan))
     if dry_run:
         return

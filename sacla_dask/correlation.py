@@ -1,64 +1,117 @@
-"""Difference angular correlations along phi.
+"""Difference angular correlations along phi and their statistics over pairs.
 
-This module owns the correlation maths: for a pair of normalised polar
-images ``A`` and ``B`` (0 in masked bins), the difference ``D = A - B`` is
-correlated along phi by FFT,
+This module owns the correlation maths. For a pair of normalised polar
+images ``A`` and ``B`` (0 in masked bins; NaN in bins masked for that shot
+only, such as Bragg spots), the difference ``D = A - B`` on the bins valid
+in both shots (``v = m_A m_B``) is correlated along phi by FFT::
 
     C(q1, q2, dphi) = sum_phi D(q1, phi) D(q2, phi + dphi) / M(q1, q2, dphi)
+    M(q1, q2, dphi) = sum_phi v(q1, phi) v(q2, phi + dphi)
 
-where ``M`` is the same correlation of the polar mask: the number of valid
-bin pairs at that lag. Dividing by ``M`` removes the panel-gap pattern. The
-autocorrelation is the case ``q1 == q2``.
+``M`` is the number of valid bin pairs at that lag, so ``C`` is the mean
+product over the bin pairs that exist; dividing by it removes the
+panel-gap pattern. Where ``M = 0`` there is no data and ``C`` is NaN. When
+every shot has the plan's mask, ``M`` is precomputed once
+(:func:`make_plan`); when a shot carries its own masked bins
+(:func:`mask_bragg_spots`), ``M`` is computed for that pair: exact either
+way. The autocorrelation (``q1 == q2``) of every q row is always computed
+(the first ``nq`` rows of a plan); cross pairs of rows are optional. Note
+``C(q2, q1, dphi) = C(q1, q2, -dphi)`` (:func:`cross_matrix`).
 
-:func:`difference_correlation` is the numpy kernel on one block of pairs;
-:func:`correlate_pairs` is the Dask wrapper: pairs are grouped by the tag
-chunks of their two shots, one task per group, so a pair straddling two
-chunks is computed like any other and the number of tasks grows with chunks,
-not with pairs. Means and variances over pairs are Dask tree reductions.
+Statistics over pairs are sums (:class:`PairSums`: number of pairs, per-bin
+sum, sum of squares and count, optional Poisson-bootstrap sums) that merge
+by ``+`` and remove pairs by ``-``; :func:`finalize` turns them into the
+mean, standard error, count and bootstrap percentile interval per bin.
+:func:`robust_outliers` rejects pairs whose difference statistic (the mean
+squared normalised difference) stands out robustly.
+
+:func:`summarize_pairs` is the eager numpy reference; :func:`pair_statistics`
+is the Dask wrapper: pairs are grouped by the tag chunks of their two shots
+(one task per group, so a pair straddling two chunks is computed like any
+other), each group task returns its partial sums, which are tree-reduced:
+memory does not grow with the number of pairs. Outlier rejection needs the
+statistic of every pair before it knows which pairs to drop; rather than
+reading the data twice, the sums over *all* pairs are accumulated in the one
+pass, the (few) rejected pairs are recomputed afterwards and subtracted
+(float64; see :func:`pair_statistics`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 import scipy.fft
+from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .errors import ParameterError
+from .errors import ParameterError, SaclaDaskError
+
+#: bytes of float64 work arrays a kernel uses per batch of pairs (bounds memory)
+BATCH_BYTES = 64 * 2**20
+#: MAD -> standard deviation of a normal distribution
+MAD_TO_SIGMA = 1.4826
+#: with outlier rejection, pairs whose difference statistic exceeds this (normalised
+#: units: ordinary pairs are of order 1e-3..1) are held out of the partial sums
+HOLD_OUT_STAT = 100.0
+#: at most this many held-out pairs per group task (beyond, they are summed)
+HOLD_OUT_MAX = 16
 
 
-@dataclasses.dataclass(frozen=True)
+# -- plan ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
 class CorrelationPlan:
-    """Small state shipped once to the workers: q pairs and mask normalisation.
+    """Small state shipped once to the workers: correlated rows and mask normalisation.
 
     Attributes
     ----------
     q1, q2 : ndarray int (nqp,)
-        Row indices of each correlated q pair (``q1 == q2``: autocorrelation).
+        Row indices of each correlated pair of rows. The first ``nq`` rows
+        are the autocorrelations ``(q, q)`` for ``q = 0 .. nq-1``; the
+        others (if any) the requested cross pairs.
     mask_norm : ndarray float64 (nqp, nphi)
-        Mask correlation ``M``: number of valid bin pairs at each lag.
+        Correlation ``M`` of the polar mask: valid bin pairs at each lag.
+    polar_mask : ndarray bool (nq, nphi)
+        True = good bin.
     nphi : int
     """
 
     q1: np.ndarray
     q2: np.ndarray
     mask_norm: np.ndarray
+    polar_mask: np.ndarray
     nphi: int
 
     @property
-    def auto(self) -> bool:
-        return bool(np.array_equal(self.q1, self.q2))
+    def nq(self) -> int:
+        return int(self.polar_mask.shape[0])
 
     @property
     def nqp(self) -> int:
         return int(self.q1.size)
 
+    @property
+    def n_cross(self) -> int:
+        """Number of cross rows after the ``nq`` autocorrelation rows."""
+        return self.nqp - self.nq
+
+    @property
+    def auto(self) -> bool:
+        """True when only autocorrelations are computed."""
+        return self.n_cross == 0
+
+    def __dask_tokenize__(self) -> Any:
+        return ("CorrelationPlan", self.q1, self.q2, self.polar_mask)
+
 
 def correlate_rows(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Circular correlation along the last axis: ``sum_n a[n] b[n + k]``.
+    """Circular correlation along the last axis: ``out[k] = sum_n a[n] b[n + k]``.
 
     Parameters
     ----------
@@ -75,34 +128,152 @@ def correlate_rows(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     return scipy.fft.irfft(np.conj(fa) * fb, n=n, axis=-1)
 
 
-def make_plan(polar_mask: np.ndarray, q_pairs: str | np.ndarray | None = "auto") -> CorrelationPlan:
-    """Precompute the mask normalisation for the chosen q pairs.
+def _q_index(tok: str, q: np.ndarray, spec: str) -> int:
+    tok = tok.strip()
+    nq = q.size
+    if re.fullmatch(r"[+-]?\d+", tok):
+        i = int(tok)
+        if not 0 <= i < nq:
+            raise ParameterError(f"q_pairs={spec!r}: row index {i} is outside 0..{nq - 1} "
+                                 f"(the band has {nq} q rows)")
+        return i
+    try:
+        v = float(tok)
+    except ValueError:
+        raise ParameterError(f"q_pairs={spec!r}: {tok!r} is neither a row index nor a q value "
+                             "in 1/A") from None
+    half = 0.5 * (float(np.abs(np.diff(q)).mean()) if nq > 1 else 0.0)
+    lo, hi = float(q.min()) - half, float(q.max()) + half
+    if not lo <= v <= hi:
+        raise ParameterError(f"q_pairs={spec!r}: q = {v:g} 1/A is outside the band "
+                             f"{lo:.4g}..{hi:.4g} 1/A")
+    return int(np.argmin(np.abs(q - v)))
+
+
+def parse_q_pairs(spec: str | Sequence[Sequence[float]] | np.ndarray | None,
+                  q: np.ndarray) -> str | np.ndarray | None:
+    """Turn a ``--q-pairs`` specification into row-index pairs.
+
+    Parameters
+    ----------
+    spec : str, (n, 2) array, or None
+        ``None``, ``""``, ``"none"`` or ``"auto"``: autocorrelation only;
+        ``"all"``: every pair of rows ``q1 <= q2``; ``"A:B,C:D,..."``: the
+        listed pairs, each side either an integer row index (``0:3``) or a q
+        value in 1/A containing a decimal point (``2.65:2.70``, the nearest
+        row). An integer array is row indices, a float array q values.
+    q : ndarray (nq,)
+        The band's q (1/A).
+
+    Returns
+    -------
+    None, ``"all"``, or int64 array (n, 2) of row indices.
+    """
+    q = np.asarray(q, dtype=float)
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s in ("", "none", "auto"):
+            return None
+        if s == "all":
+            return "all"
+        out = []
+        for tok in spec.split(","):
+            if not tok.strip():
+                continue
+            parts = tok.split(":")
+            if len(parts) != 2:
+                raise ParameterError(f"q_pairs={spec!r}: {tok.strip()!r} is not 'A:B' (two row "
+                                     "indices or two q values in 1/A joined by ':')")
+            out.append([_q_index(p, q, spec) for p in parts])
+        if not out:
+            raise ParameterError(f"q_pairs={spec!r} lists no pair")
+        return np.asarray(out, dtype=np.int64)
+    arr = np.asarray(spec)
+    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
+        raise ParameterError(f"q_pairs must be 'all', 'A:B,...' or an (n, 2) array "
+                             f"(got shape {arr.shape})")
+    if arr.dtype.kind == "f":
+        return np.asarray([[_q_index(repr(float(v)), q, "array") for v in row] for row in arr],
+                          dtype=np.int64)
+    return np.asarray([[_q_index(str(int(v)), q, "array") for v in row] for row in arr],
+                      dtype=np.int64)
+
+
+def make_plan(polar_mask: np.ndarray,
+              q_pairs: str | np.ndarray | None = None) -> CorrelationPlan:
+    """Precompute the mask normalisation for the autocorrelations and chosen cross pairs.
 
     Parameters
     ----------
     polar_mask : ndarray bool (nq, nphi)
-    q_pairs : "auto", "all", or (nqp, 2) int array of row indices
-        ``"auto"``: every row with itself; ``"all"``: every (q1 <= q2).
+    q_pairs : None, "auto", "none", "all" or (n, 2) int array of row indices
+        Cross pairs to compute besides the autocorrelations: none
+        (default), every ``q1 <= q2`` (``"all"``), or the listed pairs
+        (``q1 > q2`` is allowed and kept in the order given).
     """
     pm = np.asarray(polar_mask, dtype=bool)
+    if pm.ndim != 2:
+        raise ParameterError(f"polar_mask must be 2-D (nq, nphi) (got shape {pm.shape})")
     nq, nphi = pm.shape
     if isinstance(q_pairs, str) or q_pairs is None:
-        if q_pairs in (None, "auto"):
-            q1 = q2 = np.arange(nq)
+        if q_pairs in (None, "auto", "none"):
+            c1 = c2 = np.zeros(0, dtype=np.int64)
         elif q_pairs == "all":
-            q1, q2 = np.triu_indices(nq)
+            c1, c2 = np.triu_indices(nq)
         else:
-            raise ParameterError(f"q_pairs must be 'auto', 'all' or an (n, 2) array (got {q_pairs!r})")
+            raise ParameterError(f"q_pairs must be 'auto', 'all' or an (n, 2) array "
+                                 f"(got {q_pairs!r})")
     else:
         qp = np.asarray(q_pairs, dtype=np.int64).reshape(-1, 2)
         if qp.size == 0 or qp.min() < 0 or qp.max() >= nq:
-            raise ParameterError(f"q_pairs indices must lie in 0..{nq - 1}")
-        q1, q2 = qp[:, 0], qp[:, 1]
-    m = pm.astype(np.float64)
-    fm = scipy.fft.rfft(m, axis=-1)
+            raise ParameterError(f"q_pairs row indices must lie in 0..{nq - 1} (got "
+                                 f"{qp.tolist()[:5]})")
+        c1, c2 = qp[:, 0], qp[:, 1]
+    q1 = np.concatenate([np.arange(nq), c1]).astype(np.int64)
+    q2 = np.concatenate([np.arange(nq), c2]).astype(np.int64)
+    fm = scipy.fft.rfft(pm.astype(np.float64), axis=-1)
     norm = scipy.fft.irfft(np.conj(fm[q1]) * fm[q2], n=nphi, axis=-1)
     norm = np.rint(norm)  # counts of valid bin pairs: integers up to round-off
-    return CorrelationPlan(q1=np.asarray(q1), q2=np.asarray(q2), mask_norm=norm, nphi=nphi)
+    return CorrelationPlan(q1=q1, q2=q2, mask_norm=norm, polar_mask=pm, nphi=int(nphi))
+
+
+# -- kernels ------------------------------------------------------------------
+def _difference(a: np.ndarray, b: np.ndarray,
+                polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(D, valid, per_pair)``: the difference on bins valid in both shots.
+
+    ``per_pair`` is True when some pair has fewer valid bins than the mask
+    (a shot-specific masked bin): its normalisation must then be its own.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    valid = np.isfinite(d)
+    valid &= polar_mask
+    per_pair = int(np.count_nonzero(valid)) != d.shape[0] * int(np.count_nonzero(polar_mask))
+    d[~valid] = 0.0
+    return d, valid, per_pair
+
+
+def _correlate(d: np.ndarray, valid: np.ndarray, per_pair: bool,
+               plan: CorrelationPlan) -> np.ndarray:
+    n = plan.nphi
+    f = scipy.fft.rfft(d, axis=-1)
+    c = scipy.fft.irfft(np.conj(f[:, plan.q1]) * f[:, plan.q2], n=n, axis=-1)
+    del f
+    if per_pair:
+        fm = scipy.fft.rfft(valid.astype(np.float64), axis=-1)
+        m = np.rint(scipy.fft.irfft(np.conj(fm[:, plan.q1]) * fm[:, plan.q2], n=n, axis=-1))
+    else:
+        m = plan.mask_norm[None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(m > 0, c / m, np.nan)
+
+
+def _stat(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    nv = valid.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(nv > 0, np.einsum("ijk,ijk->i", d, d) / nv, np.nan)
 
 
 def difference_correlation(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan) -> np.ndarray:
@@ -111,39 +282,485 @@ def difference_correlation(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan) 
     Parameters
     ----------
     a, b : ndarray (npair, nq, nphi)
-        Normalised polar images of the pairs' first and second shots
-        (0 in masked bins).
+        Normalised polar images of the pairs' first and second shots (0 in
+        masked bins; NaN in bins masked for that shot only).
     plan : CorrelationPlan
 
     Returns
     -------
     ndarray float64 (npair, nqp, nphi)
-        ``C(q1, q2, dphi)``; 0 where the mask leaves no valid bin pair.
+        ``C(q1, q2, dphi)`` (dimensionless: products of normalised
+        intensities); NaN where no valid bin pair exists at that lag.
     """
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    n = plan.nphi
-    f = scipy.fft.rfft(d, axis=-1)
-    if plan.auto:
-        prod = f.real**2 + f.imag**2
-    else:
-        prod = np.conj(f[:, plan.q1]) * f[:, plan.q2]
-    c = scipy.fft.irfft(prod, n=n, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(plan.mask_norm > 0, c / plan.mask_norm, 0.0)
+    d, valid, per_pair = _difference(a, b, plan.polar_mask)
+    return _correlate(d, valid, per_pair, plan)
+
+
+def difference_statistic(a: np.ndarray, b: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
+    """Per-pair mean squared normalised difference over the bins valid in both shots.
+
+    This is the statistic of :func:`robust_outliers`. By Cauchy-Schwarz a
+    pair's correlation at any lag is bounded by its zero-lag values, which
+    this statistic averages: a pair whose statistic is ordinary cannot
+    dominate the mean correlation anywhere, and a wild shot (a hit, a
+    detector glitch, a missed pulse) shows up here in both of its pairs.
+
+    Returns
+    -------
+    ndarray float64 (npair,), NaN for a pair without a valid bin.
+    """
+    d, valid, _ = _difference(a, b, np.asarray(polar_mask, dtype=bool))
+    return _stat(d, valid)
+
+
+def fourier_coefficients(corr: np.ndarray) -> np.ndarray:
+    """Angular Fourier coefficients of correlations along their last (dphi) axis.
+
+    ``c_n = (1/nphi) sum_k C(dphi_k) exp(-i n dphi_k)`` for ``n = 0 ..
+    nphi // 2``, so that ``C(dphi) = sum_{n=-N..N} c_n exp(i n dphi)`` with
+    ``c_{-n} = conj(c_n)``. For full rows this is ``conj(D_n(q1)) D_n(q2)``
+    with ``D_n = (1/nphi) sum_phi D(phi) exp(-i n phi)``: the products of the
+    difference's angular Fourier components that structure determination
+    uses. Autocorrelations give real coefficients. A row with a NaN (a lag
+    without data) gives NaN coefficients.
+
+    Returns
+    -------
+    ndarray complex128 (..., nphi // 2 + 1)
+    """
+    c = np.asarray(corr, dtype=np.float64)
+    return scipy.fft.rfft(c, axis=-1) / c.shape[-1]
+
+
+def cross_matrix(corr_cross: np.ndarray, q1: np.ndarray, q2: np.ndarray, nq: int) -> np.ndarray:
+    """Unfold cross-correlation rows into a full ``(nq, nq, nphi)`` array.
+
+    Uses ``C(q2, q1, dphi) = C(q1, q2, -dphi)``; entries not computed are NaN.
+
+    Parameters
+    ----------
+    corr_cross : ndarray (nqp, nphi)
+    q1, q2 : int arrays (nqp,)
+        Row indices of each entry (``q1_index``, ``q2_index`` in a store).
+    nq : int
+    """
+    c = np.asarray(corr_cross, dtype=np.float64)
+    n = c.shape[-1]
+    out = np.full((nq, nq, n), np.nan)
+    neg = (-np.arange(n)) % n
+    q1 = np.asarray(q1, dtype=np.int64)
+    q2 = np.asarray(q2, dtype=np.int64)
+    out[q2, q1] = c[:, neg]
+    out[q1, q2] = c
     return out
 
 
-# -- dask wrapper ------------------------------------------------------------
-def _group_kernel(plan: CorrelationPlan, ia: np.ndarray, ib: np.ndarray,
-                  block_a: np.ndarray, block_b: np.ndarray | None = None) -> np.ndarray:
-    if block_b is None:
-        block_b = block_a
-    return difference_correlation(block_a[ia], block_b[ib], plan)
+def mask_bragg_spots(polar: np.ndarray, polar_mask: np.ndarray, nsigma: float,
+                     grow: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Mask polar bins that stand out robustly above their row, and renormalise.
+
+    A bin is a spot when ``x - median > nsigma * 1.4826 * MAD`` over its
+    row's valid bins (one-sided: Bragg spots are bright); spots are grown by
+    ``grow`` bins on each side along phi (their wings). A row whose MAD is 0
+    is left alone (no robust spread to compare with). The remaining bins of
+    each row are rescaled to mean 1, so the normalisation is the one the row
+    would have had with the spots masked, and the spots are set to NaN: the
+    shot-specific mask that :func:`difference_correlation` honours exactly.
+    The test is scale-free, so it acts on normalised or raw rows alike.
+
+    Parameters
+    ----------
+    polar : ndarray (ntag, nq, nphi)
+        Normalised polar images (0 where masked).
+    polar_mask : ndarray bool (nq, nphi)
+    nsigma : float
+        Threshold in robust standard deviations (> 0).
+    grow : int
+        Bins masked on each side of a spot along phi.
+
+    Returns
+    -------
+    cleaned : ndarray float32 (ntag, nq, nphi)
+        NaN at spots, 0 where masked, rows of mean 1 elsewhere.
+    n_spots : ndarray int32 (ntag, nq)
+        Bins masked as spots per row.
+    """
+    if not nsigma > 0:
+        raise ParameterError(f"Bragg-spot threshold must be > 0 robust sigmas (got {nsigma})")
+    x = np.asarray(polar, dtype=np.float64)
+    pm = np.asarray(polar_mask, dtype=bool)
+    valid = np.isfinite(x) & pm[None]
+    xm = np.where(valid, x, np.nan)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows without a valid bin
+        med = np.nanmedian(xm, axis=-1, keepdims=True)
+        mad = np.nanmedian(np.abs(xm - med), axis=-1, keepdims=True)
+    sigma = MAD_TO_SIGMA * mad
+    with np.errstate(invalid="ignore"):
+        spot = valid & (sigma > 0) & (x - med > nsigma * sigma)
+    if grow > 0 and spot.any():
+        g = spot.copy()
+        for s in range(1, int(grow) + 1):
+            g |= np.roll(spot, s, axis=-1) | np.roll(spot, -s, axis=-1)
+        spot = g & valid
+    keep = valid & ~spot
+    cnt = keep.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(keep, x, 0.0).sum(axis=-1, keepdims=True) / cnt
+        scale = np.where(np.isfinite(mean) & (mean != 0), 1.0 / mean, 0.0)
+    out = np.where(keep, x * scale, 0.0).astype(np.float32)
+    out[spot] = np.nan
+    return out, spot.sum(axis=-1).astype(np.int32)
+
+
+# -- statistics over pairs ----------------------------------------------------
+@dataclasses.dataclass
+class PairSums:
+    """Sums over a set of pairs, per correlation bin (mergeable, subtractable).
+
+    Attributes
+    ----------
+    n : int
+        Pairs summed.
+    s1, s2 : ndarray float64 (nqp, nphi)
+        Sum and sum of squares of the pairs' correlations where defined.
+    count : ndarray int64 (nqp, nphi)
+        Pairs with data in each bin.
+    boot_s1, boot_w : ndarray float64 (nboot, nqp, nphi) or None
+        Poisson-bootstrap weighted sums and weight totals.
+    """
+
+    n: int
+    s1: np.ndarray
+    s2: np.ndarray
+    count: np.ndarray
+    boot_s1: np.ndarray | None = None
+    boot_w: np.ndarray | None = None
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, int], n_boot: int = 0) -> PairSums:
+        b = (n_boot,) + tuple(shape)
+        return cls(0, np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=np.int64),
+                   np.zeros(b) if n_boot else None, np.zeros(b) if n_boot else None)
+
+    def add(self, corr: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Add per-pair correlations ``(k, nqp, nphi)`` (NaN = no data) in place."""
+        ok = np.isfinite(corr)
+        x = np.where(ok, corr, 0.0)
+        self.n += int(corr.shape[0])
+        self.s1 += x.sum(axis=0)
+        self.s2 += np.einsum("ijk,ijk->jk", x, x)
+        self.count += ok.sum(axis=0)
+        if self.boot_s1 is not None:
+            if weights is None:
+                raise ParameterError("bootstrap sums need the pairs' bootstrap weights")
+            k = corr.shape[0]
+            w = np.asarray(weights, dtype=np.float64).reshape(-1, k)
+            self.boot_s1 += (w @ x.reshape(k, -1)).reshape(self.boot_s1.shape)
+            self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(self.boot_w.shape)
+
+    def _combine(self, other: PairSums, sign: int) -> PairSums:
+        def comb(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            if a is None or b is None:
+                if (a is None) != (b is None):
+                    raise ParameterError("cannot combine sums with and without bootstrap")
+                return None
+            return a + b if sign > 0 else a - b
+
+        return PairSums(self.n + sign * other.n, comb(self.s1, other.s1),  # type: ignore[arg-type]
+                        comb(self.s2, other.s2), comb(self.count, other.count),  # type: ignore
+                        comb(self.boot_s1, other.boot_s1), comb(self.boot_w, other.boot_w))
+
+    def __add__(self, other: PairSums) -> PairSums:
+        return self._combine(other, +1)
+
+    def __sub__(self, other: PairSums) -> PairSums:
+        return self._combine(other, -1)
+
+
+def bootstrap_weights(keys: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """Poisson(1) bootstrap weights of pairs, reproducible from each pair's identity.
+
+    Each pair's ``n_boot`` weights are drawn from a generator seeded by
+    ``(seed, key_a, key_b)``, so they do not depend on chunking, on the
+    order in which pairs are processed or on the other pairs: the
+    bootstrap can be accumulated in partial sums and a pair's contribution
+    recomputed and removed. The Poisson bootstrap is the streaming form of
+    the multinomial bootstrap (each of n pairs drawn Poisson(1) times).
+
+    Parameters
+    ----------
+    keys : int array (npair, 2)
+        Non-negative pair identities (tag numbers).
+    n_boot : int
+    seed : int
+
+    Returns
+    -------
+    ndarray float64 (n_boot, npair)
+    """
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+    if keys.size and keys.min() < 0:
+        raise ParameterError("bootstrap pair keys must be non-negative integers")
+    out = np.empty((int(n_boot), keys.shape[0]))
+    for i, (ka, kb) in enumerate(keys):
+        out[:, i] = np.random.default_rng([int(seed), int(ka), int(kb)]).poisson(1.0, n_boot)
+    return out
+
+
+@dataclasses.dataclass
+class HeldPairs:
+    """Pairs kept apart from the sums: positions, correlations, bootstrap weights."""
+
+    index: np.ndarray
+    corr: np.ndarray
+    weights: np.ndarray | None = None
+
+    @classmethod
+    def concat(cls, parts: Sequence[HeldPairs], shape: tuple[int, int],
+               n_boot: int) -> HeldPairs:
+        parts = [p for p in parts if p.index.size]
+        if not parts:
+            return cls(np.zeros(0, np.int64), np.zeros((0,) + tuple(shape)),
+                       np.zeros((n_boot, 0)) if n_boot else None)
+        w = np.concatenate([p.weights for p in parts], axis=1) if n_boot else None
+        return cls(np.concatenate([p.index for p in parts]),
+                   np.concatenate([p.corr for p in parts]), w)
+
+
+def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
+              ia: np.ndarray | None = None, ib: np.ndarray | None = None,
+              weights: np.ndarray | None = None, keep: bool = False,
+              hold_above: float | None = None, hold_max: int = HOLD_OUT_MAX,
+              batch_bytes: int = BATCH_BYTES
+              ) -> tuple[PairSums, np.ndarray, np.ndarray | None, HeldPairs]:
+    """Correlate pairs batch by batch and accumulate their sums (the group kernel).
+
+    Parameters
+    ----------
+    a, b : ndarray (n, nq, nphi)
+        Normalised polar images; pair ``i`` is ``(a[ia[i]], b[ib[i]])``
+        (``ia``/``ib`` default to ``arange``: ``a`` and ``b`` hold the pairs).
+    plan : CorrelationPlan
+    weights : ndarray (n_boot, npair), optional
+        Bootstrap weights (:func:`bootstrap_weights`).
+    keep : bool
+        Also return the per-pair correlations (float32).
+    hold_above : float, optional
+        Pairs whose statistic exceeds this (at most ``hold_max`` of them)
+        are not summed but returned in ``held`` (float64 correlations).
+    batch_bytes : int
+        Approximate float64 work memory per batch of pairs.
+
+    Returns
+    -------
+    sums : PairSums
+        Over every pair not held out.
+    stat : ndarray (npair,)
+        :func:`difference_statistic` of each pair.
+    corr : ndarray float32 (npair, nqp, nphi) or None
+    held : HeldPairs
+        Held-out pairs (index into the pairs given).
+    """
+    npair = a.shape[0] if ia is None else int(np.size(ia))
+    n_boot = 0 if weights is None else int(weights.shape[0])
+    sums = PairSums.zeros((plan.nqp, plan.nphi), n_boot)
+    stat = np.empty(npair)
+    kept = np.empty((npair, plan.nqp, plan.nphi), np.float32) if keep else None
+    held: list[HeldPairs] = []
+    n_held = 0
+    per_pair_bytes = 8 * plan.nphi * (4 * plan.nqp + 2 * plan.nq)
+    per = max(1, int(batch_bytes) // max(per_pair_bytes, 1))
+    for s in range(0, npair, per):
+        e = min(npair, s + per)
+        ra = a[s:e] if ia is None else a[ia[s:e]]
+        rb = b[s:e] if ib is None else b[ib[s:e]]
+        d, valid, pp = _difference(ra, rb, plan.polar_mask)
+        stat[s:e] = _stat(d, valid)
+        c = _correlate(d, valid, pp, plan)
+        del d, valid
+        if kept is not None:
+            kept[s:e] = c
+        w = None if weights is None else weights[:, s:e]
+        hold = np.zeros(e - s, dtype=bool)
+        if hold_above is not None:
+            with np.errstate(invalid="ignore"):
+                big = np.flatnonzero(stat[s:e] > hold_above)
+            big = big[np.argsort(-stat[s:e][big], kind="stable")][:max(0, hold_max - n_held)]
+            hold[big] = True
+            n_held += big.size
+        if hold.any():
+            held.append(HeldPairs(s + np.flatnonzero(hold), c[hold],
+                                  None if w is None else w[:, hold]))
+            c, w = c[~hold], (None if w is None else w[:, ~hold])
+        sums.add(c, w)
+    return (sums, stat, kept,
+            HeldPairs.concat(held, (plan.nqp, plan.nphi), n_boot))
+
+
+def robust_outliers(stat: np.ndarray, nsigma: float) -> tuple[np.ndarray, float]:
+    """Pairs whose difference statistic stands out robustly (high side).
+
+    The test is done on ``log(stat)``: the statistic is a positive mean of
+    squares with a skewed distribution, multiplicative fluctuations (pulse
+    energy, sample thickness) become additive, and the log is close to
+    symmetric. A pair is rejected when ``(log s - median) / (1.4826 MAD) >
+    nsigma`` (when the MAD is 0, 1.2533 times the mean absolute deviation
+    is used, the usual fallback). Low values are kept: two shots that look
+    alike do not bias the mean. Non-finite or zero statistics (pairs
+    without a valid bin) are never rejected; with fewer than 3 usable pairs
+    nothing is.
+
+    Returns
+    -------
+    rejected : ndarray bool (npair,)
+    threshold : float
+        The statistic above which pairs are rejected (``inf`` if none can be).
+    """
+    if not nsigma > 0:
+        raise ParameterError(f"outlier threshold must be > 0 robust sigmas (got {nsigma})")
+    s = np.asarray(stat, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(s) & (s > 0)
+    rej = np.zeros(s.shape, dtype=bool)
+    if ok.sum() < 3:
+        return rej, float("inf")
+    x = np.log(s[ok])
+    med = float(np.median(x))
+    sigma = MAD_TO_SIGMA * float(np.median(np.abs(x - med)))
+    if sigma == 0:
+        sigma = 1.2533 * float(np.mean(np.abs(x - med)))
+    if sigma == 0:
+        return rej, float("inf")
+    thr = float(np.exp(med + nsigma * sigma))
+    rej[ok] = s[ok] > thr
+    return rej, thr
+
+
+def finalize(sums: PairSums, ci: float = 0.95) -> dict[str, np.ndarray]:
+    """Mean, standard error, count and bootstrap interval per bin.
+
+    ``mean = s1 / count`` (NaN where ``count == 0``); ``sem = sqrt(var /
+    count)`` with the unbiased variance over pairs (NaN where ``count <
+    2``); with bootstrap sums, ``ci_low``/``ci_high`` are the percentile
+    interval at level ``ci`` of the bootstrap means, and
+    ``fourier_ci_low``/``fourier_ci_high`` the same for the real part of
+    :func:`fourier_coefficients` of the bootstrap means.
+
+    The standard error treats pairs as independent: with overlapping
+    consecutive pairs (a shot in two pairs) it is an underestimate.
+    """
+    n = sums.count
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, sums.s1 / n, np.nan)
+        var = np.where(n > 1, (sums.s2 - sums.s1 * mean) / (n - 1), np.nan)
+        sem = np.sqrt(np.clip(var, 0, None) / n)
+    out = {"mean": mean, "sem": sem, "count": n.astype(np.int64)}
+    if sums.boot_s1 is not None and sums.boot_w is not None:
+        if not 0 < ci < 1:
+            raise ParameterError(f"confidence level must be in (0, 1) (got {ci})")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bm = np.where(sums.boot_w > 0, sums.boot_s1 / sums.boot_w, np.nan)
+        pct = [50 * (1 - ci), 50 * (1 + ci)]
+        out["ci_low"], out["ci_high"] = _nanpercentile0(bm, pct)
+        fr = fourier_coefficients(bm).real
+        out["fourier_ci_low"], out["fourier_ci_high"] = _nanpercentile0(fr, pct)
+    return out
+
+
+def _nanpercentile0(x: np.ndarray, pct: Sequence[float]) -> list[np.ndarray]:
+    """``np.nanpercentile(x, pct, axis=0)`` (linear method), vectorised (no per-bin loop)."""
+    s = np.sort(x, axis=0)  # NaN last
+    n = np.isfinite(x).sum(axis=0)
+    out = []
+    for p in pct:
+        pos = (n - 1) * (p / 100.0)
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, None)
+        hi = np.clip(np.minimum(lo + 1, n - 1), 0, None)
+        frac = pos - np.floor(pos)
+        vlo = np.take_along_axis(s, lo[None], axis=0)[0]
+        vhi = np.take_along_axis(s, hi[None], axis=0)[0]
+        r = vlo + frac * (vhi - vlo)
+        out.append(np.where(n > 0, r, np.nan))
+    return out
+
+
+def summarize_pairs(polar: np.ndarray, ia: np.ndarray, ib: np.ndarray, plan: CorrelationPlan,
+                    *, reject: float | None = None, n_boot: int = 0, ci: float = 0.95,
+                    seed: int = 0, keys: np.ndarray | None = None,
+                    keep_pairs: bool = False) -> dict[str, Any]:
+    """Eager statistics of pair correlations (the numpy reference of :func:`pair_statistics`).
+
+    With ``reject``, the kept pairs are summed directly (no subtraction).
+
+    Returns
+    -------
+    dict with ``mean``, ``sem``, ``count`` (nqp, nphi), optional ``ci_low``,
+    ``ci_high``, ``fourier_ci_low``, ``fourier_ci_high``; ``stat``,
+    ``rejected`` (npair,), ``threshold``, ``n_pairs`` (kept) and ``pairs``
+    (npair, nqp, nphi) float32 or None.
+    """
+    polar = np.asarray(polar)
+    ia = np.asarray(ia, dtype=np.int64)
+    ib = np.asarray(ib, dtype=np.int64)
+    keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
+    w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
+    sums, stat, kept, _ = pair_sums(polar, polar, plan, ia=ia, ib=ib, weights=w,
+                                    keep=keep_pairs)
+    rej = np.zeros(ia.size, dtype=bool)
+    thr = float("inf")
+    if reject:
+        rej, thr = robust_outliers(stat, reject)
+        good = ~rej
+        sums, _, _, _ = pair_sums(polar, polar, plan, ia=ia[good], ib=ib[good],
+                                  weights=None if w is None else w[:, good])
+    out: dict[str, Any] = finalize(sums, ci)
+    out.update(stat=stat, rejected=rej, threshold=thr, n_pairs=sums.n, pairs=kept)
+    return out
+
+
+# -- dask wrappers ------------------------------------------------------------
+def _pair_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
+                 ib: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int]]]:
+    """Sort pairs by (chunk of a, chunk of b); return (order, bounds, groups).
+
+    ``groups`` holds ``(chunk_a, chunk_b, start, end)`` over the sorted pairs.
+    """
+    bounds = np.cumsum((0,) + tuple(tag_chunks))
+    ca = np.searchsorted(bounds, ia, side="right") - 1
+    cb = np.searchsorted(bounds, ib, side="right") - 1
+    order = np.lexsort((ib, ia, cb, ca))
+    key = ca[order] * len(bounds) + cb[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], key.size]
+    groups = [(int(ca[order][s]), int(cb[order][s]), int(s), int(e))
+              for s, e in zip(starts, ends)]
+    return order, bounds, groups
+
+
+def _check_polar(polar: da.Array, ia: np.ndarray, ib: np.ndarray) -> da.Array:
+    if polar.ndim != 3:
+        raise ParameterError(f"polar must be (tag, q, phi) (got {polar.ndim} dims)")
+    if ia.size == 0:
+        raise ParameterError("no pair to correlate")
+    if ia.shape != ib.shape:
+        raise ParameterError("ia and ib differ in length")
+    n = polar.shape[0]
+    if min(ia.min(), ib.min()) < 0 or max(ia.max(), ib.max()) >= n:
+        raise ParameterError(f"pair positions must lie in 0..{n - 1}")
+    if len(polar.chunks[1]) != 1 or len(polar.chunks[2]) != 1:
+        polar = polar.rechunk({1: -1, 2: -1})
+    return polar
 
 
 def correlate_pairs(polar: da.Array, ia: np.ndarray, ib: np.ndarray,
                     plan: CorrelationPlan) -> tuple[da.Array, np.ndarray]:
     """Difference correlation of every pair, lazily, grouped by tag chunks.
+
+    Materialises one array per pair; for statistics use
+    :func:`pair_statistics`, whose memory does not grow with pairs.
 
     Parameters
     ----------
@@ -163,41 +780,329 @@ def correlate_pairs(polar: da.Array, ia: np.ndarray, ib: np.ndarray,
     """
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
-    if ia.size == 0:
-        raise ParameterError("no pair to correlate")
-    if polar.ndim != 3 or len(polar.chunks[1]) != 1 or len(polar.chunks[2]) != 1:
-        polar = polar.rechunk({1: -1, 2: -1})
-    bounds = np.cumsum((0,) + polar.chunks[0])
-    ca = np.searchsorted(bounds, ia, side="right") - 1
-    cb = np.searchsorted(bounds, ib, side="right") - 1
-    order = np.lexsort((ib, ia, cb, ca))
-    ca, cb, sa, sb = ca[order], cb[order], ia[order], ib[order]
-    key = ca * (len(bounds)) + cb
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    ends = np.r_[starts[1:], key.size]
-    token = dask.base.tokenize(polar.name, ia, ib, plan.q1, plan.q2, plan.mask_norm)
+    polar = _check_polar(polar, ia, ib)
+    order, bounds, groups = _pair_groups(polar.chunks[0], ia, ib)
+    sa, sb = ia[order], ib[order]
+    token = dask.base.tokenize(polar.name, ia, ib, plan)
     name = "difference-correlation-" + token
     plan_key = "correlation-plan-" + token
     dsk: dict = {plan_key: plan}
-    for g, (s, e) in enumerate(zip(starts, ends)):
-        a, b = int(ca[s]), int(cb[s])
+    for g, (a, b, s, e) in enumerate(groups):
         la = sa[s:e] - bounds[a]
         lb = sb[s:e] - bounds[b]
-        if a == b:
-            dsk[(name, g, 0, 0)] = (_group_kernel, plan_key, la, lb, (polar.name, a, 0, 0))
-        else:
-            dsk[(name, g, 0, 0)] = (_group_kernel, plan_key, la, lb, (polar.name, a, 0, 0),
-                                    (polar.name, b, 0, 0))
+        blocks = [(polar.name, a, 0, 0)] + ([] if a == b else [(polar.name, b, 0, 0)])
+        dsk[(name, g, 0, 0)] = (_corr_group, plan_key, la, lb, *blocks)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[polar])
-    chunks = (tuple(int(e - s) for s, e in zip(starts, ends)), (plan.nqp,), (plan.nphi,))
-    corr = da.Array(graph, name, chunks, meta=np.empty((0, 0, 0), dtype=np.float64))
-    return corr, order
+    chunks = (tuple(e - s for _, _, s, e in groups), (plan.nqp,), (plan.nphi,))
+    return da.Array(graph, name, chunks, meta=np.empty((0, 0, 0), np.float64)), order
 
 
 def pair_statistic(corr: da.Array | np.ndarray) -> da.Array | np.ndarray:
-    """Per-pair size of the difference: the zero-lag correlation averaged over q.
+    """Zero-lag correlation averaged over the autocorrelation rows (per pair).
 
-    This is the mean squared normalised difference of the two shots, the
-    statistic used for outlier rejection of pairs.
+    Kept for compatibility; :func:`difference_statistic` is the statistic
+    used for outlier rejection.
     """
     return corr[:, :, 0].mean(axis=1)
+
+
+def _corr_group(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, block_a: np.ndarray,
+                block_b: np.ndarray | None = None) -> np.ndarray:
+    block_b = block_a if block_b is None else block_b
+    return difference_correlation(block_a[la], block_b[lb], plan)
+
+
+def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.ndarray,
+                start: int, n_boot: int, seed: int, keep: bool, hold: float | None,
+                hold_max: int, batch_bytes: int, block_a: np.ndarray,
+                block_b: np.ndarray | None = None) -> tuple[Any, ...]:
+    block_b = block_a if block_b is None else block_b
+    w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
+    sums, stat, kept, held = pair_sums(block_a, block_b, plan, ia=la, ib=lb, weights=w,
+                                       keep=keep, hold_above=hold, hold_max=hold_max,
+                                       batch_bytes=batch_bytes)
+    held.index = held.index + start  # position among all (sorted) pairs
+    return sums, stat, kept, held
+
+
+def _merge_sums(parts: list[PairSums]) -> PairSums:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def _reject_task(stats: list[np.ndarray], nsigma: float) -> tuple[np.ndarray, float]:
+    return robust_outliers(np.concatenate(stats), nsigma)
+
+
+class _BlockRows:
+    """Rows of a chunked tag axis from in-memory blocks (fallback source)."""
+
+    def __init__(self, bounds: np.ndarray, blocks: list[np.ndarray]) -> None:
+        self.bounds = bounds
+        self.blocks = blocks
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        c = np.searchsorted(self.bounds, positions, side="right") - 1
+        return np.stack([self.blocks[ci][p - self.bounds[ci]] for ci, p in zip(c, positions)])
+
+
+def _correct_task(total: PairSums, rejection: tuple[np.ndarray, float], stats: list[np.ndarray],
+                  held: list[HeldPairs], plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
+                  keys: np.ndarray, n_boot: int, seed: int, batch_bytes: int,
+                  source: Callable[[np.ndarray], np.ndarray]) -> PairSums:
+    """Final sums: add the held-out pairs that are kept, subtract the other rejected pairs."""
+    rej, _ = rejection
+    h = HeldPairs.concat(held, (plan.nqp, plan.nphi), n_boot)
+    if h.index.size:
+        ok = ~rej[h.index]
+        add = PairSums.zeros((plan.nqp, plan.nphi), n_boot)
+        add.add(h.corr[ok], None if h.weights is None else h.weights[:, ok])
+        total = total + add
+    was_held = np.zeros(rej.size, dtype=bool)
+    was_held[h.index] = True
+    idx = np.flatnonzero(rej & ~was_held)
+    if idx.size == 0:
+        return total
+    pos = np.unique(np.concatenate([sa[idx], sb[idx]]))
+    rows = np.asarray(source(pos))
+    la = np.searchsorted(pos, sa[idx])
+    lb = np.searchsorted(pos, sb[idx])
+    w = bootstrap_weights(keys[idx], n_boot, seed) if n_boot else None
+    sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
+                                batch_bytes=batch_bytes)
+    first = np.concatenate(stats)[idx]
+    if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
+        raise SaclaDaskError(
+            "the shots of rejected pairs read back differently from the first pass "
+            f"(difference statistic {first[:3].tolist()} then {stat[:3].tolist()}): did the "
+            "run files change while processing?")
+    return total - sub
+
+
+def _finalize_task(sums: PairSums, ci: float) -> dict[str, Any]:
+    out: dict[str, Any] = finalize(sums, ci)
+    out["n_pairs"] = np.int64(sums.n)
+    return out
+
+
+def _gather(parts: list[np.ndarray], inv: np.ndarray | None) -> np.ndarray:
+    x = np.concatenate(parts)
+    return x if inv is None else x[inv]
+
+
+def _rejected_in_order(rejection: tuple[np.ndarray, float], inv: np.ndarray | None) -> np.ndarray:
+    r = rejection[0]
+    return r if inv is None else r[inv]
+
+
+@dataclasses.dataclass
+class LazyPairStatistics:
+    """Lazy results of :func:`pair_statistics` (dask arrays).
+
+    ``mean``, ``sem``, ``count`` (and ``ci_low``/``ci_high``) are
+    (nqp, nphi) over the plan's rows; ``fourier_ci_low``/``fourier_ci_high``
+    (nqp, nphi // 2 + 1); ``stat``, ``rejected`` (npair,) and ``pairs``
+    (npair, nqp, nphi, float32) are in the order of the input pairs;
+    ``threshold`` (pair statistic above which pairs were rejected) and
+    ``n_pairs`` (pairs averaged) are 0-d.
+    """
+
+    mean: da.Array
+    sem: da.Array
+    count: da.Array
+    stat: da.Array
+    rejected: da.Array
+    threshold: da.Array
+    n_pairs: da.Array
+    ci_low: da.Array | None = None
+    ci_high: da.Array | None = None
+    fourier_ci_low: da.Array | None = None
+    fourier_ci_high: da.Array | None = None
+    pairs: da.Array | None = None
+
+
+def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: CorrelationPlan,
+                    *, reject: float | None = None, n_boot: int = 0, ci: float = 0.95,
+                    seed: int = 0, keys: np.ndarray | None = None, keep_pairs: bool = False,
+                    reload: Any = None, split_every: int = 8,
+                    batch_bytes: int = BATCH_BYTES,
+                    hold_out_max: int = HOLD_OUT_MAX) -> LazyPairStatistics:
+    """Statistics over pairs of the difference correlations, lazily, in one pass.
+
+    One task per group of pairs sharing the same (chunk of a, chunk of b)
+    computes the group's :class:`PairSums` and per-pair statistics; the
+    sums are tree-reduced ``split_every`` at a time, so memory holds a few
+    partial sums, never all pairs.
+
+    Outlier rejection (``reject`` robust sigmas, :func:`robust_outliers`)
+    cannot know which pairs to drop before every pair's statistic exists.
+    Holding the polar data until then would keep the whole run in memory,
+    and a second pass would read it twice; instead the sums over *all* pairs
+    are accumulated in the one pass and, once the rejected pairs are known,
+    those few are recomputed from their shots and subtracted. The sums are
+    float64: subtracting a pair leaves a rounding error of about 1e-16 of
+    its own contribution (its correlation for the mean, its square for the
+    variance). That is negligible unless the pair is enormous compared
+    with the rest (a shot labelled bright that has almost no signal gives
+    normalised values in the thousands); so pairs whose statistic exceeds
+    ``HOLD_OUT_STAT`` (100, where ordinary pairs are 1e-3..1) are never
+    mixed into the sums: each group task returns them apart (at most
+    ``HOLD_OUT_MAX`` per group), and they are added back only if kept.
+    The recomputed pairs' statistics are checked against the first pass.
+
+    Parameters
+    ----------
+    polar : dask array (tag, nq, nphi)
+        Normalised polar images (NaN marks shot-specific masked bins).
+    ia, ib : int arrays (npair,)
+        Positions of the pairs' shots on the tag axis.
+    plan : CorrelationPlan
+    reject : float, optional
+        Reject pairs whose statistic is this many robust sigmas high.
+    n_boot : int
+        Poisson-bootstrap resamples (0: none); ``ci`` is the interval level.
+        Memory: each partial sum holds ``2 n_boot nqp nphi`` float64.
+    seed : int
+        Bootstrap seed; ``keys`` (npair, 2) non-negative pair identities
+        (default the positions; tag numbers make the resamples independent
+        of the selection).
+    keep_pairs : bool
+        Also return the per-pair correlations (float32).
+    reload : callable or dask Delayed, optional
+        ``reload(positions) -> (k, nq, nphi)`` rows of ``polar`` at sorted
+        tag positions, used to recompute rejected pairs without holding
+        ``polar`` in memory (the pipeline re-reads those shots' raw images).
+        Default: the correction depends on every chunk of ``polar``, which
+        dask then keeps until the end (fine for in-memory arrays).
+    split_every : int
+        Fan-in of the tree reduction.
+    hold_out_max : int
+        Held-out pairs per group task (see above; 0 = always subtract).
+    """
+    ia = np.asarray(ia, dtype=np.int64)
+    ib = np.asarray(ib, dtype=np.int64)
+    polar = _check_polar(polar, ia, ib)
+    if split_every < 2:
+        raise ParameterError(f"split_every must be >= 2 (got {split_every})")
+    if n_boot < 0:
+        raise ParameterError(f"bootstrap resamples must be >= 0 (got {n_boot})")
+    if n_boot and not 0 < ci < 1:
+        raise ParameterError(f"confidence level must be in (0, 1) (got {ci})")
+    if reject is not None and not reject > 0:
+        raise ParameterError(f"outlier threshold must be > 0 robust sigmas (got {reject})")
+    keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
+    order, bounds, groups = _pair_groups(polar.chunks[0], ia, ib)
+    sa, sb, sk = ia[order], ib[order], keys[order]
+    inv: np.ndarray | None = np.argsort(order)
+    if np.array_equal(order, np.arange(order.size)):
+        inv = None
+    n_boot = int(n_boot)
+    deps: list[Any] = [polar]
+    reload_key = None
+    if isinstance(reload, Delayed):
+        deps.append(reload)
+        reload_key = reload.key
+    token = dask.base.tokenize(polar.name, ia, ib, keys, plan, reject, n_boot, ci, seed,
+                               keep_pairs, split_every, batch_bytes, hold_out_max, reload_key,
+                               type(reload).__name__)
+    internal = "pair-statistics-" + token
+    plan_key = (internal, "plan")
+    dsk: dict[Any, Any] = {plan_key: plan}
+    sums_keys, stat_keys, pair_keys, held_keys = [], [], [], []
+    for g, (a, b, s, e) in enumerate(groups):
+        la = sa[s:e] - bounds[a]
+        lb = sb[s:e] - bounds[b]
+        blocks = [(polar.name, a, 0, 0)] + ([] if a == b else [(polar.name, b, 0, 0)])
+        gk = (internal, "group", g)
+        dsk[gk] = (_group_task, plan_key, la, lb, sk[s:e], s, n_boot, seed, keep_pairs,
+                   HOLD_OUT_STAT if reject else None, hold_out_max, batch_bytes, *blocks)
+        dsk[(internal, "sums", g)] = (operator.getitem, gk, 0)
+        dsk[(internal, "stat", g)] = (operator.getitem, gk, 1)
+        sums_keys.append((internal, "sums", g))
+        stat_keys.append((internal, "stat", g))
+        if reject:
+            dsk[(internal, "held", g)] = (operator.getitem, gk, 3)
+            held_keys.append((internal, "held", g))
+        if keep_pairs:
+            pair_keys.append(gk)
+    level, depth = sums_keys, 0
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level), split_every):
+            k = (internal, "tree", depth, i // split_every)
+            dsk[k] = (_merge_sums, list(level[i:i + split_every]))
+            nxt.append(k)
+        level, depth = nxt, depth + 1
+    total = level[0]
+    rej_key = (internal, "rejection")
+    if reject:
+        dsk[rej_key] = (_reject_task, list(stat_keys), float(reject))
+        if reload is None:
+            source: Any = (_BlockRows, bounds,
+                           [(polar.name, c, 0, 0) for c in range(len(polar.chunks[0]))])
+        elif reload_key is not None:
+            source = reload_key
+        else:
+            source = reload
+        corrected = (internal, "corrected")
+        dsk[corrected] = (_correct_task, total, rej_key, list(stat_keys), list(held_keys),
+                          plan_key, sa, sb, sk, n_boot, seed, batch_bytes, source)
+        total = corrected
+    else:
+        dsk[rej_key] = (tuple, [np.zeros(ia.size, dtype=bool), float("inf")])
+    fin = (internal, "final")
+    dsk[fin] = (_finalize_task, total, float(ci))
+    hlg = HighLevelGraph.from_collections(internal, dsk, dependencies=deps)
+
+    def out(label: str, task: Any, chunks: tuple[tuple[int, ...], ...], dtype: Any) -> da.Array:
+        name = f"{label}-{token}"
+        key = (name,) + (0,) * len(chunks)
+        layers = dict(hlg.layers)
+        layers[name] = {key: task}
+        dependencies = dict(hlg.dependencies)
+        dependencies[name] = {internal}
+        meta = np.empty((0,) * len(chunks), dtype=dtype)
+        return da.Array(HighLevelGraph(layers, dependencies), name, chunks, meta=meta)
+
+    shape2 = ((plan.nqp,), (plan.nphi,))
+    nf = plan.nphi // 2 + 1
+    res = LazyPairStatistics(
+        mean=out("pair-mean", (operator.getitem, fin, "mean"), shape2, np.float64),
+        sem=out("pair-sem", (operator.getitem, fin, "sem"), shape2, np.float64),
+        count=out("pair-count", (operator.getitem, fin, "count"), shape2, np.int64),
+        stat=out("pair-stat", (_gather, list(stat_keys), inv), ((ia.size,),), np.float64),
+        rejected=out("pair-rejected", (_rejected_in_order, rej_key, inv), ((ia.size,),), bool),
+        threshold=out("pair-threshold", (np.float64, (operator.getitem, rej_key, 1)), (),
+                      np.float64),
+        n_pairs=out("pair-count-total", (operator.getitem, fin, "n_pairs"), (), np.int64),
+    )
+    if n_boot:
+        res.ci_low = out("pair-ci-low", (operator.getitem, fin, "ci_low"), shape2, np.float64)
+        res.ci_high = out("pair-ci-high", (operator.getitem, fin, "ci_high"), shape2, np.float64)
+        res.fourier_ci_low = out("pair-fourier-ci-low", (operator.getitem, fin, "fourier_ci_low"),
+                                 ((plan.nqp,), (nf,)), np.float64)
+        res.fourier_ci_high = out("pair-fourier-ci-high",
+                                  (operator.getitem, fin, "fourier_ci_high"),
+                                  ((plan.nqp,), (nf,)), np.float64)
+    if keep_pairs:
+        name = "pair-correlations-" + token
+        pdsk = {(name, g, 0, 0): (operator.getitem, k, 2) for g, k in enumerate(pair_keys)}
+        layers = dict(hlg.layers)
+        layers[name] = pdsk
+        dependencies = dict(hlg.dependencies)
+        dependencies[name] = {internal}
+        chunks = (tuple(e - s for _, _, s, e in groups), (plan.nqp,), (plan.nphi,))
+        arr = da.Array(HighLevelGraph(layers, dependencies), name, chunks,
+                       meta=np.empty((0, 0, 0), np.float32))
+        res.pairs = arr if inv is None else arr[inv]
+    return res
+
+
+__all__ = [
+    "CorrelationPlan", "LazyPairStatistics", "PairSums", "bootstrap_weights", "correlate_pairs",
+    "correlate_rows", "cross_matrix", "difference_correlation", "difference_statistic",
+    "finalize", "fourier_coefficients", "make_plan", "mask_bragg_spots", "pair_statistics",
+    "pair_sums", "parse_q_pairs", "robust_outliers", "summarize_pairs",
+]

@@ -1,9 +1,14 @@
 """Pairing of exposures for difference correlations.
 
 This module owns how shot pairs are chosen: consecutive bright shots (the
-tutorial's ``zip(tags[50:-1], tags[51:])``, dark shots excluded), or a user
-list of ``[tagA, tagB]`` pairs in the tutorial's JSON format. Pairs are
-returned as an ``(npair, 2)`` int64 array of SACLA tag numbers.
+tutorial's ``zip(tags[50:-1], tags[51:])``, dark shots excluded), a user
+list of ``[tagA, tagB]`` pairs in the tutorial's JSON format, or shots that
+look alike (:func:`similar_pairs`: nearest in a per-shot feature such as the
+band's mean intensity, the pulse energy or the ring profile, as the
+original RingData tools paired exposures by the similarity of their
+profiles). Pairs are returned as an ``(npair, 2)`` int64 array of SACLA tag
+numbers; :func:`pair_indices` maps them onto a run's tag axis, dropping
+(and counting) pairs that name tags the run does not have.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import PairingError
+
+#: pairing strategies understood by :func:`sacla_dask.plan_run`
+PAIRINGS = ("consecutive", "intensity", "pulse_energy", "profile", "angular")
 
 
 def consecutive_pairs(tags: Sequence[int] | np.ndarray, bright: Sequence[bool] | np.ndarray,
@@ -128,3 +136,97 @@ def pair_indices(pairs: np.ndarray, tags: np.ndarray,
                            f"{bad[:10].tolist()}")
     idx = order[pos]
     return idx[kept, 0], idx[kept, 1], kept
+
+
+def similar_pairs(tags: Sequence[int] | np.ndarray, bright: Sequence[bool] | np.ndarray,
+                  features: np.ndarray, neighbours: int = 16) -> np.ndarray:
+    """Pair bright shots that look alike: nearest in a feature vector, each shot once.
+
+    Parameters
+    ----------
+    tags : array of int (ntag,)
+        Tag numbers.
+    bright : array of bool (ntag,)
+        Only bright shots are paired.
+    features : array (ntag,) or (ntag, k)
+        Per-shot feature (e.g. mean intensity, pulse energy, normalised
+        ring profile). Shots with a non-finite feature are left unpaired.
+    neighbours : int
+        Candidate neighbours per shot for vector features.
+
+    Returns
+    -------
+    ndarray int64 (npair, 2)
+        Disjoint pairs (no shot in two pairs), sorted by their first tag;
+        with an odd number of shots, one is left out.
+
+    Notes
+    -----
+    For a scalar feature the shots are sorted by it and paired
+    ``(s1, s2), (s3, s4), ...``: this minimises the sum of the pairs'
+    feature differences (the optimal matching on a line). For vectors
+    (Euclidean distance) pairs are made greedily, closest first, among each
+    shot's nearest neighbours (a k-d tree), in rounds until fewer than two
+    shots remain. This replaces RingData's pairing (each shot with its
+    nearest, then duplicates resolved by the smallest distance) by the
+    closest-first greedy matching it approximates.
+    """
+    tags = np.asarray(tags, dtype=np.int64)
+    bright = np.asarray(bright, dtype=bool)
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim == 1:
+        f = f[:, None]
+    if f.ndim != 2 or f.shape[0] != tags.size or bright.shape != tags.shape:
+        raise PairingError(f"features ({np.shape(features)}), tags ({tags.shape}) and bright "
+                           f"({bright.shape}) must have one entry per tag")
+    use = bright & np.all(np.isfinite(f), axis=1)
+    idx = np.flatnonzero(use)
+    if idx.size < 2:
+        raise PairingError(f"need at least two bright shots with a finite feature to pair by "
+                           f"similarity; found {idx.size} of {tags.size} tags")
+    if f.shape[1] == 1:
+        o = idx[np.argsort(f[idx, 0], kind="stable")]
+        n = o.size // 2 * 2
+        pairs = o[:n].reshape(-1, 2)
+    else:
+        pairs = _greedy_matching(f[idx], neighbours)
+        pairs = idx[pairs]
+    out = np.sort(tags[pairs], axis=1)
+    return out[np.argsort(out[:, 0], kind="stable")]
+
+
+def _greedy_matching(x: np.ndarray, k: int) -> np.ndarray:
+    """Closest-first greedy matching of the rows of ``x`` (positions, (npair, 2))."""
+    from scipy.spatial import cKDTree
+
+    free = np.arange(x.shape[0])
+    out: list[np.ndarray] = []
+    while free.size >= 2:
+        kk = int(min(max(k, 1) + 1, free.size))
+        dist, nb = cKDTree(x[free]).query(x[free], k=kk)
+        i = np.repeat(np.arange(free.size), kk - 1)
+        j = nb[:, 1:].ravel()
+        d = dist[:, 1:].ravel()
+        o = np.lexsort((np.maximum(i, j), np.minimum(i, j), d))
+        taken = np.zeros(free.size, dtype=bool)
+        got = []
+        for a, b in zip(i[o], j[o]):
+            if a != b and not taken[a] and not taken[b]:
+                taken[a] = taken[b] = True
+                got.append((a, b))
+        out.append(free[np.asarray(got, dtype=np.int64).reshape(-1, 2)])
+        free = free[~taken]
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+def shared_shots(pairs: np.ndarray) -> int:
+    """Number of tags that appear in more than one pair.
+
+    0 means the pairs are independent; overlapping consecutive pairs share
+    every inner shot, which makes the standard error over pairs optimistic.
+    """
+    p = np.asarray(pairs, dtype=np.int64).ravel()
+    if p.size == 0:
+        return 0
+    _, counts = np.unique(p, return_counts=True)
+    return int((counts > 1).sum())

@@ -27,10 +27,12 @@ import xarray as xr
 
 from . import store as _store
 from ._version import __version__
-from .correlation import CorrelationPlan, correlate_pairs, make_plan, pair_statistic
+from .correlation import (CorrelationPlan, fourier_coefficients, make_plan, mask_bragg_spots,
+                          pair_statistics, parse_q_pairs)
 from .errors import MaskError, ParameterError, PairingError
 from .geometry import Geometry
-from .pairs import consecutive_pairs, pair_indices, read_pairs_file
+from .pairs import (PAIRINGS, consecutive_pairs, pair_indices, read_pairs_file, shared_shots,
+                    similar_pairs)
 from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
 from .run import Run, mean_wavelength, open_run, parse_chunk_size
 
@@ -54,6 +56,102 @@ def row_mean_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
 def nonfinite_block(raw: np.ndarray) -> np.ndarray:
     """Number of polar bins hit by a non-finite pixel, per tag, (ntag,)."""
     return np.isnan(raw).sum(axis=(1, 2)).astype(np.int64)
+
+
+def bragg_block(norm: np.ndarray, polar_mask: np.ndarray, nsigma: float) -> np.ndarray:
+    """Normalised polar block with Bragg spots set to NaN and rows renormalised."""
+    return mask_bragg_spots(norm, polar_mask, nsigma)[0]
+
+
+def nan_count_block(x: np.ndarray) -> np.ndarray:
+    """Bins set to NaN (masked for that shot only) per polar row, (ntag, nq) int32."""
+    return np.isnan(x).sum(axis=-1).astype(np.int32)
+
+
+class PolarReloader:
+    """Re-read a few shots and redo their polar steps (rows of rejected pairs).
+
+    ``reloader(positions)`` returns the normalised (and, with ``bragg``,
+    spot-masked) polar images of the tags at those sorted positions, with
+    the very kernels of the main pass: used by
+    :func:`sacla_dask.correlation.pair_statistics` to subtract rejected
+    pairs without keeping the run's polar images in memory.
+    """
+
+    def __init__(self, run: Run, window: tuple[slice, slice], operator: PolarOperator,
+                 polar_mask: np.ndarray, bragg: float | None = None) -> None:
+        self.run = run
+        self.window = window
+        self.operator = operator
+        self.polar_mask = polar_mask
+        self.bragg = bragg
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        pos = np.asarray(positions, dtype=np.int64)
+        keep = np.zeros(len(self.run), dtype=bool)
+        keep[pos] = True
+        sub = self.run.select(keep)
+        imgs = sub.images(chunks=max(1, int(keep.sum())), window=self.window)
+        norm = normalized_block(polar_block(imgs.compute(scheduler="sync"), self.operator),
+                                self.polar_mask)
+        if self.bragg:
+            norm = bragg_block(norm, self.polar_mask, self.bragg)
+        return norm
+
+
+def _feature_block(windows: np.ndarray, op: PolarOperator, polar_mask: np.ndarray,
+                   kind: str) -> np.ndarray:
+    norm, rmean = normalize_rows(polar_block(windows, op), polar_mask)
+    if kind == "intensity":
+        return np.nanmean(rmean, axis=1)[:, None]
+    if kind == "profile":
+        return rmean / np.nanmean(rmean, axis=1, keepdims=True)
+    # angular: the q-averaged normalised profile in 64 phi sectors
+    nphi = polar_mask.shape[1]
+    edges = np.linspace(0, nphi, min(64, nphi) + 1).astype(int)[:-1]
+    num = np.add.reduceat(norm.astype(np.float64).sum(axis=1), edges, axis=-1)
+    den = np.add.reduceat(polar_mask.sum(axis=0).astype(np.float64), edges)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, 0.0)
+
+
+def shot_features(run: Run, transform: PolarTransform, kind: str,
+                  chunks: int | str = "128MiB") -> np.ndarray:
+    """Per-tag features for pairing shots that look alike (NaN for dark shots).
+
+    ``"pulse_energy"``: the event data (nothing read). The others read the
+    band's window of every bright shot once (a pre-pass before the main
+    one): ``"intensity"``, the band's mean intensity (1 value);
+    ``"profile"``, the radial profile over the band divided by its mean
+    (nq values); ``"angular"``, the normalised polar image averaged over q
+    in 64 phi sectors (the angular profile RingData compared; note that
+    pairing by it also cancels genuine shot-to-shot angular structure).
+
+    Returns
+    -------
+    ndarray float64 (ntag, k)
+    """
+    if kind == "pulse_energy":
+        if "pulse_energy" not in run.events:
+            raise PairingError(f"no pulse energy in the event data of {run.paths}; choose "
+                               "another pairing")
+        v = np.asarray(run.events["pulse_energy"].values, dtype=np.float64)
+        return np.where(run.bright, v, np.nan)[:, None]
+    if kind not in ("intensity", "profile", "angular"):
+        raise ParameterError(f"pairing feature must be one of {PAIRINGS[1:]} (got {kind!r})")
+    nq, nphi = transform.shape
+    k = {"intensity": 1, "profile": nq, "angular": min(64, nphi)}[kind]
+    out = np.full((len(run), k), np.nan)
+    bright = np.asarray(run.bright, dtype=bool)
+    if not bright.any():
+        return out
+    images = run.select(bright).images(chunks=chunks, window=transform.window)
+    op = dask.delayed(transform.operator, pure=True, traverse=False)
+    feats = images.map_blocks(_feature_block, op, transform.polar_mask, kind, drop_axis=(1, 2),
+                              new_axis=1, chunks=(images.chunks[0], (k,)), dtype=np.float64,
+                              meta=np.empty((0, 0), np.float64))
+    out[bright] = _compute([feats])[0]
+    return out
 
 
 def load_mask(mask: str | os.PathLike[str] | np.ndarray | None,
@@ -97,6 +195,12 @@ class ProcessingPlan:
     q_pairs: Any = "auto"
     compression: str = "lz4"
     mask_path: str | None = None
+    pairing: str = "consecutive"
+    bragg: float | None = None
+    reject_outliers: float | None = None
+    bootstrap: int = 0
+    ci_level: float = 0.95
+    keep_pairs: bool = False
 
     # -- description -----------------------------------------------------
     @property
@@ -132,7 +236,9 @@ class ProcessingPlan:
             "run": ",".join(map(str, self.run.runs)),
             "files": len(self.run.paths),
             "tags": f"{self.n_tags} ({t[0]}..{t[-1]}), {int(self.run.bright.sum())} bright",
-            "pairs": f"{self.ia.size} ({self.n_pairs_dropped} dropped: tags missing)",
+            "pairs": (f"{self.ia.size} {self.pairing} ({self.n_pairs_dropped} dropped: tags "
+                      "missing)"),
+            "correlation": self._correlation_summary(),
             "geometry": (f"centre ({g.center_x:.2f}, {g.center_y:.2f}) px, pixel "
                          f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
                          f"wavelength {g.wavelength:.4f} A"),
@@ -148,6 +254,21 @@ class ProcessingPlan:
                        + (f", polar {dask.utils.format_bytes(self.polar_nbytes)} "
                           f"({self.compression})" if self.store_polar else ", correlation only")),
         }
+
+    def _correlation_summary(self) -> str:
+        a = self.correlation_attrs()
+        parts = [f"autocorrelation + {self.correlation_plan().n_cross} cross q pairs"]
+        if self.bragg:
+            parts.append(f"Bragg spots > {self.bragg:g} sigma masked")
+        if self.reject_outliers:
+            parts.append(f"pairs > {self.reject_outliers:g} sigma rejected")
+        if self.bootstrap:
+            parts.append(f"{self.bootstrap} bootstrap resamples ({100 * self.ci_level:g}% CI)")
+        if self.keep_pairs:
+            parts.append("per-pair correlations kept")
+        if a["shared_shots"]:
+            parts.append(f"{a['shared_shots']} shots in two pairs (SEM optimistic)")
+        return "; ".join(parts)
 
     def __repr__(self) -> str:
         lines = ["<ProcessingPlan>"] + [f"  {k:<11}: {v}" for k, v in self.summary().items()]
@@ -186,22 +307,28 @@ class ProcessingPlan:
         tr = self.transform
         norm, rmean, nonfinite = self.polar()
         cplan = self.correlation_plan()
-        corr_pairs, order = correlate_pairs(norm, self.ia, self.ib, cplan)
-        n = corr_pairs.shape[0]
-        mean = corr_pairs.mean(axis=0, split_every=8)
-        if n > 1:
-            sem = corr_pairs.std(axis=0, ddof=1, split_every=8) / np.sqrt(n)
-        else:
-            sem = da.full(mean.shape, np.nan, chunks=mean.chunks)
-        stat = pair_statistic(corr_pairs).rechunk(-1)
+        nq, nphi = tr.shape
         tags = self.run.tags
-        ia, ib = self.ia[order], self.ib[order]
+        n = int(self.ia.size)
+        src = norm
+        if self.bragg:
+            src = norm.map_blocks(bragg_block, tr.polar_mask, float(self.bragg), dtype=np.float32,
+                                  meta=np.empty((0, 0, 0), np.float32), token="polar-bragg")
+        st = pair_statistics(src, self.ia, self.ib, cplan, reject=self.reject_outliers,
+                             n_boot=self.bootstrap, ci=self.ci_level,
+                             keys=np.stack([tags[self.ia], tags[self.ib]], axis=1),
+                             keep_pairs=self.keep_pairs,
+                             reload=self._reloader(src) if self.reject_outliers else None)
+        nf = nphi // 2 + 1
+        fourier = st.mean.map_blocks(fourier_coefficients, chunks=((cplan.nqp,), (nf,)),
+                                     dtype=np.complex128, meta=np.empty((0, 0), np.complex128))
         coords: dict[str, Any] = {
             "tag": ("tag", tags, {"long_name": "SACLA tag number"}),
             "q": ("q", tr.q, {"units": "1/angstrom", "long_name": "momentum transfer"}),
             "radius": ("q", tr.radius, {"units": "pixel", "long_name": "radius from beam centre"}),
             "phi": ("phi", tr.phi, {"units": "rad", "long_name": "azimuth atan2(y-cy, x-cx)"}),
             "dphi": ("dphi", tr.phi.copy(), {"units": "rad", "long_name": "azimuthal lag"}),
+            "n": ("n", np.arange(nf), {"long_name": "angular Fourier order"}),
             "pair": ("pair", np.arange(n)),
         }
         data: dict[str, Any] = {
@@ -212,30 +339,104 @@ class ProcessingPlan:
                                                            "before normalisation"}),
             "nonfinite_bins": (("tag",), nonfinite,
                                {"long_name": "polar bins hit by NaN/inf pixels (filled)"}),
-            "pair_tag_a": (("pair",), tags[ia]),
-            "pair_tag_b": (("pair",), tags[ib]),
-            "pair_stat": (("pair",), stat, {"long_name": "mean squared normalised difference"}),
+            "pair_tag_a": (("pair",), tags[self.ia]),
+            "pair_tag_b": (("pair",), tags[self.ib]),
+            "pair_stat": (("pair",), st.stat,
+                          {"long_name": "mean squared normalised difference (bins valid in "
+                                        "both shots)"}),
+            "pair_rejected": (("pair",), st.rejected,
+                              {"long_name": "left out of the averages as an outlier",
+                               "reject_nsigma": float(self.reject_outliers or 0)}),
         }
         if self.store_polar:
             data["polar"] = (("tag", "q", "phi"), norm,
                              {"long_name": "row-normalised polar intensity, 0 where masked"})
-        if cplan.auto:
-            data["corr"] = (("q", "dphi"), mean, {"long_name": "mean difference autocorrelation"})
-            data["corr_sem"] = (("q", "dphi"), sem, {"long_name": "standard error over pairs"})
-        else:
-            coords["q1"] = ("qpair", tr.q[cplan.q1], {"units": "1/angstrom"})
-            coords["q2"] = ("qpair", tr.q[cplan.q2], {"units": "1/angstrom"})
-            data["corr"] = (("qpair", "dphi"), mean,
-                            {"long_name": "mean difference cross-correlation"})
-            data["corr_sem"] = (("qpair", "dphi"), sem,
-                                {"long_name": "standard error over pairs"})
-        data["n_pairs"] = ((), n)
+        if self.bragg:
+            data["bragg_bins"] = (("tag", "q"),
+                                  src.map_blocks(nan_count_block, drop_axis=2, dtype=np.int32,
+                                                 meta=np.empty((0, 0), np.int32),
+                                                 token="bragg-bins"),
+                                  {"long_name": "polar bins masked as Bragg spots",
+                                   "nsigma": float(self.bragg)})
+        if self.reject_outliers:
+            data["pair_stat_threshold"] = ((), st.threshold, {
+                "long_name": "pair_stat above which pairs are rejected",
+                "reject_nsigma": float(self.reject_outliers)})
+        rows = {"": slice(0, nq)}
+        if cplan.n_cross:
+            rows["_cross"] = slice(nq, None)
+            cq1, cq2 = cplan.q1[nq:], cplan.q2[nq:]
+            coords["q1"] = ("qpair", tr.q[cq1], {"units": "1/angstrom"})
+            coords["q2"] = ("qpair", tr.q[cq2], {"units": "1/angstrom"})
+            coords["q1_index"] = ("qpair", cq1, {"long_name": "q row index of q1"})
+            coords["q2_index"] = ("qpair", cq2, {"long_name": "q row index of q2"})
+        what = {"": "difference autocorrelation C(q, q, dphi)",
+                "_cross": "difference cross-correlation C(q1, q2, dphi)"}
+        for suffix, sl in rows.items():
+            dim = "q" if suffix == "" else "qpair"
+            w = what[suffix]
+            data[f"corr{suffix}"] = ((dim, "dphi"), st.mean[sl], {"long_name": f"mean {w}"})
+            data[f"corr{suffix}_sem"] = ((dim, "dphi"), st.sem[sl], {
+                "long_name": "standard error of the mean over pairs (pairs taken as "
+                             "independent)"})
+            data[f"corr{suffix}_count"] = ((dim, "dphi"), st.count[sl], {
+                "long_name": "pairs with data in the bin (0: no valid bin pair, mean NaN)"})
+            f = fourier[sl].real if suffix == "" else fourier[sl]
+            data[f"corr{suffix}_fourier"] = ((dim, "n"), f, {
+                "long_name": f"angular Fourier coefficients c_n of the mean {w}: "
+                             "C(dphi) = sum_n c_n exp(i n dphi), c_-n = conj(c_n)"})
+            if st.ci_low is not None:
+                lvl = f"{100 * self.ci_level:g}%"
+                data[f"corr{suffix}_ci_low"] = ((dim, "dphi"), st.ci_low[sl], {
+                    "long_name": f"lower {lvl} Poisson-bootstrap percentile bound"})
+                data[f"corr{suffix}_ci_high"] = ((dim, "dphi"), st.ci_high[sl], {
+                    "long_name": f"upper {lvl} Poisson-bootstrap percentile bound"})
+                data[f"corr{suffix}_fourier_ci_low"] = ((dim, "n"), st.fourier_ci_low[sl], {
+                    "long_name": f"lower {lvl} bootstrap bound of Re c_n"})
+                data[f"corr{suffix}_fourier_ci_high"] = ((dim, "n"), st.fourier_ci_high[sl], {
+                    "long_name": f"upper {lvl} bootstrap bound of Re c_n"})
+            if st.pairs is not None:
+                per = max(1, (32 << 20) // max(1, cplan.nqp * nphi * 4))
+                data[f"corr{suffix}_pairs"] = (("pair", dim, "dphi"),
+                                               st.pairs.rechunk({0: per})[:, sl], {
+                    "long_name": f"per-pair {w} (float32; NaN: no valid bin pair)"})
+        data["n_pairs"] = ((), st.n_pairs if self.reject_outliers else n,
+                           {"long_name": "pairs averaged (after outlier rejection)"})
         for name in self.run.events.data_vars:
             data[f"event_{name}" if name in data else name] = ("tag",
                                                                self.run.events[name].values)
         ds = xr.Dataset(data, coords=coords)
         ds.attrs.update(self.attrs())
+        ds.attrs.update(self.correlation_attrs())
         return ds
+
+    def _reloader(self, src: da.Array) -> Any:
+        """A lazy :class:`PolarReloader` (one graph key; the operator shared with polar())."""
+        from dask.delayed import Delayed
+        from dask.highlevelgraph import HighLevelGraph
+
+        tr = self.transform
+        op = dask.delayed(tr.operator, pure=True, traverse=False)
+        key = "polar-reloader-" + dask.base.tokenize(src.name, self.bragg)
+        dsk = {key: (PolarReloader, self.run, tr.window, op.key, tr.polar_mask, self.bragg)}
+        return Delayed(key, HighLevelGraph.from_collections(key, dsk, dependencies=[op]))
+
+    def correlation_attrs(self) -> dict[str, Any]:
+        """Root attrs describing the pairing and the statistics over pairs."""
+        if isinstance(self.q_pairs, str) or self.q_pairs is None:
+            qp = "none" if self.q_pairs in (None, "auto", "none") else str(self.q_pairs)
+        else:
+            qp = ",".join(f"{a}:{b}" for a, b in np.asarray(self.q_pairs).reshape(-1, 2))
+        return {
+            "pairing": self.pairing,
+            "n_pairs_requested": int(len(self.pairs)),
+            "shared_shots": shared_shots(np.stack([self.ia, self.ib], axis=1)),
+            "q_pairs": qp,
+            "bragg_nsigma": float(self.bragg or 0),
+            "reject_nsigma": float(self.reject_outliers or 0),
+            "bootstrap": int(self.bootstrap),
+            "ci_level": float(self.ci_level),
+        }
 
     def attrs(self) -> dict[str, Any]:
         """Metadata written to the store's root attrs."""
@@ -324,7 +525,13 @@ def plan_run(
     fast_nphi: bool = False,
     pairs: str | os.PathLike[str] | np.ndarray | None = None,
     overlapping: bool = True,
+    pairing: str = "consecutive",
     q_pairs: Any = "auto",
+    bragg: float | None = None,
+    reject_outliers: float | None = None,
+    bootstrap: int = 0,
+    ci_level: float = 0.95,
+    keep_pairs: bool = False,
     chunks: int | str = "128MiB",
     out: str | os.PathLike[str] | None = None,
     store_polar: bool = True,
@@ -354,11 +561,34 @@ def plan_run(
     fast_nphi : bool
         Round nphi up to an FFT-friendly length.
     pairs : path or (n, 2) array, optional
-        Tag pairs; default consecutive bright shots.
+        Tag pairs (a JSON list of [tagA, tagB], the tutorial's format);
+        pairs naming tags the run lacks are dropped and counted.
     overlapping : bool
         Consecutive pairs overlap (t1,t2),(t2,t3) (default) or not.
-    q_pairs : "auto", "all" or (n, 2) int
-        Autocorrelation only, all q pairs, or chosen row-index pairs.
+    pairing : {"consecutive", "intensity", "pulse_energy", "profile", "angular"}
+        Without ``pairs``: consecutive bright shots, or shots that look
+        alike (disjoint pairs nearest in the band's mean intensity, the
+        pulse energy, the radial profile or the angular profile;
+        :func:`sacla_dask.pairs.similar_pairs`). Except ``pulse_energy``,
+        the similarity pairings read the band of every bright shot once
+        more, here, to measure it.
+    q_pairs : "auto"/"none", "all", "A:B,..." or (n, 2) int
+        Cross-correlations besides the autocorrelations (always computed):
+        none, every q1 <= q2, or the listed pairs of q row indices (or q
+        values in 1/A with a decimal point); see
+        :func:`sacla_dask.correlation.parse_q_pairs`.
+    bragg : float, optional
+        Mask polar bins more than this many robust sigmas (median/MAD of
+        the row) above their row before correlating (Bragg spots); the
+        mask normalisation is then that of each pair.
+    reject_outliers : float, optional
+        Leave out pairs whose mean squared difference is this many robust
+        sigmas (of its log) above the median; recorded in ``pair_rejected``.
+    bootstrap : int
+        Poisson-bootstrap resamples for percentile intervals (0: none) at
+        level ``ci_level``.
+    keep_pairs : bool
+        Keep every pair's correlation in the store (``corr_pairs``).
     chunks : int or str
         Tags per task, or bytes of image window per task ("128MiB").
     out : path, optional
@@ -378,12 +608,30 @@ def plan_run(
     m = load_mask(mask, run.image_shape)
     transform = PolarTransform(geom, run.image_shape, qmin, qmax, nphi=nphi, nq=nq, mask=m,
                                method=method, fast_nphi=fast_nphi)  # type: ignore[arg-type]
-    if pairs is None:
+    if pairing not in PAIRINGS:
+        raise ParameterError(f"pairing must be one of {PAIRINGS} (got {pairing!r})")
+    if pairs is not None and pairing != "consecutive":
+        raise ParameterError(f"give either pairs (a list of tag pairs) or pairing={pairing!r}, "
+                             "not both")
+    for name, v in (("bragg", bragg), ("reject_outliers", reject_outliers)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ParameterError(f"{name} must be a positive number of robust sigmas (got {v!r})")
+    if int(bootstrap) != bootstrap or bootstrap < 0:
+        raise ParameterError(f"bootstrap must be a number of resamples >= 0 (got {bootstrap!r})")
+    if not 0 < ci_level < 1:
+        raise ParameterError(f"ci_level must lie in (0, 1) (got {ci_level!r})")
+    q_pairs = parse_q_pairs(q_pairs, transform.q)
+    if pairs is None and pairing == "consecutive":
         pair_arr = consecutive_pairs(run.tags, run.bright, overlapping=overlapping)
+    elif pairs is None:
+        pair_arr = similar_pairs(run.tags, run.bright,
+                                 shot_features(run, transform, pairing, chunks))
     elif isinstance(pairs, (str, os.PathLike)):
         pair_arr = read_pairs_file(pairs)
+        pairing = "file"
     else:
         pair_arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        pairing = "list"
     ia, ib, kept = pair_indices(pair_arr, run.tags)
     if ia.size == 0:
         raise PairingError(f"none of the {len(pair_arr)} pairs has both tags in the run")
@@ -394,6 +642,8 @@ def plan_run(
         n_pairs_dropped=int((~kept).sum()), tags_per_chunk=per,
         out=os.fspath(out) if out is not None else None, store_polar=store_polar,
         q_pairs=q_pairs, compression=compression, mask_path=mask_path,
+        pairing=pairing, bragg=bragg, reject_outliers=reject_outliers,
+        bootstrap=int(bootstrap), ci_level=float(ci_level), keep_pairs=bool(keep_pairs),
     )
 
 

@@ -135,6 +135,8 @@ def write_synthetic_run(
     compression: str = "none",
     extra_event_tags: int = 0,
     seed: int = 0,
+    modulated_rings: Sequence[int] | None = None,
+    ring_phase_offsets: Sequence[float] | None = None,
 ) -> SyntheticTruth:
     """Write a synthetic SACLA run in the DataConvert layout.
 
@@ -165,6 +167,12 @@ def write_synthetic_run(
         file cut from a longer run).
     seed : int
         Random seed.
+    modulated_rings : sequence of int, optional
+        Indices of the rings that carry the angular modulation (default:
+        all); the others are isotropic.
+    ring_phase_offsets : sequence of float, optional
+        Per-ring phase offset ``d_k`` (radians): ring k carries
+        ``cos(n (phi - phase - d_k))`` (default: 0 for every ring).
 
     Returns
     -------
@@ -196,9 +204,15 @@ def write_synthetic_run(
     rings = [np.float32(a) * np.exp(-((r - np.float32(rk)) ** 2) / np.float32(2 * ring_width**2))
              for rk, a in zip(ring_radii, amps)]
     ring_sum = np.sum(rings, axis=0, dtype=np.float32) if rings else np.zeros(shape, np.float32)
+    per_ring = None
+    if modulated_rings is not None or ring_phase_offsets is not None:
+        per_ring = _ring_modulation(r, phi, ring_radii, amps, ring_width, ring_sum,
+                                    modulation_order, modulated_rings, ring_phase_offsets)
     del rings, r
     cos_n = np.cos(modulation_order * phi).astype(np.float32)
     sin_n = np.sin(modulation_order * phi).astype(np.float32)
+    if per_ring is not None:
+        cos_n, sin_n = per_ring
     del phi
 
     kw: dict = {}
@@ -246,3 +260,32 @@ def write_synthetic_run(
         photon_energy=photon_energy, modulation_order=modulation_order,
         modulation_amplitude=modulation_amplitude, phases=phases[:n_tags],
     )
+
+
+def _ring_modulation(r: np.ndarray, phi: np.ndarray, radii: Sequence[float],
+                     amps: Sequence[float], width: float, ring_sum: np.ndarray, order: int,
+                     modulated: Sequence[int] | None,
+                     offsets: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-ring modulation folded into the (cos n phi, sin n phi) images of the shots.
+
+    Returns ``C / S``-like images such that ``ring_sum * (1 + a (c cos(n p) +
+    s sin(n p)))`` equals ``sum_k R_k (1 + a m_k cos(n (phi - p - d_k)))``.
+    """
+    n_r = len(radii)
+    mod = set(range(n_r) if modulated is None else (int(k) for k in modulated))
+    if any(not 0 <= k < n_r for k in mod):
+        raise ValueError(f"modulated_rings must index the {n_r} rings (got {sorted(mod)})")
+    off = [0.0] * n_r if offsets is None else [float(d) for d in offsets]
+    if len(off) != n_r:
+        raise ValueError(f"ring_phase_offsets needs one value per ring ({n_r}), got {len(off)}")
+    c = np.zeros(r.shape, np.float64)
+    s = np.zeros(r.shape, np.float64)
+    for k in sorted(mod):
+        ring = float(amps[k]) * np.exp(-((r.astype(np.float64) - radii[k]) ** 2) / (2 * width**2))
+        c += ring * np.cos(order * (phi - off[k]))
+        s += ring * np.sin(order * (phi - off[k]))
+    rs = ring_sum.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cn = np.where(rs > 0, c / rs, 0.0).astype(np.float32)
+        sn = np.where(rs > 0, s / rs, 0.0).astype(np.float32)
+    return cn, sn

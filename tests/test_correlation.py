@@ -1,0 +1,613 @@
+"""Correlation maths against known truth: brute force, analytic answers, synthetic runs.
+
+The references here are independent of the module: explicit loops over valid bin
+pairs for the mask normalisation, closed forms for pure cosines, synthetic runs whose
+modulation (order, ring, phase offset) is known, and direct numpy means over pairs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from dask.array.utils import assert_eq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sacla_dask.correlation import (
+    PairSums,
+    bootstrap_weights,
+    cross_matrix,
+    difference_correlation,
+    difference_statistic,
+    finalize,
+    fourier_coefficients,
+    make_plan,
+    mask_bragg_spots,
+    pair_statistics,
+    pair_sums,
+    parse_q_pairs,
+    robust_outliers,
+    summarize_pairs,
+)
+from sacla_dask.errors import ParameterError
+from sacla_dask.pipeline import plan_run
+from sacla_dask.synthetic import panel_mask, write_synthetic_run
+
+
+# -- independent references ----------------------------------------------------
+def brute_correlation(a, b, polar_mask, q1, q2):
+    """Mean of D(q1, phi) D(q2, phi + k) over the bin pairs valid in both shots, by loops."""
+    nphi = a.shape[-1]
+    va = np.isfinite(a) & polar_mask
+    vb = np.isfinite(b) & polar_mask
+    v = va & vb
+    d = np.where(v, np.nan_to_num(a) - np.nan_to_num(b), 0.0)
+    out = np.full((len(q1), nphi), np.nan)
+    for r, (i, j) in enumerate(zip(q1, q2)):
+        for k in range(nphi):
+            tot, cnt = 0.0, 0
+            for p in range(nphi):
+                if v[i, p] and v[j, (p + k) % nphi]:
+                    tot += d[i, p] * d[j, (p + k) % nphi]
+                    cnt += 1
+            if cnt:
+                out[r, k] = tot / cnt
+    return out
+
+
+def random_polar(rng, ntag, nq, nphi, pm, spots=0.0):
+    x = (1 + 0.2 * rng.standard_normal((ntag, nq, nphi))) * pm
+    if spots:
+        x[(rng.random(x.shape) < spots) & pm] = np.nan  # shot-specific masked bins
+    return x
+
+
+def no_compute(*args, **kwargs):
+    raise AssertionError("a dask computation ran while building the graph")
+
+
+# -- mask normalisation --------------------------------------------------------
+@pytest.mark.parametrize("spots", [0.0, 0.15])
+def test_mask_normalisation_equals_brute_force(spots):
+    rng = np.random.default_rng(3)
+    nq, nphi = 3, 17
+    pm = rng.random((nq, nphi)) > 0.3
+    pol = random_polar(rng, 6, nq, nphi, pm, spots)
+    plan = make_plan(pm, "all")
+    got = difference_correlation(pol[:3], pol[3:], plan)
+    for i in range(3):
+        ref = brute_correlation(pol[i], pol[3 + i], pm, plan.q1, plan.q2)
+        np.testing.assert_allclose(got[i], ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(np.isnan(got[i]), np.isnan(ref))
+
+
+def test_mask_norm_counts_valid_bin_pairs():
+    pm = np.zeros((2, 8), bool)
+    pm[0, [0, 1, 2]] = True
+    pm[1, [4]] = True
+    plan = make_plan(pm, np.array([[0, 1]]))
+    # autocorrelation of row 0: lags 0 (3 pairs), 1 and 7 (2), 2 and 6 (1), else 0
+    np.testing.assert_array_equal(plan.mask_norm[0], [3, 2, 1, 0, 0, 0, 1, 2])
+    # cross 0 -> 1: bins 0,1,2 with bin 4 at lags 4, 3, 2
+    np.testing.assert_array_equal(plan.mask_norm[2], [0, 0, 1, 1, 1, 0, 0, 0])
+
+
+def test_bins_without_valid_pair_have_count_zero_and_nan_mean():
+    pm = np.ones((2, 8), bool)
+    pm[1] = False
+    pm[1, 0] = True               # one valid bin: only lag 0 has data in row 1
+    rng = np.random.default_rng(0)
+    pol = random_polar(rng, 5, 2, 8, pm)
+    plan = make_plan(pm)
+    res = summarize_pairs(pol, np.arange(4), np.arange(1, 5), plan)
+    assert res["count"][1, 0] == 4 and np.all(res["count"][1, 1:] == 0)
+    assert np.all(np.isnan(res["mean"][1, 1:])) and np.isfinite(res["mean"][1, 0])
+    assert np.all(res["count"][0] == 4)
+
+
+def test_statistics_equal_direct_numpy_over_pairs():
+    rng = np.random.default_rng(1)
+    pm = rng.random((3, 20)) > 0.2
+    pol = random_polar(rng, 12, 3, 20, pm, spots=0.05)
+    ia, ib = np.arange(11), np.arange(1, 12)
+    plan = make_plan(pm, "all")
+    res = summarize_pairs(pol, ia, ib, plan, keep_pairs=True)
+    per = np.stack([brute_correlation(pol[a], pol[b], pm, plan.q1, plan.q2)
+                    for a, b in zip(ia, ib)])
+    cnt = np.isfinite(per).sum(0)
+    np.testing.assert_array_equal(res["count"], cnt)
+    np.testing.assert_allclose(res["mean"], np.nanmean(per, 0), rtol=1e-10)
+    sem = np.nanstd(per, 0, ddof=1) / np.sqrt(cnt)
+    np.testing.assert_allclose(res["sem"], sem, rtol=1e-8)
+    np.testing.assert_allclose(res["pairs"], per, rtol=1e-5, atol=1e-7)
+    d = pol[ia] - pol[ib]
+    stat = [np.nanmean(x[pm & np.isfinite(x)] ** 2) for x in d]
+    np.testing.assert_allclose(res["stat"], stat, rtol=1e-12)
+
+
+# -- analytic answers ------------------------------------------------------------
+def test_fourier_coefficients_of_a_pure_cosine():
+    """D = A cos(n phi): C(k) = A^2/2 cos(n k), so c_n = A^2 / 4 and every other c_m = 0."""
+    nphi, n, amp = 64, 5, 0.3
+    phi = 2 * np.pi * np.arange(nphi) / nphi
+    a = (1 + amp * np.cos(n * phi))[None, None, :]
+    b = np.ones_like(a)
+    plan = make_plan(np.ones((1, nphi), bool))
+    c = difference_correlation(a, b, plan)[0, 0]
+    np.testing.assert_allclose(c, amp**2 / 2 * np.cos(n * phi), atol=1e-12)
+    f = fourier_coefficients(c)
+    assert f.shape == (nphi // 2 + 1,)
+    np.testing.assert_allclose(f[n], amp**2 / 4, atol=1e-12)
+    np.testing.assert_allclose(np.delete(f, n), 0, atol=1e-12)
+    # C(dphi) = sum over n in -N..N of c_n exp(i n dphi)
+    np.testing.assert_allclose(np.fft.irfft(f * nphi, n=nphi), c, atol=1e-12)
+
+
+def test_cross_correlation_of_phase_shifted_rows_peaks_at_the_offset():
+    nphi, n, delta = 360, 3, 0.5
+    phi = 2 * np.pi * np.arange(nphi) / nphi
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 2 * np.pi, 20)
+    pol = np.stack([np.stack([1 + 0.2 * np.cos(n * (phi - pi)),
+                              1 + 0.2 * np.cos(n * (phi - pi - delta))]) for pi in p])
+    plan = make_plan(np.ones((2, nphi), bool), np.array([[0, 1]]))
+    res = summarize_pairs(pol, np.arange(19), np.arange(1, 20), plan)
+    c = res["mean"][2]
+    k = int(np.argmax(c[: nphi // n]))
+    assert abs(phi[k] - delta) <= 2 * np.pi / nphi
+    assert abs(-np.angle(fourier_coefficients(c)[n]) / n - delta) < 1e-9
+    # C(q2, q1, dphi) = C(q1, q2, -dphi): the unfolded matrix holds the mirror
+    full = cross_matrix(res["mean"][2:], [0], [1], 2)
+    ref = brute_correlation(pol[0], pol[1], np.ones((2, nphi), bool), [1], [0])
+    one = summarize_pairs(pol, [0], [1], plan)["mean"][2:]
+    np.testing.assert_allclose(cross_matrix(one, [0], [1], 2)[1, 0], ref[0], atol=1e-12)
+    assert np.isnan(full[0, 0]).all()
+
+
+# -- outlier rejection -----------------------------------------------------------
+def test_robust_outliers_on_log_statistic():
+    rng = np.random.default_rng(0)
+    s = np.exp(rng.normal(0, 0.1, 200))
+    s[[3, 50]] = [5.0, 20.0]
+    rej, thr = robust_outliers(s, 5)
+    assert set(np.flatnonzero(rej)) == {3, 50}
+    assert 1.2 < thr < 5.0
+    s[7] = 1e-6  # a pair of near-identical shots is harmless: kept
+    assert not robust_outliers(s, 5)[0][7]
+    assert not robust_outliers([1.0, 100.0], 3)[0].any()  # too few pairs to judge
+    flat = np.ones(20)
+    flat[4] = 10
+    assert np.flatnonzero(robust_outliers(flat, 3)[0]).tolist() == [4]  # MAD = 0 fallback
+    with pytest.raises(ParameterError, match="robust sigmas"):
+        robust_outliers(s, 0)
+
+
+def test_subtracting_a_wild_pair_keeps_float64_precision():
+    rng = np.random.default_rng(2)
+    pm = np.ones((2, 32), bool)
+    pol = random_polar(rng, 30, 2, 32, pm)
+    pol[11] *= 1 + 1e3 * rng.random((2, 32))   # differences ~1e3: products ~1e6 times larger
+    ia, ib = np.arange(29), np.arange(1, 30)
+    plan = make_plan(pm)
+    eager = summarize_pairs(pol, ia, ib, plan, reject=5)
+    assert np.flatnonzero(eager["rejected"]).tolist() == [10, 11]
+    lazy = pair_statistics(da.from_array(pol, chunks=(4, -1, -1)), ia, ib, plan, reject=5)
+    assert_eq(lazy.mean, eager["mean"], rtol=1e-10, atol=0)
+    assert_eq(lazy.sem, eager["sem"], rtol=1e-10, atol=0)
+    assert int(lazy.n_pairs.compute()) == 27
+    # without the hold-out, subtraction only: its float64 rounding (1e-16 of the wild
+    # pairs' squares, here 1e11 times the rest) shows in the variance, not in the mean
+    sub = pair_statistics(da.from_array(pol, chunks=(4, -1, -1)), ia, ib, plan, reject=5,
+                          hold_out_max=0)
+    assert_eq(sub.mean, eager["mean"], rtol=1e-6, atol=0)
+
+
+# -- lazy == eager over chunkings --------------------------------------------------
+@st.composite
+def problems(draw):
+    ntag = draw(st.integers(4, 24))
+    cuts = sorted(draw(st.sets(st.integers(1, ntag - 1), max_size=6)))
+    chunks = tuple(np.diff([0, *cuts, ntag]).tolist())
+    npair = draw(st.integers(1, 20))
+    a = draw(st.lists(st.integers(0, ntag - 1), min_size=npair, max_size=npair))
+    shift = draw(st.lists(st.integers(1, ntag - 1), min_size=npair, max_size=npair))
+    ib = (np.array(a) + np.array(shift)) % ntag
+    return dict(ntag=ntag, chunks=chunks, ia=np.array(a), ib=ib,
+                reject=draw(st.sampled_from([None, 3.0])), n_boot=draw(st.sampled_from([0, 4])),
+                spots=draw(st.sampled_from([0.0, 0.1])), split_every=draw(st.integers(2, 4)),
+                keep=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_pair_statistics_lazy_equals_eager(pb):
+    rng = np.random.default_rng(pb["seed"])
+    nq, nphi = 2, 12
+    pm = rng.random((nq, nphi)) > 0.25
+    pol = random_polar(rng, pb["ntag"], nq, nphi, pm, pb["spots"])
+    pol[rng.integers(pb["ntag"])] *= 4.0  # a wild shot for the rejection to find
+    plan = make_plan(pm, "all")
+    kw = dict(reject=pb["reject"], n_boot=pb["n_boot"], seed=7, keep_pairs=pb["keep"])
+    eager = summarize_pairs(pol, pb["ia"], pb["ib"], plan, **kw)
+    lazy = pair_statistics(da.from_array(pol, chunks=(pb["chunks"], -1, -1)), pb["ia"],
+                           pb["ib"], plan, split_every=pb["split_every"], **kw)
+    assert_eq(lazy.mean, eager["mean"], rtol=1e-9, atol=1e-12)
+    assert_eq(lazy.sem, eager["sem"], rtol=1e-6, atol=1e-12)
+    assert_eq(lazy.count, eager["count"])
+    assert_eq(lazy.stat, eager["stat"], rtol=1e-12)
+    assert_eq(lazy.rejected, eager["rejected"])
+    assert int(lazy.n_pairs.compute()) == eager["n_pairs"]
+    if pb["n_boot"]:
+        assert_eq(lazy.ci_low, eager["ci_low"], rtol=1e-8, atol=1e-12)
+        assert_eq(lazy.ci_high, eager["ci_high"], rtol=1e-8, atol=1e-12)
+        assert_eq(lazy.fourier_ci_low, eager["fourier_ci_low"], rtol=1e-8, atol=1e-12)
+    if pb["keep"]:
+        assert_eq(lazy.pairs, eager["pairs"])
+
+
+def test_pair_statistics_builds_a_graph_without_computing():
+    rng = np.random.default_rng(0)
+    pm = np.ones((2, 8), bool)
+    x = da.from_array(random_polar(rng, 10, 2, 8, pm), chunks=(3, -1, -1))
+    with dask.config.set(scheduler=no_compute):
+        res = pair_statistics(x, np.arange(9), np.arange(1, 10), make_plan(pm), reject=3,
+                              n_boot=3, keep_pairs=True)
+    assert res.mean.shape == (2, 8) and res.pairs.shape == (9, 2, 8)
+
+
+def test_tree_reduction_fan_in_and_groups():
+    """One task per (chunk a, chunk b) group; partial sums merged split_every at a time."""
+    pm = np.ones((1, 4), bool)
+    x = da.zeros((40, 1, 4), chunks=(4, -1, -1))
+    ia = np.arange(39)
+    res = pair_statistics(x, ia, ia + 1, make_plan(pm), split_every=3)
+    dsk = dict(res.mean.__dask_graph__())
+    groups = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "group"]
+    assert len(groups) == 10 + 9      # within each of 10 chunks, and 9 chunk boundaries
+    merges = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "tree"]
+    for k in merges:
+        deps = dask.core.get_dependencies(dsk, k)
+        assert 1 <= len(deps) <= 3
+    pairs_tasks = [k for k in dsk if isinstance(k, tuple) and "difference-correlation" in k[0]]
+    assert not pairs_tasks
+
+
+def test_pair_straddling_a_chunk_boundary_is_included():
+    rng = np.random.default_rng(5)
+    pm = np.ones((2, 16), bool)
+    pol = random_polar(rng, 10, 2, 16, pm)
+    plan = make_plan(pm)
+    ia, ib = np.array([4, 1]), np.array([5, 2])   # (4, 5) straddles chunks (0..4), (5..9)
+    lazy = pair_statistics(da.from_array(pol, chunks=(5, -1, -1)), ia, ib, plan,
+                           keep_pairs=True)
+    ref = brute_correlation(pol[4], pol[5], pm, plan.q1, plan.q2)
+    np.testing.assert_allclose(lazy.pairs.compute()[0], ref, rtol=1e-5)
+    assert int(lazy.n_pairs.compute()) == 2
+    both = (ref + brute_correlation(pol[1], pol[2], pm, plan.q1, plan.q2)) / 2
+    np.testing.assert_allclose(lazy.mean.compute(), both, rtol=1e-10)
+
+
+# -- bootstrap ------------------------------------------------------------------------
+def test_bootstrap_weights_depend_only_on_the_pair():
+    keys = np.array([[10, 12], [12, 14], [14, 16]])
+    w = bootstrap_weights(keys, 50, seed=3)
+    np.testing.assert_array_equal(w[:, 1:], bootstrap_weights(keys[1:], 50, seed=3))
+    assert not np.array_equal(w, bootstrap_weights(keys, 50, seed=4))
+    assert abs(bootstrap_weights(np.arange(4000).reshape(-1, 2), 40).mean() - 1) < 0.05
+
+
+def test_bootstrap_interval_brackets_mean_and_matches_standard_error():
+    rng = np.random.default_rng(4)
+    pm = np.ones((2, 24), bool)
+    pol = random_polar(rng, 401, 2, 24, pm)
+    ia = np.arange(0, 400, 2)                  # 200 independent pairs
+    res = summarize_pairs(pol, ia, ia + 1, make_plan(pm), n_boot=400, ci=0.95)
+    assert np.all(res["ci_low"] < res["mean"]) and np.all(res["mean"] < res["ci_high"])
+    ratio = (res["ci_high"] - res["ci_low"]) / (2 * 1.96 * res["sem"])
+    assert 0.8 < np.median(ratio) < 1.2, np.median(ratio)
+
+
+def test_vectorised_nan_percentile_matches_numpy():
+    import warnings
+
+    from sacla_dask.correlation import _nanpercentile0
+
+    rng = np.random.default_rng(8)
+    x = rng.random((37, 4, 9))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    x[:, 0, 0] = np.nan
+    x[1:, 0, 1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanpercentile(x, [2.5, 50, 97.5], axis=0)
+    for r, g in zip(ref, _nanpercentile0(x, [2.5, 50, 97.5])):
+        np.testing.assert_allclose(g, r, equal_nan=True, rtol=1e-12)
+
+
+def test_pair_sums_merge_and_remove():
+    rng = np.random.default_rng(6)
+    pm = np.ones((1, 8), bool)
+    pol = random_polar(rng, 9, 1, 8, pm)
+    plan = make_plan(pm)
+    ia, ib = np.arange(8), np.arange(1, 9)
+    w = bootstrap_weights(np.stack([ia, ib], 1), 5)
+    whole, _, _, _ = pair_sums(pol, pol, plan, ia=ia, ib=ib, weights=w)
+    part1, _, _, _ = pair_sums(pol, pol, plan, ia=ia[:3], ib=ib[:3], weights=w[:, :3])
+    part2, _, _, _ = pair_sums(pol, pol, plan, ia=ia[3:], ib=ib[3:], weights=w[:, 3:])
+    merged = part1 + part2
+    for f in ("s1", "s2", "count", "boot_s1", "boot_w"):
+        np.testing.assert_allclose(getattr(merged, f), getattr(whole, f), rtol=1e-12)
+    back = whole - part2
+    assert back.n == 3
+    np.testing.assert_allclose(finalize(back)["mean"], finalize(part1)["mean"], rtol=1e-12)
+    with pytest.raises(ParameterError, match="bootstrap"):
+        PairSums.zeros((1, 8)) + part1
+
+
+# -- Bragg spots ----------------------------------------------------------------------
+def test_bragg_spots_are_masked_and_rows_renormalised():
+    rng = np.random.default_rng(7)
+    nphi = 400
+    phi = 2 * np.pi * np.arange(nphi) / nphi
+    pm = np.ones((1, nphi), bool)
+    pm[0, 100:120] = False
+    clean = (1 + 0.2 * np.cos(6 * phi) + 0.02 * rng.standard_normal((20, 1, nphi))) * pm
+    spotted = clean.copy()
+    where = [(3, 50), (3, 250), (8, 300), (15, 10)]
+    for t, p in where:
+        spotted[t, 0, p] += 3.0
+    out, n = mask_bragg_spots(spotted, pm, nsigma=6, grow=1)
+    for t, p in where:
+        assert np.isnan(out[t, 0, p - 1:p + 2]).all()
+    assert n.sum() == 3 * len(where)
+    good = np.isfinite(out) & pm
+    np.testing.assert_allclose([o[g].mean() for o, g in zip(out[:, 0], good[:, 0])], 1,
+                               rtol=1e-6)
+    assert np.all(out[:, :, 100:120] == 0)
+    # the spot-masked correlation follows the clean one; the raw one does not
+    plan = make_plan(pm)
+    ia = np.arange(19)
+    ref = summarize_pairs(clean, ia, ia + 1, plan)["mean"]
+    masked = summarize_pairs(out, ia, ia + 1, plan)["mean"]
+    raw = summarize_pairs(spotted, ia, ia + 1, plan)["mean"]
+    err_m, err_r = np.abs(masked - ref)[0, 1:].max(), np.abs(raw - ref)[0, 1:].max()
+    assert err_m < 0.1 * err_r, (err_m, err_r)
+
+
+def test_bragg_masking_on_real_gold_111_rings():
+    """Real single-shot Au 111 angular profiles: nanocrystal spots stand out and are masked."""
+    import h5py
+    from conftest import shared_file
+
+    with h5py.File(shared_file("loki", "bragg_rings.hdf5"), "r") as fh:
+        rings = fh["111_Bragg_rings"][()].astype(np.float64)
+        mask = fh["111_mask"][()].astype(bool)
+    rows = (rings * mask)[:, None, :]
+    means = np.array([r[0][mask].mean() for r in rows])
+    norm = rows / means[:, None, None]
+    out, n = mask_bragg_spots(norm, mask[None], nsigma=4)
+    # the ring is spotty throughout (MAD ~45% of the median): the brightest
+    # nanocrystal peaks of every shot stand out, a few percent of the bins
+    assert (n > 0).all()
+    assert n.sum() < 0.05 * mask.sum() * len(rows)
+    before = np.array([x[0][mask].max() / np.median(x[0][mask]) for x in norm])
+    left = np.isfinite(out[:, 0]) & mask
+    after = np.array([x[m].max() / np.median(x[m]) for x, m in zip(out[:, 0], left)])
+    assert np.all(after < before)
+
+
+# -- q pairs -------------------------------------------------------------------------
+def test_parse_q_pairs():
+    q = np.array([2.60, 2.62, 2.64, 2.66])
+    assert parse_q_pairs(None, q) is None and parse_q_pairs("none", q) is None
+    assert parse_q_pairs("all", q) == "all"
+    np.testing.assert_array_equal(parse_q_pairs("0:3, 2:1", q), [[0, 3], [2, 1]])
+    np.testing.assert_array_equal(parse_q_pairs("2.601:2.659", q), [[0, 3]])
+    np.testing.assert_array_equal(parse_q_pairs(np.array([[2.6, 2.64]]), q), [[0, 2]])
+    for bad, msg in (("0:4", "outside 0..3"), ("0-3", "not 'A:B'"), ("2.9:2.6", "outside the band"),
+                     ("a:b", "neither")):
+        with pytest.raises(ParameterError, match=msg):
+            parse_q_pairs(bad, q)
+    plan = make_plan(np.ones((4, 8), bool), parse_q_pairs("all", q))
+    assert plan.nqp == 4 + 10 and plan.n_cross == 10
+    np.testing.assert_array_equal(plan.q1[:4], np.arange(4))
+
+
+# -- whole runs with known truth ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_ring_run(tmp_path_factory):
+    """Two rings (r = 20, 40 px); only the outer one carries cos(5 (phi - p_i))."""
+    path = tmp_path_factory.mktemp("corr") / "one_ring.h5"
+    return write_synthetic_run(path, n_tags=24, n_dark=2, shape=(128, 128), center=(66.3, 61.7),
+                               ring_radii=(20.0, 40.0), ring_width=1.5, modulation_order=5,
+                               modulation_amplitude=0.3, modulated_rings=[1], seed=11)
+
+
+def _params(truth, r_in, r_out):
+    g = truth.geometry
+    return dict(qmin=float(g.radius_to_q(r_in)), qmax=float(g.radius_to_q(r_out)),
+                center=(truth.center_x, truth.center_y), pixel_size=truth.pixel_size,
+                distance=truth.distance)
+
+
+def test_modulated_ring_correlates_only_at_its_q_and_order(one_ring_run):
+    t = one_ring_run
+    mask = panel_mask(t.shape, gap=4, edge=1)
+    ds = plan_run(t.path, mask=mask, chunks=5, **_params(t, 15, 45)).dataset().compute()
+    f = ds["corr_fourier"]
+    assert f.dims == ("q", "n") and f.dtype == np.float64
+    radius = ds["radius"].values
+    ring1 = int(np.argmin(np.abs(radius - 40)))
+    noise = np.median(np.abs(f.values[:, 1:60]), axis=1)
+    # at the modulated ring the spectrum is order 5, far above the noise floor
+    assert int(np.argmax(f.values[ring1, 1:60])) + 1 == 5
+    assert f.values[ring1, 5] > 100 * noise[ring1]
+    # away from it (including the isotropic ring at r = 20) order 5 is noise
+    far = np.abs(radius - 40) > 6
+    assert np.all(np.abs(f.values[far, 5]) < 6 * noise[far]), f.values[far, 5] / noise[far]
+    # Fourier coefficients are those of the stored mean correlation
+    np.testing.assert_allclose(f.values, fourier_coefficients(ds["corr"].values).real,
+                               atol=1e-15)
+    assert np.all(ds["corr_count"].values == int(ds["n_pairs"]))
+
+
+def test_two_rings_with_phase_offset_cross_correlate_at_the_offset(tmp_path):
+    delta, n = 0.6, 3
+    t = write_synthetic_run(tmp_path / "offset.h5", n_tags=16, n_dark=1, shape=(128, 128),
+                            center=(66.3, 61.7), ring_radii=(24.0, 40.0), ring_width=1.5,
+                            ring_amplitudes=(3000.0, 3000.0), modulation_order=n,
+                            modulation_amplitude=0.3, ring_phase_offsets=(0.0, delta), seed=2)
+    g = t.geometry
+    q0, q1 = g.radius_to_q(24.0), g.radius_to_q(40.0)
+    plan = plan_run(t.path, q_pairs=f"{q0:.6f}:{q1:.6f}", nphi=720, **_params(t, 20, 44))
+    ds = plan.dataset().compute()
+    assert ds["corr"].dims == ("q", "dphi")           # the autocorrelation is always there
+    c = ds["corr_cross"].isel(qpair=0)
+    np.testing.assert_allclose([float(c.q1), float(c.q2)], [q0, q1], atol=float(
+        np.diff(ds.q.values).max()))
+    dphi = ds["dphi"].values
+    k = int(np.argmax(c.values[: 720 // n]))
+    assert abs(dphi[k] - delta) <= 2 * 2 * np.pi / 720, (dphi[k], delta)
+    cf = ds["corr_cross_fourier"].isel(qpair=0).values
+    assert np.iscomplexobj(cf)
+    assert abs(-np.angle(cf[n]) / n - delta) < 0.02
+    assert ds.attrs["q_pairs"] == f"{int(c.q1_index)}:{int(c.q2_index)}"
+
+
+@pytest.fixture(scope="module")
+def wild_runs(tmp_path_factory):
+    """The same run twice; in the second, three bright shots are wild (a 30x bright sector)."""
+    d = tmp_path_factory.mktemp("wild")
+    kw = dict(n_tags=40, n_dark=5, shape=(128, 128), center=(66.3, 61.7),
+              ring_radii=(20.0, 40.0), ring_width=1.5, modulation_order=6,
+              modulation_amplitude=0.3, seed=1)
+    clean = write_synthetic_run(d / "clean.h5", **kw)
+    wild = write_synthetic_run(d / "wild.h5", **kw)
+    import h5py
+
+    bad = clean.tags[[9, 20, 33]]
+    with h5py.File(wild.path, "r+") as fh:
+        for tag in bad:
+            ds = fh[f"/run_{wild.run}/detector_2d_assembled_1/tag_{tag}/detector_data"]
+            img = ds[()]
+            img[:64, 70:] *= 30.0
+            ds[...] = img
+    return clean, wild, bad
+
+
+def test_wild_shots_are_rejected_and_barely_move_the_mean(wild_runs):
+    clean, wild, bad = wild_runs
+    kw = _params(clean, 34, 46)
+    ref = plan_run(clean.path, chunks=6, **kw).dataset().compute()
+    raw = plan_run(wild.path, chunks=6, **kw).dataset().compute()
+    res = plan_run(wild.path, chunks=6, reject_outliers=5, **kw).dataset().compute()
+    pa, pb = res["pair_tag_a"].values, res["pair_tag_b"].values
+    involved = np.isin(pa, bad) | np.isin(pb, bad)
+    np.testing.assert_array_equal(res["pair_rejected"].values, involved)
+    assert int(res["n_pairs"]) == involved.size - involved.sum() == 34 - 6
+    assert float(res["pair_stat_threshold"]) < res["pair_stat"].values[involved].min()
+    # exactly the mean over the kept pairs of the clean run
+    kept = np.stack([pa[~involved], pb[~involved]], axis=1)
+    sub = plan_run(clean.path, pairs=kept, **kw).dataset().compute()
+    np.testing.assert_allclose(res["corr"].values, sub["corr"].values, rtol=1e-9, atol=1e-13)
+    np.testing.assert_array_equal(res["corr_count"].values, 28)
+    # and within the standard error of the clean run's mean over all its pairs
+    sem = ref["corr_sem"].values[:, 1:]
+    z = (res["corr"].values - ref["corr"].values)[:, 1:] / sem
+    z_raw = (raw["corr"].values - ref["corr"].values)[:, 1:] / sem
+    assert np.sqrt(np.mean(z**2)) < 1 and np.mean(np.abs(z) < 1) > 0.9, np.sqrt(np.mean(z**2))
+    assert np.sqrt(np.mean(z_raw**2)) > 5        # without rejection the wild shots dominate
+
+
+def test_rejected_pairs_recomputed_by_rereading_not_by_holding_the_polar_data(wild_runs):
+    clean, wild, bad = wild_runs
+    plan = plan_run(wild.path, chunks=6, reject_outliers=5, bootstrap=8, **_params(clean, 34, 46))
+    ds = plan.dataset()
+    dsk = dict(ds["corr"].data.__dask_graph__())
+    corrected = [k for k in dsk if isinstance(k, tuple) and k[-1] == "corrected"]
+    assert len(corrected) == 1
+    deps = dask.core.get_dependencies(dsk, corrected[0])
+    assert not [k for k in deps if "polar" in str(k[0] if isinstance(k, tuple) else k)
+                and "reloader" not in str(k)], deps
+    # the reloader gives back exactly the rows of the main pass, and pickles
+    import pickle
+
+    key = next(k for k in dsk if "reloader" in str(k))
+    reloader = pickle.loads(pickle.dumps(dask.get(dsk, key)))
+    pos = np.array([3, 17])
+    np.testing.assert_array_equal(reloader(pos), ds["polar"].data[pos].compute())
+
+
+def test_bragg_option_and_per_pair_normalisation_in_the_pipeline(small_run, small_params):
+    plan = plan_run(small_run.path, chunks=9, bragg=4.0, keep_pairs=True, **small_params)
+    ds = plan.dataset().compute()
+    assert ds["bragg_bins"].dims == ("tag", "q") and int(ds["bragg_bins"].sum()) > 0
+    assert ds.attrs["bragg_nsigma"] == 4.0
+    pol = ds["polar"].values
+    cleaned = mask_bragg_spots(pol, ds["polar_mask"].values, 4.0)[0]
+    np.testing.assert_array_equal(np.isnan(cleaned).sum(-1), ds["bragg_bins"].values)
+    tags = ds["tag"].values
+    pos = {t: i for i, t in enumerate(tags)}
+    plan_c = make_plan(ds["polar_mask"].values)
+    i = 5
+    a, b = pos[int(ds["pair_tag_a"][i])], pos[int(ds["pair_tag_b"][i])]
+    ref = brute_correlation(cleaned[a], cleaned[b], ds["polar_mask"].values,
+                            plan_c.q1[:3], plan_c.q2[:3])
+    np.testing.assert_allclose(ds["corr_pairs"].values[i, :3], ref, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        ds["corr"].values, np.nanmean(ds["corr_pairs"].values.astype(np.float64), 0),
+        rtol=1e-5, atol=1e-8)
+
+
+def test_pipeline_lazy_equals_eager_with_every_option(small_run, small_params):
+    plan = plan_run(small_run.path, chunks=8, q_pairs="0:5,3:3", reject_outliers=3,
+                    bootstrap=6, keep_pairs=True, **small_params)
+    ds = plan.dataset()
+    with dask.config.set(scheduler=no_compute):
+        plan.dataset()
+    pol = ds["polar"].values
+    cplan = plan.correlation_plan()
+    eager = summarize_pairs(pol, plan.ia, plan.ib, cplan, reject=3, n_boot=6,
+                            keys=np.stack([plan.run.tags[plan.ia], plan.run.tags[plan.ib]], 1),
+                            keep_pairs=True)
+    nq = cplan.nq
+    assert_eq(ds["corr"].data, eager["mean"][:nq], rtol=1e-9, atol=1e-13)
+    assert_eq(ds["corr_cross"].data, eager["mean"][nq:], rtol=1e-9, atol=1e-13)
+    assert_eq(ds["corr_sem"].data, eager["sem"][:nq], rtol=1e-7, atol=1e-13)
+    assert_eq(ds["corr_cross_ci_high"].data, eager["ci_high"][nq:], rtol=1e-8, atol=1e-13)
+    assert_eq(ds["pair_rejected"].data, eager["rejected"])
+    np.testing.assert_allclose(ds["corr_pairs"].values, eager["pairs"][:, :nq])
+    np.testing.assert_array_equal(ds["q1_index"].values, [0, 3])
+    np.testing.assert_array_equal(ds["q2_index"].values, [5, 3])
+    # the autocorrelation row 3 computed twice (as q and as qpair 3:3) agrees
+    np.testing.assert_allclose(ds["corr_cross"].values[1], ds["corr"].values[3], rtol=1e-12)
+
+
+def test_cli_process_with_correlation_options(small_run, small_params, tmp_path):
+    from click.testing import CliRunner
+
+    from sacla_dask.cli import main
+
+    out = tmp_path / "cli.zarr"
+    p = small_params
+    args = ["process", small_run.path, "--out", str(out), "--center", str(p["center"][0]),
+            str(p["center"][1]), "--qmin", str(p["qmin"]), "--qmax", str(p["qmax"]),
+            "--pixel-size", str(p["pixel_size"]), "--distance", str(p["distance"]),
+            "--q-pairs", "0:1", "--reject-outliers", "4", "--bootstrap", "5", "--keep-pairs",
+            "--pairing", "pulse_energy", "--workers", "1", "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    ds = xr.open_zarr(out, consolidated=False)
+    for v in ("corr", "corr_sem", "corr_count", "corr_fourier", "corr_cross", "corr_ci_low",
+              "corr_pairs", "pair_rejected", "pair_stat_threshold"):
+        assert v in ds, v
+    assert ds.attrs["pairing"] == "pulse_energy" and ds.attrs["shared_shots"] == 0
+    assert ds.attrs["complete"] is True
+    bad = CliRunner().invoke(main, args[:-3] + ["--q-pairs", "0:99", "--dry-run"])
+    assert bad.exit_code == 2 and "outside 0.." in bad.output
+    assert os.path.isdir(out)
