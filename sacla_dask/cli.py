@@ -154,6 +154,8 @@ def _client_from(workers: int | None, scheduler: str | None, scheduler_file: str
     verbose = (click.get_current_context().find_root().obj or {}).get("verbose", 0)
     for name in ("distributed", "bokeh", "tornado"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # the dashboard listens on loopback: bokeh's wildcard-host notice is noise
+        logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
     with dask_client(workers=workers, scheduler=scheduler, scheduler_file=scheduler_file,
                      cluster=cluster, jobs=jobs) as client:
         click.echo(f"dask dashboard: {client.dashboard_link}", err=True)

@@ -36,6 +36,7 @@ def dask_client(
     cluster: str = "local",
     jobs: int | None = None,
     memory_limit: str | None = "auto",
+    timeout: str = "30s",
 ) -> Iterator[Any]:
     """A distributed client for the given options; closes what it started.
 
@@ -52,6 +53,19 @@ def dask_client(
         ``jobqueue``: a dask-jobqueue cluster configured in dask's config
         (``jobqueue.slurm`` or ``jobqueue.pbs``; see ``deploy/``), scaled to
         ``jobs`` jobs.
+    jobs : int, optional
+        Batch jobs to submit with ``cluster="jobqueue"`` (default 1).
+    memory_limit : str, optional
+        Per LocalCluster worker ("auto": the machine's memory shared out).
+    timeout : str
+        How long to wait for a running scheduler (or for its scheduler
+        file to appear, as when a batch script starts it alongside).
+
+    Yields
+    ------
+    distributed.Client
+        Closed on exit, with the cluster this function started (never a
+        scheduler it attached to).
     """
     from distributed import Client, LocalCluster
 
@@ -59,10 +73,15 @@ def dask_client(
         raise ParameterError("give either --scheduler or --scheduler-file, not both")
     if cluster not in CLUSTER_KINDS:
         raise ParameterError(f"cluster must be one of {CLUSTER_KINDS} (got {cluster!r})")
+    if (scheduler or scheduler_file) and (cluster != "local" or workers is not None):
+        raise ParameterError("--scheduler/--scheduler-file attach to a running scheduler: "
+                             "do not also give --workers or --cluster")
+    if jobs is not None and (cluster != "jobqueue" or jobs < 1):
+        raise ParameterError(f"--jobs needs --cluster jobqueue and must be >= 1 (got {jobs})")
     if scheduler or scheduler_file:
         try:
-            client = Client(scheduler, scheduler_file=scheduler_file, timeout="20s")
-        except OSError as exc:
+            client = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
             where = scheduler or f"scheduler file {scheduler_file!r}"
             raise ParameterError(f"cannot reach the Dask scheduler at {where}: {exc}") from None
         try:
@@ -75,6 +94,7 @@ def dask_client(
 
         jq = jobqueue_cluster()
         jq.scale(jobs=jobs or 1)
+        log.info("submitted %d batch job(s):\n%s", jobs or 1, jq.job_script())
         client = Client(jq)
         try:
             yield client
@@ -82,7 +102,7 @@ def dask_client(
             client.close()
             jq.close()
         return
-    n = workers or _default_workers()
+    n = _default_workers() if workers is None else workers
     if n < 1:
         raise ParameterError(f"--workers must be >= 1 (got {workers})")
     lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,

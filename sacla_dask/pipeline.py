@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,8 @@ from .pairs import (PAIRINGS, consecutive_pairs, pair_indices, read_pairs_file, 
                     similar_pairs)
 from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
 from .run import Run, mean_wavelength, open_run, parse_chunk_size
+
+log = logging.getLogger(__name__)
 
 
 # -- block kernels (numpy in, numpy out) --------------------------------------
@@ -293,19 +297,24 @@ class ProcessingPlan:
         pm = tr.polar_mask
         raw = images.map_blocks(polar_block, op, chunks=(images.chunks[0], (nq,), (nphi,)),
                                 dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
-                                name="polar-raw")
+                                token="polar-raw")
         norm = raw.map_blocks(normalized_block, pm, dtype=np.float32,
-                              meta=np.empty((0, 0, 0), np.float32), name="polar-normalized")
+                              meta=np.empty((0, 0, 0), np.float32), token="polar-normalized")
         rmean = raw.map_blocks(row_mean_block, pm, drop_axis=2, dtype=np.float64,
-                               meta=np.empty((0, 0), np.float64), name="polar-row-mean")
+                               meta=np.empty((0, 0), np.float64), token="polar-row-mean")
         nonfinite = raw.map_blocks(nonfinite_block, drop_axis=(1, 2), dtype=np.int64,
-                                   meta=np.empty((0,), np.int64), name="nonfinite-bins")
+                                   meta=np.empty((0,), np.int64), token="nonfinite-bins")
         return norm, rmean, nonfinite
 
-    def dataset(self) -> xr.Dataset:
-        """The whole result as a lazy, labelled xarray Dataset."""
+    def dataset(self, polar: tuple[da.Array, da.Array, da.Array] | None = None) -> xr.Dataset:
+        """The whole result as a lazy, labelled xarray Dataset.
+
+        ``polar``: the (normalised polar, row means, non-finite counts)
+        triple to build on instead of :meth:`polar` (a resumed run passes
+        one whose finished chunks are read back from the store).
+        """
         tr = self.transform
-        norm, rmean, nonfinite = self.polar()
+        norm, rmean, nonfinite = self.polar() if polar is None else polar
         cplan = self.correlation_plan()
         nq, nphi = tr.shape
         tags = self.run.tags
@@ -460,26 +469,74 @@ class ProcessingPlan:
         }
 
     # -- execution ---------------------------------------------------------
-    def execute(self, progress: bool = False, overwrite: bool = False) -> xr.Dataset:
+    def execute(self, progress: bool = False, overwrite: bool = False,
+                resume: bool = True) -> xr.Dataset:
         """Compute the result into the plan's Zarr store and open it.
 
-        Uses whatever Dask scheduler is active. The store's ``complete``
-        attr is set only after every array is written.
+        Uses whatever Dask scheduler is active (a distributed client if one
+        is). The store is written tag chunk by tag chunk (see
+        :mod:`sacla_dask.store`): a killed run keeps its finished chunks, and
+        executing the same plan again computes only the missing ones, then
+        the reductions over pairs. ``complete`` is set only once every array
+        is written.
+
+        Parameters
+        ----------
+        progress : bool
+            Show a progress bar (``distributed.progress`` with a client,
+            else ``dask.diagnostics.ProgressBar``) and say what is resumed.
+        overwrite : bool
+            Replace whatever is at the output path.
+        resume : bool
+            Continue an unfinished store written with the same parameters
+            (a complete one is returned as it is). A store of other
+            parameters is always refused unless ``overwrite``.
         """
         if self.out is None:
             raise ParameterError("the plan has no output store (out=...)")
-        _store.prepare_output(self.out, overwrite=overwrite)
-        ds = self.dataset()
-        enc_comp = _store.compressors(self.compression)
-        encoding: dict[str, dict[str, Any]] = {}
-        if "polar" in ds:
-            encoding["polar"] = {"chunks": (self.tags_per_chunk,) + self.transform.shape,
-                                 "compressors": enc_comp}
-        delayed = ds.to_zarr(self.out, mode="w", compute=False, consolidated=False,
-                             zarr_format=3, encoding=encoding)
-        _compute(delayed, progress=progress)
-        _store.mark_complete(self.out)
-        return _store.open_result(self.out)
+        out = self.out
+        fresh = self.polar()
+        ds = self.dataset(polar=fresh)
+        names = ["polar" if self.store_polar else _store.SCRATCH, "row_mean", "nonfinite_bins"]
+        for name, arr in zip(names, fresh):
+            if name in ds and getattr(ds[name].data, "name", None) != arr.name:
+                raise RuntimeError(f"dataset variable {name!r} is not the polar() array")
+        params, sha = _store.parameters(
+            ds, compression=self.compression, store_polar=self.store_polar,
+            source_bytes=[os.path.getsize(p) for p in self.run.paths])
+        state = _store.prepare_output(out, overwrite=overwrite, resume=resume,
+                                      fingerprint=sha, params=params)
+        if state == "complete":
+            _say(progress, f"{out} is already complete (same parameters): nothing to compute")
+            return _store.open_result(out)
+        if state == "absent":
+            tmpl = ds if self.store_polar else ds.assign(
+                {_store.SCRATCH: (("tag", "q", "phi"), fresh[0])})
+            _store.write_template(out, tmpl, names, self.tags_per_chunk, self.compression,
+                                  params, sha)
+            done = np.zeros(self.n_chunks, dtype=bool)
+        else:
+            done = _store.done_chunks(out, self.n_chunks)
+            _say(progress, f"resuming {out}: {int(done.sum())} of {self.n_chunks} tag chunks "
+                           "already written")
+        arrays = {n: _store.resume_array(out, n, a, done) for n, a in zip(names, fresh)}
+        ds = self.dataset(polar=tuple(arrays.values()))  # type: ignore[arg-type]
+        writes = _store.chunk_writes(out, arrays, ~done)
+        # everything else lazy (reductions over pairs, per-tag flags...) is
+        # recomputed from the polar images and stored by the workers too
+        finals = {str(k): v.data for k, v in ds.variables.items()
+                  if isinstance(v.data, da.Array) and k not in names}
+        _compute([writes, _store.array_writes(out, finals)], progress=progress)
+        _store.finish(out)
+        return _store.open_result(out)
+
+
+def _say(progress: bool, msg: str) -> None:
+    """Tell the user (stderr, next to the progress bar) or the log."""
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+    else:
+        log.info(msg)
 
 
 def _active_client() -> Any:
@@ -491,22 +548,28 @@ def _active_client() -> Any:
         return None
 
 
-def _compute(obj: Any, progress: bool = False) -> Any:
-    """Compute with the active scheduler, showing progress when asked."""
+def _compute(objs: Sequence[Any], progress: bool = False) -> list[Any]:
+    """Compute several collections at once with the active scheduler.
+
+    With a distributed client: futures, ``distributed.progress`` on them
+    (a text bar in a terminal, a widget in a notebook), then gather; a
+    worker lost meanwhile only makes the scheduler recompute its tasks.
+    Otherwise ``dask.compute`` (with ``dask.diagnostics.ProgressBar``).
+    """
     client = _active_client()
     if client is not None and dask.config.get("scheduler", None) in (None, "dask.distributed"):
-        fut = client.compute(obj)
+        futs = client.compute(list(objs))
         if progress:
             from distributed import progress as dprogress
 
-            dprogress(fut)
-        return fut.result()
+            dprogress(futs)
+        return list(client.gather(futs))
     if progress:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar():
-            return dask.compute(obj)[0]
-    return dask.compute(obj)[0]
+            return list(dask.compute(*objs))
+    return list(dask.compute(*objs))
 
 
 def plan_run(

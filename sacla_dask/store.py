@@ -5,6 +5,32 @@ out, the codec used, the ``complete`` flag that is set only once every
 array has been written, refusing to overwrite foreign data, and opening a
 store for reading (refusing an unfinished one unless asked).
 
+It also owns resumable writing. A run is written in three steps:
+
+1. :func:`write_template`: every array's metadata and the small in-memory
+   arrays (coordinates, mask, pairs, event data), a boolean
+   ``_chunk_done`` array with one element (and one Zarr chunk) per tag
+   chunk, and the run's parameters with their SHA-256 fingerprint.
+2. :func:`chunk_writes`: one task per tag chunk writes that chunk's per-tag
+   arrays (``polar``, ``row_mean``, ``nonfinite_bins``) with plain Zarr
+   region writes (Zarr chunks aligned with Dask chunks, so writers never
+   share a chunk), then sets the chunk's ``_chunk_done`` element. A killed
+   run therefore leaves every finished chunk on disk; a re-computed task
+   (a lost worker) rewrites the same bytes, so no tag is lost or doubled.
+3. :func:`array_writes`: the workers store the other lazy arrays (the
+   reductions over pairs, ``corr``..., and per-tag flags derived from the
+   polar images), then :func:`finish`: ``complete=True``, and the
+   bookkeeping arrays are removed.
+
+On resume (:func:`prepare_output` with the same fingerprint), finished
+chunks are read back from the store (:func:`resume_array`) instead of from
+the raw images, so only the missing chunks are computed; the reductions are
+then recomputed from the stored plus the fresh chunks (cheap next to reading
+the raw images). In correlation-only mode (no ``polar`` in the result) the
+normalised polar images go to a scratch array ``_resume_polar`` that
+:func:`finish` deletes, so that resuming means the same in both modes at
+the cost of holding the polar images on disk until the run completes.
+
 Consolidated metadata is not part of the Zarr v3 specification; stores are
 written without it and read with ``consolidated=False``: one metadata read
 per array, which is negligible for the handful of arrays in a result.
@@ -12,18 +38,37 @@ per array, which is negligible for the handful of arrays in a result.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dask
+import dask.array as da
+import numpy as np
 import xarray as xr
 import zarr
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from .errors import IncompleteStoreError, OutputError, ParameterError
 
 #: attrs key that marks a store as a sacla_dask result
 MARKER = "sacla_dask_version"
 COMPRESSIONS = ("none", "lz4", "zstd")
+#: per-tag-chunk "written" flags (bool, one Zarr chunk per element)
+DONE = "_chunk_done"
+#: dimension of :data:`DONE`
+DONE_DIM = "resume_chunk"
+#: normalised polar images kept for resuming a correlation-only run
+SCRATCH = "_resume_polar"
+#: arrays that exist only while a store is being written
+BOOKKEEPING = (DONE, SCRATCH)
+#: attrs keys of the run's parameters (JSON text) and their SHA-256
+PARAMETERS = "parameters"
+FINGERPRINT = "parameters_sha256"
 
 
 def compressors(name: str = "lz4") -> Any:
@@ -44,6 +89,14 @@ def compressors(name: str = "lz4") -> Any:
     raise ParameterError(f"compression must be one of {COMPRESSIONS} (got {name!r})")
 
 
+# -- state -------------------------------------------------------------------
+def _attrs(p: str) -> dict[str, Any] | None:
+    try:
+        return dict(zarr.open_group(p, mode="r").attrs)
+    except Exception:
+        return None
+
+
 def store_state(path: str | os.PathLike[str]) -> str:
     """What is at ``path``: ``"absent"``, ``"complete"``, ``"incomplete"`` or ``"foreign"``."""
     p = os.fspath(path)
@@ -53,47 +106,164 @@ def store_state(path: str | os.PathLike[str]) -> str:
         return "foreign"
     if not os.listdir(p):
         return "absent"
-    try:
-        g = zarr.open_group(p, mode="r")
-        attrs = dict(g.attrs)
-    except Exception:
-        return "foreign"
-    if MARKER not in attrs:
+    attrs = _attrs(p)
+    if attrs is None or MARKER not in attrs:
         return "foreign"
     return "complete" if attrs.get("complete") is True else "incomplete"
 
 
+def done_chunks(path: str | os.PathLike[str], n_chunks: int | None = None) -> np.ndarray:
+    """The ``_chunk_done`` flags of an unfinished store (all False if it has none)."""
+    try:
+        flags = np.asarray(zarr.open_array(store=os.fspath(path), path=DONE, mode="r")[...],
+                           dtype=bool)
+    except Exception:
+        flags = np.zeros(n_chunks or 0, dtype=bool)
+    if n_chunks is not None and flags.shape != (n_chunks,):
+        return np.zeros(n_chunks, dtype=bool)
+    return flags
+
+
+def progress_text(path: str | os.PathLike[str]) -> str:
+    """``"k of n tag chunks written"`` for an unfinished store, else ``""``."""
+    flags = done_chunks(path)
+    return f"{int(flags.sum())} of {flags.size} tag chunks written" if flags.size else ""
+
+
+# -- parameters ----------------------------------------------------------------
+def _digest(values: np.ndarray) -> str:
+    a = np.asarray(values)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    if a.dtype.kind == "O":
+        h.update(repr(a.tolist()).encode())
+    else:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def parameters(ds: xr.Dataset, **extra: Any) -> tuple[dict[str, Any], str]:
+    """What determines a result's content, and its SHA-256 fingerprint.
+
+    The dataset's attrs (geometry, q band, grid, mask path, sources,
+    chunking, version...), the name, dims, shape and dtype of every variable,
+    a digest of every variable already in memory (tags, pairs, polar mask,
+    event data...) and ``extra`` (codec, source file sizes...). Two runs with
+    the same fingerprint write the same bytes, so one may resume the other.
+
+    Returns
+    -------
+    params : dict
+        JSON-serialisable.
+    sha256 : str
+    """
+    params: dict[str, Any] = {k: v for k, v in ds.attrs.items()
+                              if k not in ("complete", PARAMETERS, FINGERPRINT)}
+    variables = {}
+    for name, var in ds.variables.items():
+        desc = f"{var.dims} {var.shape} {var.dtype}"
+        if not isinstance(var.data, da.Array):
+            desc += f" {_digest(var.values)}"
+        variables[str(name)] = desc
+    params["variables"] = variables
+    params.update(extra)
+    text = json.dumps(params, sort_keys=True, default=_jsonable)
+    return json.loads(text), hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{d}" for d in _differences(a, b)]
+        else:
+            ra, rb = (repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..." for x in (a, b))
+            out.append(f"{k} (store {ra}, now {rb})")
+    return out
+
+
 def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
-                   resume: bool = False) -> str:
+                   resume: bool = False, fingerprint: str | None = None,
+                   params: Mapping[str, Any] | None = None) -> str:
     """Check that ``path`` may be written, clearing it when allowed.
 
-    Returns the store state found (see :func:`store_state`). Raises
-    :class:`OutputError` when the path holds something else (or a complete
-    result) and ``overwrite`` is false, or when its folder is not writable.
+    Parameters
+    ----------
+    path : path
+        The Zarr store.
+    overwrite : bool
+        Replace whatever is there.
+    resume : bool
+        Accept a sacla_dask store written with the same ``fingerprint``:
+        an unfinished one is resumed, a complete one is left as it is.
+    fingerprint, params : optional
+        From :func:`parameters`; ``params`` makes the refusal message name
+        what differs.
+
+    Returns
+    -------
+    str
+        ``"absent"`` (write a template), ``"incomplete"`` (resume it) or
+        ``"complete"`` (nothing left to do).
+
+    Raises
+    ------
+    OutputError
+        The path holds something else, a result of other parameters, or
+        (``resume=False``) any result, and ``overwrite`` is false; or its
+        folder is missing or not writable.
     """
     p = os.fspath(path)
     state = store_state(p)
     parent = os.path.dirname(os.path.abspath(p)) or "."
     if not os.path.isdir(parent):
-        raise OutputError(f"output folder {parent!r} does not exist")
+        what = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
+        raise OutputError(f"output folder {parent!r} {what}")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {parent!r} is not writable")
-    if state == "foreign" and not overwrite:
+    if overwrite:
+        if state != "absent":
+            remove(p)
+        return "absent"
+    if state == "foreign":
         raise OutputError(
             f"output path {p!r} exists and is not a sacla_dask result store; "
             "choose another path or pass --overwrite (overwrite=True) to replace it"
         )
-    if state == "complete" and not overwrite:
-        raise OutputError(
-            f"output store {p!r} already holds a complete result; pass --overwrite "
-            "(overwrite=True) to recompute it"
-        )
-    if state == "incomplete" and not (overwrite or resume):
-        raise OutputError(
-            f"output store {p!r} holds an unfinished result; pass --overwrite to start again"
-        )
-    if overwrite and state != "absent":
+    if state == "absent":
+        return state
+    if not resume:
+        what = "a complete result" if state == "complete" else "an unfinished result"
+        raise OutputError(f"output store {p!r} already holds {what}; pass --overwrite "
+                          "(overwrite=True) to recompute it")
+    attrs = _attrs(p) or {}
+    found = attrs.get(FINGERPRINT)
+    if found is None and state == "incomplete":
+        # killed while the template itself was being written: ours, and empty
         remove(p)
+        return "absent"
+    if found != fingerprint:
+        try:
+            diff = _differences(json.loads(attrs.get(PARAMETERS, "{}")), params or {})
+        except (TypeError, ValueError):
+            diff = []
+        what = "a complete result" if state == "complete" else "an unfinished result"
+        raise OutputError(
+            f"output store {p!r} holds {what} computed with different parameters"
+            + (f" ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''})" if diff else "")
+            + ": it cannot be resumed; choose another --out, or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
     return state
 
 
@@ -116,6 +286,195 @@ def mark_complete(path: str | os.PathLike[str]) -> None:
     set_attrs(path, complete=True)
 
 
+# -- resumable writing ---------------------------------------------------------
+def write_template(path: str | os.PathLike[str], ds: xr.Dataset, chunk_vars: Sequence[str],
+                   tags_per_chunk: int, compression: str = "lz4",
+                   params: Mapping[str, Any] | None = None,
+                   fingerprint: str | None = None) -> None:
+    """Write a result's layout: metadata, in-memory arrays and the chunk flags.
+
+    Parameters
+    ----------
+    path : path
+        The Zarr store (replaced).
+    ds : xarray.Dataset
+        The lazy result; its Dask-backed arrays are not computed.
+    chunk_vars : sequence of str
+        Per-tag arrays written chunk by chunk (Zarr chunks of
+        ``tags_per_chunk`` tags; 3-d ones with ``compression``).
+    params, fingerprint :
+        From :func:`parameters`; written last, so that a store holding a
+        fingerprint holds a whole template.
+    """
+    p = os.fspath(path)
+    n_tags = ds.sizes["tag"]
+    n_chunks = -(-n_tags // tags_per_chunk)
+    tmpl = ds.assign({DONE: ((DONE_DIM,), np.zeros(n_chunks, dtype=bool))})
+    tmpl.attrs.update(complete=False)
+    comp = compressors(compression)
+    encoding: dict[str, dict[str, Any]] = {DONE: {"chunks": (1,)}}
+    for name in chunk_vars:
+        var = tmpl[name]
+        if var.dims[0] != "tag":
+            raise ValueError(f"{name} is not a per-tag array (dims {var.dims})")
+        enc: dict[str, Any] = {"chunks": (tags_per_chunk,) + var.shape[1:]}
+        if var.ndim == 3:
+            enc["compressors"] = comp
+        encoding[name] = enc
+    for name, var in tmpl.variables.items():
+        # other lazy arrays are stored whole by array_writes, rechunked to
+        # whatever Zarr chunks they get: give irregular ones regular chunks
+        if name not in encoding and isinstance(var.data, da.Array) and not _regular(var.chunks):
+            encoding[str(name)] = {"chunks": tuple(max(c) for c in var.chunks)}
+    tmpl.to_zarr(p, mode="w", compute=False, consolidated=False, zarr_format=3,
+                 encoding=encoding, safe_chunks=False)
+    set_attrs(p, **{PARAMETERS: json.dumps(params or {}, sort_keys=True),
+                    FINGERPRINT: fingerprint or ""})
+
+
+def _regular(chunks: tuple[tuple[int, ...], ...]) -> bool:
+    """Dask chunks Zarr can mirror: all equal but a smaller last one."""
+    return all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in chunks if c)
+
+
+def _read_chunk(path: str, name: str, start: int, stop: int) -> np.ndarray:
+    return zarr.open_array(store=path, path=name, mode="r")[start:stop]
+
+
+def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
+                 done: np.ndarray) -> da.Array:
+    """``fresh`` with its finished tag chunks read back from the store instead.
+
+    Parameters
+    ----------
+    path : path
+        The Zarr store.
+    name : str
+        The array in the store holding the chunks of ``fresh``.
+    fresh : dask array
+        The array as computed from the raw data, chunked along its first
+        axis only, with the store's tag chunks.
+    done : bool array (n_chunks,)
+        Chunks already in the store. Their tasks in ``fresh`` (and all
+        upstream work, such as reading the raw images) drop out of the graph.
+    """
+    done = np.asarray(done, dtype=bool)
+    if done.shape != (len(fresh.chunks[0]),):
+        raise ValueError(f"{done.size} chunk flags for {len(fresh.chunks[0])} chunks")
+    if any(len(c) != 1 for c in fresh.chunks[1:]):
+        fresh = fresh.rechunk({i: -1 for i in range(1, fresh.ndim)})
+    if not done.any():
+        return fresh
+    p = os.fspath(path)
+    out = f"resumed-{name}-" + dask.base.tokenize(fresh.name, p, name, done)
+    bounds = np.cumsum((0,) + fresh.chunks[0])
+    rest = (0,) * (fresh.ndim - 1)
+    dsk: dict[Any, Any] = {}
+    for i, flag in enumerate(done):
+        if flag:
+            dsk[(out, i) + rest] = (_read_chunk, p, name, int(bounds[i]), int(bounds[i + 1]))
+        else:
+            dsk[(out, i) + rest] = (fresh.name, i) + rest
+    graph = HighLevelGraph.from_collections(out, dsk, dependencies=[fresh])
+    return da.Array(graph, out, fresh.chunks, meta=fresh._meta)
+
+
+def _write_chunk(path: str, index: int, start: int, stop: int, names: Sequence[str],
+                 *blocks: np.ndarray) -> int:
+    for name, block in zip(names, blocks):
+        zarr.open_array(store=path, path=name, mode="r+")[start:stop] = block
+    # the flag last: a chunk flagged done has all its arrays written
+    zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
+    return stop - start
+
+
+def _total(counts: Sequence[int]) -> int:
+    return int(sum(counts))
+
+
+def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
+                 todo: np.ndarray) -> Delayed:
+    """Lazy writes of the tag chunks ``todo`` of ``arrays`` into the store.
+
+    One task per chunk writes that chunk of every array (region writes into
+    the template of :func:`write_template`), then flags it in
+    ``_chunk_done``. The result is the number of tags written.
+
+    Parameters
+    ----------
+    arrays : mapping of store array name -> dask array
+        Per-tag arrays with the same tag chunks, one chunk on other axes.
+    todo : bool array (n_chunks,)
+    """
+    p = os.fspath(path)
+    names = list(arrays)
+    arrs = [arrays[n] for n in names]
+    chunks = arrs[0].chunks[0]
+    for n, a in zip(names, arrs):
+        if a.chunks[0] != chunks or any(len(c) != 1 for c in a.chunks[1:]):
+            raise ValueError(f"{n}: chunks {a.chunks} are not the tag chunks {chunks}")
+    todo = np.asarray(todo, dtype=bool)
+    bounds = np.cumsum((0,) + chunks)
+    token = dask.base.tokenize(p, [a.name for a in arrs], todo)
+    name, final = "write-tag-chunk-" + token, "tag-chunks-written-" + token
+    dsk: dict[Any, Any] = {}
+    keys = []
+    for i in np.flatnonzero(todo):
+        blocks = [(a.name, int(i)) + (0,) * (a.ndim - 1) for a in arrs]
+        dsk[(name, int(i))] = (_write_chunk, p, int(i), int(bounds[i]), int(bounds[i + 1]),
+                               names, *blocks)
+        keys.append((name, int(i)))
+    dsk[final] = (_total, keys)
+    graph = HighLevelGraph.from_collections(final, dsk, dependencies=arrs)
+    return Delayed(final, graph)
+
+
+def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -> Delayed:
+    """Lazy writes of whole dask arrays into their place in the template.
+
+    Each array is rechunked to its Zarr chunks (so no two tasks write one
+    Zarr chunk) and stored by the workers: nothing large passes through the
+    client. Computes to None.
+    """
+    p = os.fspath(path)
+    sources, targets = [], []
+    for name, arr in arrays.items():
+        z = zarr.open_array(store=p, path=name, mode="r+")
+        if tuple(z.shape) != tuple(arr.shape):
+            raise ValueError(f"{name}: shape {arr.shape} does not match the store's {z.shape}")
+        sources.append(arr.rechunk(z.chunks) if arr.ndim else arr)
+        targets.append(z)
+    if not sources:
+        return dask.delayed(None)
+    return da.store(sources, targets, lock=False, compute=False)
+
+
+def read_array(path: str | os.PathLike[str], name: str) -> np.ndarray:
+    """One array of a store, as stored (no xarray decoding)."""
+    return np.asarray(zarr.open_array(store=os.fspath(path), path=name, mode="r")[...])
+
+
+def write_arrays(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:
+    """Write whole arrays (computed values) into their place in the template."""
+    p = os.fspath(path)
+    for name, value in values.items():
+        arr = zarr.open_array(store=p, path=name, mode="r+")
+        v = np.asarray(value)
+        if v.shape != arr.shape:
+            raise ValueError(f"{name}: shape {v.shape} does not match the store's {arr.shape}")
+        arr[...] = v
+
+
+def finish(path: str | os.PathLike[str]) -> None:
+    """Mark a fully written store complete and drop its bookkeeping arrays."""
+    p = os.fspath(path)
+    mark_complete(p)
+    g = zarr.open_group(p, mode="r+")
+    for name in BOOKKEEPING:
+        if name in g:
+            del g[name]
+
+
 def open_result(path: str | os.PathLike[str], allow_incomplete: bool = False,
                 **kwargs: Any) -> xr.Dataset:
     """Open a result store written by :func:`sacla_dask.process_run`.
@@ -125,7 +484,9 @@ def open_result(path: str | os.PathLike[str], allow_incomplete: bool = False,
     path : path
         The Zarr store.
     allow_incomplete : bool
-        Open a store that is not marked complete (for inspection).
+        Open a store that is not marked complete (for inspection: arrays
+        not yet written read as their fill value; ``_chunk_done`` says
+        which tag chunks are in).
 
     Raises
     ------
@@ -139,8 +500,17 @@ def open_result(path: str | os.PathLike[str], allow_incomplete: bool = False,
     if state in ("absent", "foreign"):
         raise OutputError(f"{p!r} is not a sacla_dask result store ({state})")
     if state == "incomplete" and not allow_incomplete:
+        done = progress_text(p)
         raise IncompleteStoreError(
-            f"result store {p!r} is not marked complete: the run that wrote it was "
-            "interrupted or is still running; re-run the same command to finish it"
+            f"result store {p!r} is not marked complete"
+            + (f" ({done})" if done else "")
+            + ": the run that wrote it was interrupted or is still running; "
+            "re-run the same command to finish it"
         )
+    if state == "complete":
+        # left over only if the writer died between marking and cleaning up
+        g = zarr.open_group(p, mode="r")
+        left = [n for n in BOOKKEEPING if n in g]
+        if left:
+            kwargs["drop_variables"] = list(kwargs.get("drop_variables") or []) + left
     return xr.open_zarr(p, consolidated=False, **kwargs)
