@@ -1,4 +1,4 @@
-"""Reading SACLA DataConvert run files: tags, event data and lazy images.
+"""Reading SACLA DataConvert run files: tags, event data, shot selection, lazy images.
 
 This module owns the knowledge of the SACLA "DataConvert" HDF5 layout::
 
@@ -10,18 +10,40 @@ This module owns the knowledge of the SACLA "DataConvert" HDF5 layout::
     /run_N/event_info/.../photon_energy_in_eV               (ntag_event,)
     /run_N/event_info/.../*pulse_energy*                     (ntag_event,)
 
-:func:`open_run` returns a :class:`Run`: the sorted tags that really have an
-image (event_info may list more tags than a subset file holds images for),
-the per-tag event data as an :class:`xarray.Dataset`, and the images as a
-lazy :class:`dask.array.Array` (tag, y, x) chunked by several tags per task.
-Each task opens the file itself (h5py objects do not pickle), so the graph
-runs on distributed workers. Nothing is read before it is computed.
+:func:`open_run` takes one file or several (files of one run, or several
+runs) and returns a :class:`Run`: the sorted tags that really have an image
+(event_info may list more tags than a subset file holds images for), the
+per-tag event data as an :class:`xarray.Dataset` aligned by tag, where each
+tag came from (``run``, ``source``: index into ``Run.paths``), which shots
+are dark, and the images as a lazy :class:`dask.array.Array` (tag, y, x)
+with several tags per task. :meth:`Run.select_shots` chooses the shots to
+correlate (dark shots, a tag range, a pulse-energy threshold) and records
+why.
+
+Reading. Each task opens the file itself (h5py objects do not pickle), so
+the graph runs on distributed workers; nothing is read before it is
+computed. A task reads, for each of its tags, only the window (bounding box
+of the q band) of the image with one HDF5 hyperslab read straight into the
+task's output block. Compressed datasets (gzip, bitshuffle/LZ4, zstd... via
+hdf5plugin) are read transparently; note that HDF5 decompresses every
+*whole* chunk a window touches, so with the usual one-chunk-per-image
+layout a window saves memory and copying but not decompression or disk
+bytes. Each image is read with a single HDF5 call, so every chunk is
+decompressed once and the chunk cache size does not matter.
+
+Bad tags. A tag group without ``detector_data``, or a dataset of the wrong
+shape or type, is found when the run is opened; a tag whose bytes cannot
+be decoded (a corrupt compressed chunk) only when it is read. With
+``on_bad_tag="fail"`` (default) either raises :class:`BadTagError` naming
+the file and tag; with ``"skip"`` the first kind is left out of the run
+(listed in ``Run.bad_tags`` and a warning) and the second kind yields an
+all-NaN image plus a warning, which the pipeline detects and keeps out of
+every pair.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import warnings
@@ -45,6 +67,7 @@ import h5py
 DETECTOR = "detector_2d_assembled_1"
 TAG_RE = re.compile(r"^tag_(\d+)$")
 OnBadTag = Literal["fail", "skip"]
+ReadStrategy = Literal["auto", "hyperslab", "rows"]
 
 #: event_info dataset base names -> standard variable names in ``Run.events``.
 EVENT_ALIASES = {
@@ -52,6 +75,8 @@ EVENT_ALIASES = {
     "shutter_status": "shutter",
     "photon_energy_in_eV": "photon_energy",
 }
+#: event variables that say whether the X-ray pulse reached the sample.
+STATUS_VARIABLES = ("pulse_selector", "shutter")
 
 
 def _open_h5(path: str) -> h5py.File:
@@ -64,7 +89,12 @@ def _open_h5(path: str) -> h5py.File:
         return h5py.File(path, "r")
     except OSError as exc:
         size = os.path.getsize(path)
-        hint = "truncated or not an HDF5 file" if size > 0 else "empty (0 bytes)"
+        if size == 0:
+            hint = "empty (0 bytes)"
+        elif "truncated" in str(exc):
+            hint = f"truncated ({size} bytes on disk; an interrupted copy?)"
+        else:
+            hint = "truncated, damaged or not an HDF5 file"
         raise RunFileError(f"cannot open run file {path!r}: {hint} ({exc})") from None
 
 
@@ -81,17 +111,46 @@ class TagSource:
         return f"/run_{self.run}/{DETECTOR}/tag_{self.tag}/detector_data"
 
 
-def _event_datasets(group: h5py.Group, n: int) -> dict[str, np.ndarray]:
-    """All 1-D datasets under event_info of length ``n``, by standard/base name."""
+class BadTag(str):
+    """A tag left out of a run: the message (a ``str``) with its parts as attributes.
+
+    Attributes
+    ----------
+    path : str
+        The run file.
+    run, tag : int
+        SACLA run and tag numbers.
+    reason : str
+        What is wrong with the tag's ``detector_data``.
+    """
+
+    path: str
+    run: int
+    tag: int
+    reason: str
+
+    def __new__(cls, path: str, run: int, tag: int, reason: str) -> BadTag:
+        self = super().__new__(cls, f"{path!r} run {run} tag {tag}: {reason}")
+        self.path, self.run, self.tag, self.reason = path, int(run), int(tag), reason
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BadTag, (self.path, self.run, self.tag, self.reason))
+
+
+# -- scanning a file -------------------------------------------------------------
+def _event_datasets(group: h5py.Group, n: int) -> dict[str, tuple[str, np.ndarray]]:
+    """All numeric 1-D datasets under event_info of length ``n``.
+
+    Returns ``{standard or base name: (HDF5 path, values)}``.
+    """
     found: dict[str, tuple[str, np.ndarray]] = {}
 
     def visit(name: str, obj: Any) -> None:
         if not isinstance(obj, h5py.Dataset) or obj.ndim != 1 or obj.shape[0] != n:
             return
         base = name.rsplit("/", 1)[-1]
-        if base == "tag_number_list":
-            return
-        if obj.dtype.kind not in "biuf":
+        if base == "tag_number_list" or obj.dtype.kind not in "biuf":
             return
         key = EVENT_ALIASES.get(base)
         if key is None and "pulse_energy" in base:
@@ -100,126 +159,173 @@ def _event_datasets(group: h5py.Group, n: int) -> dict[str, np.ndarray]:
             key = base
         if key in found:  # two datasets with one base name: use the path
             key = name.replace("/", "__")
-        found[key] = (name, obj[()])
+        found[key] = (f"{group.name}/{name}", obj[()])
 
     group.visititems(visit)
-    return {k: v[1] for k, v in found.items()}
+    return found
 
 
-def _scan_file(path: str, on_bad_tag: OnBadTag) -> tuple[list[dict[str, Any]], list[str]]:
+def _check_tag(det: h5py.Group, name: str) -> tuple[tuple[int, ...], h5py.h5d.DatasetID]:
+    """Shape and dataset id of ``det/name/detector_data``; ValueError saying what is wrong.
+
+    Uses h5py's low-level API: the high-level one costs ~0.6 ms per tag,
+    i.e. seconds for a 5000-tag run.
+    """
+    try:
+        dsid = h5py.h5d.open(det.id, f"{name}/detector_data".encode())
+    except KeyError as exc:
+        why = str(exc).strip("'\"").rsplit("(", 1)[-1].rstrip(")")
+        raise ValueError(f"no detector_data dataset in the tag group ({why})") from None
+    shape = dsid.shape
+    if dsid.get_type().get_class() not in (h5py.h5t.INTEGER, h5py.h5t.FLOAT):
+        raise ValueError(f"detector_data has type {dsid.dtype}, expected numbers")
+    if len(shape) != 2:
+        raise ValueError(f"detector_data has shape {shape}, expected a 2-D image")
+    return shape, dsid
+
+
+def _scan_file(path: str, on_bad_tag: OnBadTag) -> tuple[list[dict[str, Any]], list[BadTag]]:
     """Read the layout of one file: per-run tags, events, image shape/dtype."""
     runs: list[dict[str, Any]] = []
-    bad: list[str] = []
+    bad: list[BadTag] = []
     with _open_h5(path) as fh:
-        if "file_info" not in fh or "run_number_list" not in fh["file_info"]:
-            raise LayoutError(
-                f"{path!r} is HDF5 but not a SACLA DataConvert file: "
-                "no /file_info/run_number_list"
-            )
-        run_numbers = [int(r) for r in np.atleast_1d(fh["file_info/run_number_list"][()])]
-        if not run_numbers:
-            raise LayoutError(f"{path!r}: /file_info/run_number_list is empty")
-        for rn in run_numbers:
-            rgrp = f"run_{rn}"
-            if rgrp not in fh:
-                raise LayoutError(f"{path!r}: run {rn} is listed but /{rgrp} is missing")
-            g = fh[rgrp]
-            if DETECTOR not in g:
-                raise LayoutError(f"{path!r}: /{rgrp}/{DETECTOR} is missing")
-            if "event_info" not in g or "tag_number_list" not in g["event_info"]:
-                raise LayoutError(f"{path!r}: /{rgrp}/event_info/tag_number_list is missing")
-            event_tags = np.asarray(g["event_info/tag_number_list"][()], dtype=np.int64).ravel()
-            events = _event_datasets(g["event_info"], event_tags.size)
-            det = g[DETECTOR]
-            image_tags = []
-            shape = dtype = None
-            for name in det:
-                m = TAG_RE.match(name)
-                if not m:
-                    continue
-                tag = int(m.group(1))
-                try:
-                    grp = det[name]
-                    ds = grp.get("detector_data")
-                    if not isinstance(ds, h5py.Dataset):
-                        raise BadTagError(
-                            f"{path!r}: tag {tag} has no detector_data dataset "
-                            f"(/{rgrp}/{DETECTOR}/{name})"
-                        )
-                    if ds.ndim != 2:
-                        raise BadTagError(
-                            f"{path!r}: tag {tag} detector_data has shape {ds.shape}, "
-                            "expected a 2-D image"
-                        )
-                    if ds.dtype.kind not in "iuf":
-                        raise BadTagError(
-                            f"{path!r}: tag {tag} detector_data has dtype {ds.dtype}, "
-                            "expected numbers"
-                        )
-                    if shape is None:
-                        shape, dtype = ds.shape, ds.dtype
-                    elif ds.shape != shape:
-                        raise BadTagError(
-                            f"{path!r}: tag {tag} detector_data has shape {ds.shape}, "
-                            f"but other tags have {shape}"
-                        )
-                except BadTagError as exc:
-                    if on_bad_tag == "fail":
-                        raise
-                    bad.append(str(exc))
-                    continue
-                except (OSError, KeyError, RuntimeError) as exc:
-                    msg = f"{path!r}: tag {tag} cannot be read ({exc})"
-                    if on_bad_tag == "fail":
-                        raise BadTagError(msg) from None
-                    bad.append(msg)
-                    continue
-                image_tags.append(tag)
-            runs.append(
-                dict(run=rn, event_tags=event_tags, events=events,
-                     image_tags=np.array(sorted(image_tags), dtype=np.int64),
-                     shape=shape, dtype=dtype)
-            )
+        try:
+            _scan_open_file(fh, path, on_bad_tag, runs, bad)
+        except (OSError, RuntimeError) as exc:
+            raise RunFileError(f"cannot read the layout of run file {path!r}: damaged or "
+                               f"truncated ({exc})") from None
     return runs, bad
+
+
+def _scan_open_file(fh: h5py.File, path: str, on_bad_tag: OnBadTag,
+                    runs: list[dict[str, Any]], bad: list[BadTag]) -> None:
+    if "file_info" not in fh or "run_number_list" not in fh["file_info"]:
+        raise LayoutError(f"{path!r} is HDF5 but not a SACLA DataConvert file: "
+                          "no /file_info/run_number_list")
+    run_numbers = [int(r) for r in np.atleast_1d(fh["file_info/run_number_list"][()])]
+    if not run_numbers:
+        raise LayoutError(f"{path!r}: /file_info/run_number_list is empty")
+    for rn in run_numbers:
+        rgrp = f"run_{rn}"
+        if rgrp not in fh:
+            raise LayoutError(f"{path!r}: run {rn} is listed but /{rgrp} is missing")
+        g = fh[rgrp]
+        if DETECTOR not in g:
+            raise LayoutError(f"{path!r}: /{rgrp}/{DETECTOR} is missing")
+        if "event_info" not in g or "tag_number_list" not in g["event_info"]:
+            raise LayoutError(f"{path!r}: /{rgrp}/event_info/tag_number_list is missing")
+        event_tags = np.asarray(g["event_info/tag_number_list"][()], dtype=np.int64).ravel()
+        uniq, counts = np.unique(event_tags, return_counts=True)
+        if (counts > 1).any():
+            raise LayoutError(f"{path!r}: /{rgrp}/event_info/tag_number_list repeats tags "
+                              f"{uniq[counts > 1][:5].tolist()}")
+        events = _event_datasets(g["event_info"], event_tags.size)
+        det = g[DETECTOR]
+        image_tags = []
+        shape = dtype = None
+        for name in det:
+            m = TAG_RE.match(name)
+            if not m:
+                continue
+            tag = int(m.group(1))
+            try:
+                try:
+                    tshape, dsid = _check_tag(det, name)
+                except (OSError, RuntimeError) as exc:
+                    raise ValueError(f"detector_data cannot be opened ({exc})") from None
+                if shape is None:
+                    shape, dtype = tshape, dsid.dtype
+                elif tshape != shape:
+                    raise ValueError(f"detector_data has shape {tshape}, but other tags "
+                                     f"have {shape}")
+            except ValueError as exc:
+                bt = BadTag(path, rn, tag, f"{exc} (/{rgrp}/{DETECTOR}/{name})")
+                if on_bad_tag == "fail":
+                    raise BadTagError(f"{bt}; use on_bad_tag='skip' (--on-bad-tag skip) to "
+                                      "go on without it") from None
+                bad.append(bt)
+                continue
+            image_tags.append(tag)
+        runs.append(dict(run=rn, event_tags=event_tags, events=events,
+                         image_tags=np.array(sorted(image_tags), dtype=np.int64),
+                         shape=shape, dtype=dtype))
+
+
+# -- reading images ------------------------------------------------------------
+def _read_one(fid: h5py.h5f.FileID, src: TagSource, window: tuple[slice, slice],
+              out: np.ndarray, strategy: ReadStrategy) -> None:
+    """Read one tag's window into ``out`` (C-contiguous float32, window shape).
+
+    One HDF5 read call: ``"hyperslab"`` selects the 2-D window;
+    ``"rows"`` reads the window's full rows as one contiguous run of bytes
+    and copies the columns (contiguous datasets only; see
+    benchmarks/bench_read.py for which is faster). HDF5 converts integer
+    pixels to float32 on the way.
+    """
+    (y0, y1), (x0, x1) = (window[0].start, window[0].stop), (window[1].start, window[1].stop)
+    dsid = h5py.h5d.open(fid, src.dataset.encode())
+    fspace = dsid.get_space()
+    ny, nx = fspace.shape
+    full_rows = x0 == 0 and x1 == nx
+    if strategy == "rows" and not full_rows and (
+            dsid.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS):
+        buf = np.empty((y1 - y0, nx), dtype=np.float32)
+        fspace.select_hyperslab((y0, 0), (y1 - y0, nx))
+        dsid.read(h5py.h5s.create_simple(buf.shape), fspace, buf)
+        out[...] = buf[:, x0:x1]
+        return
+    if y0 == 0 and y1 == ny and full_rows:
+        dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+        return
+    fspace.select_hyperslab((y0, x0), (y1 - y0, x1 - x0))
+    dsid.read(h5py.h5s.create_simple(out.shape), fspace, out)
 
 
 def _read_block(
     sources: Sequence[TagSource],
     window: tuple[slice, slice],
     on_bad_tag: OnBadTag,
+    strategy: ReadStrategy = "auto",
 ) -> np.ndarray:
-    """Read the window of each tag's image into one float32 block (the task kernel)."""
+    """Read the window of each tag's image into one float32 block (the task kernel).
+
+    Each file is opened once per block. A tag that cannot be read raises
+    :class:`BadTagError` (``on_bad_tag="fail"``) or is filled with NaN and
+    warned about (``"skip"``).
+    """
+    if strategy == "auto":
+        strategy = READ_STRATEGY
     wy = window[0].stop - window[0].start
     wx = window[1].stop - window[1].start
     out = np.empty((len(sources), wy, wx), dtype=np.float32)
-    fh = None
-    cur = None
-    try:
-        for i, src in enumerate(sources):
-            if src.path != cur:
-                if fh is not None:
-                    fh.close()
-                fh = _open_h5(src.path)
-                cur = src.path
-            try:
-                ds = fh[src.dataset]
-                if ds.dtype == np.float32:
-                    ds.read_direct(out, source_sel=window, dest_sel=np.s_[i])
-                else:
-                    out[i] = ds[window]
-            except (OSError, KeyError, ValueError, TypeError) as exc:
-                if on_bad_tag == "fail":
-                    raise BadTagError(
-                        f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
-                        "use on_bad_tag='skip' (--on-bad-tag skip) to go on without it"
-                    ) from None
-                warnings.warn(f"{src.path!r}: skipping unreadable tag {src.tag} ({exc})",
-                              stacklevel=2)
-                out[i] = np.nan
-    finally:
-        if fh is not None:
-            fh.close()
+    by_path: dict[str, list[int]] = {}
+    for i, src in enumerate(sources):
+        by_path.setdefault(src.path, []).append(i)
+    for path, idx in by_path.items():
+        with _open_h5(path) as fh:
+            fid = fh.id
+            for i in idx:
+                src = sources[i]
+                try:
+                    _read_one(fid, src, window, out[i], strategy)
+                except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+                    if on_bad_tag == "fail":
+                        raise BadTagError(
+                            f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
+                            "use on_bad_tag='skip' (--on-bad-tag skip) to go on without it"
+                        ) from None
+                    warnings.warn(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
+                                  "its image is NaN and it is left out of every pair",
+                                  stacklevel=2)
+                    out[i] = np.nan
     return out
+
+
+#: Default way to read a window of a contiguous dataset: "hyperslab" (2-D
+#: selection) or "rows" (full rows, then columns). Chosen from
+#: benchmarks/bench_read.py on this project's machines; both read the same
+#: rows (HDF5's sieve buffer reads whole rows of a contiguous dataset).
+READ_STRATEGY: ReadStrategy = "hyperslab"
 
 
 class _TagReader:
@@ -228,8 +334,8 @@ class _TagReader:
     Holds only file paths and tag numbers, so it pickles to workers cheaply.
     """
 
-    def __init__(self, sources: Sequence[TagSource], shape: tuple[int, int],
-                 window: tuple[slice, slice], on_bad_tag: OnBadTag) -> None:
+    def __init__(self, sources: Sequence[TagSource], window: tuple[slice, slice],
+                 on_bad_tag: OnBadTag) -> None:
         self.sources = list(sources)
         self.window = window
         self.on_bad_tag = on_bad_tag
@@ -239,7 +345,7 @@ class _TagReader:
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
 
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)
         key = key + (slice(None),) * (3 - len(key))
@@ -247,15 +353,19 @@ class _TagReader:
         idx = range(len(self.sources))[tsel]
         y = range(self.window[0].start, self.window[0].stop)[ysel]
         x = range(self.window[1].start, self.window[1].stop)[xsel]
+        srcs = [self.sources[i] for i in idx]
         if y.step != 1 or x.step != 1:
-            block = _read_block([self.sources[i] for i in idx], self.window, self.on_bad_tag)
-            return block[:, ysel, xsel]
+            return _read_block(srcs, self.window, self.on_bad_tag)[:, ysel, xsel]
         win = (slice(y.start, y.stop), slice(x.start, x.stop))
-        return _read_block([self.sources[i] for i in idx], win, self.on_bad_tag)
+        return _read_block(srcs, win, self.on_bad_tag)
 
 
 def parse_chunk_size(chunk_size: int | str, image_nbytes: int) -> int:
-    """Tags per chunk for a chunk size in tags (int) or bytes (``"256MiB"``)."""
+    """Tags per chunk for a chunk size in tags (int) or bytes (``"256MiB"``).
+
+    Bytes are parsed by :func:`dask.utils.parse_bytes`; a size smaller than
+    one image gives one tag per chunk.
+    """
     if isinstance(chunk_size, str):
         try:
             nbytes = dask.utils.parse_bytes(chunk_size)
@@ -263,38 +373,48 @@ def parse_chunk_size(chunk_size: int | str, image_nbytes: int) -> int:
             raise ParameterError(
                 f"chunk size {chunk_size!r} is not a size such as '256MiB' or a number of tags"
             ) from None
+        if nbytes <= 0:
+            raise ParameterError(f"chunk size must be positive (got {chunk_size!r})")
         return max(1, int(nbytes // max(1, image_nbytes)))
-    n = int(chunk_size)
-    if n < 1:
-        raise ParameterError(f"chunk size must be >= 1 tag (got {chunk_size})")
-    return n
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ParameterError(f"chunk size must be >= 1 tag (got {chunk_size!r})")
+    return int(chunk_size)
 
 
+# -- the run -----------------------------------------------------------------------
 class Run:
     """One SACLA run (or several files/runs merged by tag).
 
     Attributes
     ----------
     paths : list of str
-        The files read.
+        The files read; ``events["source"]`` indexes this list.
     runs : list of int
         SACLA run numbers.
     tags : ndarray of int64
         Sorted tags that have an image.
     events : xarray.Dataset
         Per-tag event data on the ``tag`` dimension (image tags only):
-        ``bright`` (bool), ``run``, ``source`` (file index), and whatever
-        event_info holds (``pulse_selector``, ``photon_energy`` in eV,
-        ``pulse_energy``...).
+        ``bright`` (bool: the X-ray pulse reached the sample), ``selected``
+        (bool: used for pairs), ``run``, ``source`` (index into ``paths``),
+        and whatever event_info holds (``pulse_selector``,
+        ``photon_energy`` in eV, ``pulse_energy`` in J...), NaN for tags
+        that event_info does not list. Each event variable's ``hdf5_path``
+        attr says where it came from.
+    selection : dict
+        How ``bright`` and ``selected`` were decided, and the counts (plain
+        JSON values, written to the output's attrs).
     image_shape : (ny, nx)
         Detector image shape.
-    bad_tags : list of str
-        Messages for tags left out at open time (``on_bad_tag="skip"``).
+    bad_tags : list of BadTag
+        Tags left out when the run was opened (``on_bad_tag="skip"``).
     """
 
     def __init__(self, paths: list[str], sources: list[TagSource], events: xr.Dataset,
-                 image_shape: tuple[int, int], image_dtype: np.dtype, bad_tags: list[str],
-                 on_bad_tag: OnBadTag, all_events: xr.Dataset | None = None) -> None:
+                 image_shape: tuple[int, int], image_dtype: np.dtype, bad_tags: list[BadTag],
+                 on_bad_tag: OnBadTag, all_events: xr.Dataset | None = None,
+                 selection: dict[str, Any] | None = None,
+                 run_tags: dict[int, np.ndarray] | None = None) -> None:
         self.paths = paths
         self._sources = sources
         self.events = events
@@ -303,6 +423,8 @@ class Run:
         self.image_dtype = image_dtype
         self.bad_tags = bad_tags
         self.on_bad_tag = on_bad_tag
+        self.selection = dict(selection or {})
+        self._run_tags = run_tags or {}
 
     # -- description ---------------------------------------------------
     @property
@@ -324,8 +446,19 @@ class Run:
         return self.events["bright"].values
 
     @property
+    def selected(self) -> np.ndarray:
+        """Boolean per tag: True for the shots to pair (bright and passing the selection)."""
+        if "selected" in self.events:
+            return self.events["selected"].values
+        return self.bright
+
+    @property
     def sources(self) -> list[TagSource]:
         return list(self._sources)
+
+    def tag_paths(self) -> list[str]:
+        """The file of each tag (same order as ``tags``)."""
+        return [s.path for s in self._sources]
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -333,9 +466,23 @@ class Run:
     def __repr__(self) -> str:
         t = self.tags
         rng = f"{t[0]}..{t[-1]}" if t.size else "none"
+        bad = f", {len(self.bad_tags)} bad tag(s) left out" if self.bad_tags else ""
         return (f"<Run {','.join(map(str, self.runs))}: {len(self)} tags ({rng}), "
-                f"{int(self.bright.sum())} bright, images {self.image_shape} "
-                f"{self.image_dtype} from {len(self.paths)} file(s)>")
+                f"{int(self.bright.sum())} bright, {int(self.selected.sum())} selected, "
+                f"images {self.image_shape} {self.image_dtype} from {len(self.paths)} "
+                f"file(s){bad}>")
+
+    def _replace(self, keep: np.ndarray | None = None, events: xr.Dataset | None = None,
+                 selection: dict[str, Any] | None = None) -> Run:
+        ev = self.events if events is None else events
+        sources = self._sources
+        if keep is not None:
+            idx = np.nonzero(keep)[0]
+            ev = ev.isel(tag=idx)
+            sources = [sources[i] for i in idx]
+        return Run(self.paths, sources, ev, self.image_shape, self.image_dtype,
+                   self.bad_tags, self.on_bad_tag, self.all_events,
+                   self.selection if selection is None else selection, self._run_tags)
 
     # -- selection -----------------------------------------------------
     def select(self, keep: np.ndarray | Sequence[bool]) -> Run:
@@ -343,10 +490,7 @@ class Run:
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (len(self),):
             raise ParameterError(f"selection must have one boolean per tag ({len(self)})")
-        idx = np.nonzero(keep)[0]
-        return Run(self.paths, [self._sources[i] for i in idx], self.events.isel(tag=idx),
-                   self.image_shape, self.image_dtype, self.bad_tags, self.on_bad_tag,
-                   self.all_events)
+        return self._replace(keep=keep)
 
     def sel_tags(self, tags: Iterable[int]) -> Run:
         """A new Run with the given tags (all must exist)."""
@@ -356,6 +500,103 @@ class Run:
             raise ParameterError(f"tags not in the run: {missing[:10].tolist()}")
         return self.select(np.isin(self.tags, tags))
 
+    def select_shots(
+        self,
+        tag_range: tuple[int, int] | None = None,
+        min_pulse_energy: float | None = None,
+        skip_first: int | None = None,
+        drop_unselected: bool = False,
+    ) -> Run:
+        """Choose the shots to correlate; the choice is recorded.
+
+        Dark shots (pulse selector / shutter closed, from event_info) are
+        never selected. The criteria add up: calling this twice applies both.
+
+        Parameters
+        ----------
+        tag_range : (first, last), optional
+            Keep only tags ``first <= tag <= last`` (the others are not read).
+        min_pulse_energy : float, optional
+            Select only shots whose pulse energy (event_info ``*pulse_energy*``,
+            joules) is at least this; a shot without a pulse energy is not
+            selected.
+        skip_first : int, optional
+            Treat the first N exposures of each run as dark (for files
+            without a pulse-selector status; applied in addition to the
+            status when there is one). Counted from the run's first
+            exposure known to event_info, not from the file's first image.
+        drop_unselected : bool
+            Leave unselected shots out of the run altogether (not read).
+            By default they stay (read, transformed, stored) but are not
+            paired, so that the output shows what was left out.
+
+        Returns
+        -------
+        Run
+            ``events["bright"]`` and ``events["selected"]`` updated and
+            ``selection`` describing the criteria and counts.
+        """
+        sel = dict(self.selection)
+        run = self
+        if tag_range is not None:
+            try:
+                first, last = (int(t) for t in tag_range)
+            except (TypeError, ValueError):
+                raise ParameterError(f"tag_range must be (first, last) tag numbers (got "
+                                     f"{tag_range!r})") from None
+            if first > last:
+                raise ParameterError(f"tag_range first {first} > last {last}")
+            inside = (self.tags >= first) & (self.tags <= last)
+            if not inside.any():
+                t = self.tags
+                raise ParameterError(
+                    f"no tag of the run lies in the tag range {first}..{last} (the run has "
+                    f"{t.size} tags {t[0]}..{t[-1]})" if t.size else "the run has no tag")
+            prev = sel.get("tag_range")
+            if prev:
+                first, last = max(first, prev[0]), min(last, prev[1])
+            sel["tag_range"] = [first, last]
+            sel["n_out_of_range"] = int(sel.get("n_out_of_range", 0) + (~inside).sum())
+            run = run._replace(keep=inside)
+        ev = run.events.copy()
+        bright = ev["bright"].values.copy()
+        if skip_first:
+            n = int(skip_first)
+            if n < 0:
+                raise ParameterError(f"skip_first must be >= 0 (got {skip_first})")
+            bright &= ~_first_exposures(ev, run._run_tags, n)
+            sel["skip_first"] = max(n, int(sel.get("skip_first") or 0))
+        selected = bright & (ev["selected"].values if "selected" in ev else True)
+        if min_pulse_energy is not None:
+            e_min = float(min_pulse_energy)
+            if not np.isfinite(e_min):
+                raise ParameterError(f"min_pulse_energy must be a finite number of joules "
+                                     f"(got {min_pulse_energy!r})")
+            if "pulse_energy" not in ev:
+                raise ParameterError(
+                    f"a pulse-energy threshold needs the pulse energy in event_info, but "
+                    f"{self.paths} has none (event data: {sorted(map(str, ev.data_vars))})")
+            e = ev["pulse_energy"].values.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(e) & (e >= e_min)
+            selected &= ok
+            prev_e = sel.get("min_pulse_energy")
+            sel["min_pulse_energy"] = e_min if prev_e is None else max(e_min, prev_e)
+            sel["pulse_energy_dataset"] = ev["pulse_energy"].attrs.get("hdf5_path", "")
+        ev["bright"] = ("tag", bright, ev["bright"].attrs)
+        ev["selected"] = ("tag", selected, ev["selected"].attrs if "selected" in ev else {})
+        if min_pulse_energy is not None:
+            sel["n_low_pulse_energy"] = int((bright & ~ok).sum())
+        sel["n_dark"] = int((~bright).sum())
+        sel["n_selected"] = int(selected.sum())
+        sel["n_tags"] = int(selected.size)
+        out = run._replace(events=ev, selection=sel)
+        if drop_unselected:
+            sel["dropped_unselected"] = True
+            sel["n_tags"] = int(selected.sum())
+            out = out._replace(keep=selected, selection=sel)
+        return out
+
     # -- images --------------------------------------------------------
     def images(self, chunks: int | str = "128MiB",
                window: tuple[slice, slice] | None = None) -> da.Array:
@@ -364,26 +605,58 @@ class Run:
         Parameters
         ----------
         chunks : int or str
-            Tags per chunk, or a byte size per chunk such as ``"256MiB"``.
+            Tags per chunk, or a byte size of window data per chunk such as
+            ``"256MiB"``. One task per chunk reads its tags.
         window : (slice, slice), optional
             Read only this (rows, cols) bounding box of each image (a
-            hyperslab read: only those bytes leave the disk).
+            hyperslab read). Steps are not allowed.
         """
         ny, nx = self.image_shape
         if window is None:
             window = (slice(0, ny), slice(0, nx))
-        window = tuple(slice(*s.indices(n)[:2]) for s, n in zip(window, (ny, nx)))  # type: ignore
-        wy = window[0].stop - window[0].start
-        wx = window[1].stop - window[1].start
+        if any(s.step not in (None, 1) for s in window):
+            raise ParameterError(f"window slices must have step 1 (got {window})")
+        win = tuple(slice(*s.indices(n)[:2]) for s, n in zip(window, (ny, nx)))
+        wy = win[0].stop - win[0].start
+        wx = win[1].stop - win[1].start
+        if wy <= 0 or wx <= 0:
+            raise ParameterError(f"window {window} is empty for images of shape {(ny, nx)}")
         per = parse_chunk_size(chunks, wy * wx * 4)
-        reader = _TagReader(self._sources, self.image_shape, window, self.on_bad_tag)
+        reader = _TagReader(self._sources, win, self.on_bad_tag)  # type: ignore[arg-type]
         n = len(self._sources)
         tchunks = tuple([per] * (n // per) + ([n % per] if n % per else [])) or (0,)
         name = "sacla-images-" + dask.base.tokenize(
-            [(s.path, s.run, s.tag) for s in self._sources], window,
+            [(s.path, s.run, s.tag) for s in self._sources], win, self.on_bad_tag,
             [os.path.getmtime(p) for p in self.paths])
         return da.from_array(reader, chunks=(tchunks, wy, wx), name=name, asarray=False,
                              fancy=False, meta=np.empty((0, 0, 0), np.float32))
+
+
+def _first_exposures(events: xr.Dataset, run_tags: dict[int, np.ndarray], n: int) -> np.ndarray:
+    """True for tags among the first ``n`` exposures of their run."""
+    tags = events["tag"].values
+    runs = events["run"].values
+    out = np.zeros(tags.size, dtype=bool)
+    for rn in np.unique(runs):
+        known = run_tags.get(int(rn))
+        on = runs == rn
+        if known is None:
+            known = np.sort(tags[on])
+        rank = np.searchsorted(known, tags[on])
+        out[on] = rank < n
+    return out
+
+
+def _status_bright(events: xr.Dataset) -> tuple[np.ndarray, list[str]]:
+    """Bright from the pulse-selector/shutter status; the variables used."""
+    bright = np.ones(events.sizes["tag"], dtype=bool)
+    used = []
+    for key in STATUS_VARIABLES:
+        if key in events:
+            v = events[key].values.astype(np.float64)
+            bright &= np.nan_to_num(v, nan=0) != 0
+            used.append(events[key].attrs.get("hdf5_path", key))
+    return bright, used
 
 
 def open_run(
@@ -396,12 +669,13 @@ def open_run(
     Parameters
     ----------
     paths : path or list of paths
-        DataConvert HDF5 files (several files of a run, or several runs).
+        DataConvert HDF5 files: several files of one run, or several runs.
+        Tags are merged in order; a tag present in two files is refused.
     on_bad_tag : {"fail", "skip"}
         What to do with a tag whose detector dataset is missing or damaged.
     skip_first : int, optional
-        Treat the first N tags as dark when the file has no pulse-selector
-        status (ignored when it has one).
+        Treat the first N exposures of each run as dark (see
+        :meth:`Run.select_shots`).
 
     Returns
     -------
@@ -419,12 +693,19 @@ def open_run(
     plist = [os.fspath(p) for p in paths]
     if not plist:
         raise ParameterError("no run file given")
+    real: dict[str, str] = {}
+    for p in plist:
+        rp = os.path.realpath(p)
+        if rp in real:
+            raise ParameterError(f"run file {p!r} is given twice (also as {real[rp]!r})")
+        real[rp] = p
     sources: list[TagSource] = []
     ev_tables = []
     all_ev_tables = []
-    bad_all: list[str] = []
+    bad_all: list[BadTag] = []
     shape = dtype = None
     seen: dict[int, str] = {}
+    run_tags: dict[int, list[np.ndarray]] = {}
     for fi, p in enumerate(plist):
         runs, bad = _scan_file(p, on_bad_tag)
         bad_all += bad
@@ -435,20 +716,24 @@ def open_run(
                 elif r["shape"] != shape:
                     raise LayoutError(f"{p!r} run {r['run']}: images are {r['shape']} but "
                                       f"earlier files have {shape}")
-            ev = xr.Dataset({k: ("tag", v) for k, v in r["events"].items()},
+            ev = xr.Dataset({k: ("tag", v, {"hdf5_path": h5})
+                             for k, (h5, v) in r["events"].items()},
                             coords={"tag": r["event_tags"]})
             ev["run"] = ("tag", np.full(r["event_tags"].size, r["run"], dtype=np.int64))
             all_ev_tables.append(ev)
             tags = r["image_tags"]
+            run_tags.setdefault(r["run"], []).extend([r["event_tags"], tags])
             missing = np.setdiff1d(tags, r["event_tags"])
             if missing.size:
                 warnings.warn(f"{p!r}: {missing.size} image tags are not in event_info "
-                              f"(e.g. {missing[:3].tolist()}); their event data is NaN",
+                              f"(e.g. {missing[:3].tolist()}); their event data is NaN"
+                              + (" and they count as dark"
+                                 if any(k in r["events"] for k in STATUS_VARIABLES) else ""),
                               stacklevel=2)
-            for t in tags:
-                t = int(t)
+            for t in tags.tolist():
                 if t in seen:
-                    raise LayoutError(f"tag {t} appears twice: in {seen[t]!r} and {p!r}")
+                    raise LayoutError(f"tag {t} appears twice: in {seen[t]!r} and {p!r}; "
+                                      "give each tag's file once")
                 seen[t] = p
                 sources.append(TagSource(p, r["run"], t))
             sub = ev.reindex(tag=tags)
@@ -456,48 +741,58 @@ def open_run(
             sub["run"] = ("tag", np.full(tags.size, r["run"], dtype=np.int64))
             ev_tables.append(sub)
     if not sources:
-        raise LayoutError(f"no tag with a detector image in {plist}")
-    order = np.argsort([s.tag for s in sources], kind="stable")
-    sources = [sources[i] for i in order]
+        raise LayoutError(f"no tag with a detector image in {plist}"
+                          + (f" ({len(bad_all)} bad tag(s) left out)" if bad_all else ""))
+    sources.sort(key=lambda s: s.tag)
     events = xr.concat(ev_tables, dim="tag", join="outer") if len(ev_tables) > 1 else ev_tables[0]
     events = events.sortby("tag")
     all_events = (xr.concat(all_ev_tables, dim="tag", join="outer")
                   if len(all_ev_tables) > 1 else all_ev_tables[0])
-    events["bright"] = ("tag", _bright(events, skip_first))
+    _, first = np.unique(all_events["tag"].values, return_index=True)
+    all_events = all_events.isel(tag=first)  # files of one run may repeat its event data
+    for tab in ev_tables + all_ev_tables:  # concat keeps only the first table's attrs
+        for k, v in tab.data_vars.items():
+            if k in events and "hdf5_path" in v.attrs:
+                events[k].attrs.setdefault("hdf5_path", v.attrs["hdf5_path"])
+    bright, status = _status_bright(events)
     events["tag"].attrs["long_name"] = "SACLA tag number"
+    events["run"].attrs["long_name"] = "SACLA run number"
+    abspaths = [os.path.abspath(p) for p in plist]
+    events["source"].attrs.update(long_name="index of the tag's run file in the 'sources' "
+                                            "attribute", sources=abspaths)
     if "photon_energy" in events:
         events["photon_energy"].attrs["units"] = "eV"
-    events.attrs["sources"] = list(plist)
+    if "pulse_energy" in events:
+        events["pulse_energy"].attrs["units"] = "J"
+    events["bright"] = ("tag", bright, {"long_name": "X-ray shot (pulse selector/shutter "
+                                                     "open, not skipped)"})
+    events["selected"] = ("tag", bright.copy(), {"long_name": "used for pairs"})
+    events.attrs["sources"] = abspaths
+    selection = {"dark_from": status or "none", "skip_first": 0, "tag_range": None,
+                 "min_pulse_energy": None, "n_tags": int(bright.size),
+                 "n_dark": int((~bright).sum()), "n_selected": int(bright.sum())}
     if bad_all:
-        warnings.warn(f"{len(bad_all)} bad tag(s) left out: " + "; ".join(bad_all[:5]),
+        warnings.warn(f"{len(bad_all)} bad tag(s) left out: "
+                      + "; ".join(map(str, bad_all[:5])) + ("..." if len(bad_all) > 5 else ""),
                       stacklevel=2)
-    return Run(plist, sources, events, tuple(shape), np.dtype(dtype), bad_all, on_bad_tag,
-               all_events)
-
-
-def _bright(events: xr.Dataset, skip_first: int | None) -> np.ndarray:
-    n = events.sizes["tag"]
-    bright = np.ones(n, dtype=bool)
-    have_status = False
-    for key in ("pulse_selector", "shutter"):
-        if key in events:
-            v = events[key].values
-            bright &= np.nan_to_num(v, nan=0) != 0
-            have_status = True
-    if not have_status and skip_first:
-        bright[: int(skip_first)] = False
-    return bright
+    rt = {k: np.unique(np.concatenate(v)) for k, v in run_tags.items()}
+    run = Run(plist, sources, events, tuple(shape), np.dtype(dtype), bad_all,  # type: ignore
+              on_bad_tag, all_events, selection, rt)
+    if skip_first:
+        run = run.select_shots(skip_first=skip_first)
+    return run
 
 
 def mean_wavelength(run: Run) -> float:
-    """Mean wavelength (Angstrom) of the bright shots from the photon energy in eV."""
+    """Mean wavelength (Angstrom) of the selected shots from the photon energy in eV."""
     from .geometry import energy_to_wavelength
 
     if "photon_energy" not in run.events:
         raise ParameterError(
             f"no photon energy in the event data of {run.paths}; give the wavelength "
             "(--wavelength, Angstrom)")
-    e = run.events["photon_energy"].values[run.bright]
+    use = run.selected if run.selected.any() else np.ones(len(run), dtype=bool)
+    e = run.events["photon_energy"].values[use]
     e = e[np.isfinite(e)]
     if e.size == 0 or not np.all(e > 0):
         raise ParameterError(f"the photon energy in {run.paths} is missing or not positive; "
@@ -505,5 +800,5 @@ def mean_wavelength(run: Run) -> float:
     return float(energy_to_wavelength(float(np.mean(e))))
 
 
-__all__ = ["Run", "TagSource", "open_run", "parse_chunk_size", "mean_wavelength", "DETECTOR"]
-_ = math
+__all__ = ["Run", "TagSource", "BadTag", "open_run", "parse_chunk_size", "mean_wavelength",
+           "DETECTOR"]

@@ -5,7 +5,9 @@ powder rings at known radii about a known beam centre, shutter-closed dark
 shots first, per-tag event data, an optional angular modulation
 ``cos(n (phi - phase))`` with a random phase per shot (so that the
 difference correlation has a known signature), panel gaps for a mask,
-and the usual HDF5 compressions.
+and the usual HDF5 compressions. It also damages files on purpose (a tag
+without ``detector_data``, a corrupt compressed chunk, a truncated file) for
+the tests of bad input.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ COMPRESSIONS = ("none", "gzip", "bitshuffle-lz4", "zstd")
 
 @dataclasses.dataclass
 class SyntheticTruth:
-    """What a synthetic run was made from (the answers tests compare with)."""
+    """What a synthetic run was made from (the answers tests compare with).
+
+    ``tags``, ``bright``, ``phases`` and ``pulse_energy`` (joules) are per
+    image tag; ``event_tags`` lists every exposure with event data;
+    ``missing`` the tags written without ``detector_data``.
+    """
 
     path: str
     run: int
@@ -48,6 +55,9 @@ class SyntheticTruth:
     modulation_order: int
     modulation_amplitude: float
     phases: np.ndarray
+    pulse_energy: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    event_tags: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    missing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def wavelength(self) -> float:
@@ -135,8 +145,15 @@ def write_synthetic_run(
     compression: str = "none",
     extra_event_tags: int = 0,
     seed: int = 0,
+    first_image: int = 0,
+    pulse_selector: bool = True,
+    chunks: tuple[int, int] | None = None,
+    missing_data: Sequence[int] = (),
     modulated_rings: Sequence[int] | None = None,
     ring_phase_offsets: Sequence[float] | None = None,
+    spots: int = 0,
+    spot_amplitude: float = 2000.0,
+    spot_width: float = 1.0,
 ) -> SyntheticTruth:
     """Write a synthetic SACLA run in the DataConvert layout.
 
@@ -145,8 +162,11 @@ def write_synthetic_run(
     path : path
         Output HDF5 file (overwritten).
     n_tags : int
-        Number of tags with images; the first ``n_dark`` have the pulse
-        selector closed (dark: background and noise only).
+        Number of tags with images.
+    n_dark : int
+        The run's first ``n_dark`` exposures have the pulse selector closed
+        (dark: background and noise only). Counted from the first exposure
+        of the run, not of the file (see ``first_image``).
     shape : (ny, nx)
         Image shape in pixels (MPCCD octal: about 2400x2400).
     center : (x, y), optional
@@ -155,24 +175,54 @@ def write_synthetic_run(
         Powder ring radii and gaussian width, in pixels.
     pixel_size, distance : float
         Metres. ``photon_energy`` in eV (stored per tag in event_info).
+    run, first_tag, tag_step : int
+        Run number; tag of the run's first exposure and the tag increment.
     modulation_order, modulation_amplitude : int, float
         Each bright shot's rings carry ``1 + a cos(n (phi - phase))`` with a
         random phase per shot (returned in the truth).
     noise : bool
-        Poisson noise on every pixel.
+        Poisson noise on every pixel (``False`` is much faster for large
+        images, e.g. benchmarks at 2400x2400).
     compression : {"none", "gzip", "bitshuffle-lz4", "zstd"}
-        HDF5 filter of the detector datasets (image-sized chunks).
+        HDF5 filter of the detector datasets.
     extra_event_tags : int
-        Event data for this many more tags than have images (as in a subset
-        file cut from a longer run).
+        Event data for this many more exposures than have images (as in a
+        subset file cut from a longer run: the tutorial's file holds 199
+        images and event data for 5050 tags).
     seed : int
         Random seed.
+    first_image : int
+        Index of the first exposure with an image: the file holds images for
+        exposures ``first_image .. first_image + n_tags - 1`` of the run and
+        event data for exposures ``0 .. first_image + n_tags +
+        extra_event_tags - 1`` (a subset cut from the middle of a run, or
+        one of several files of one run).
+    pulse_selector : bool
+        Write ``xfel_pulse_selector_status`` (``False``: a file without the
+        status, where dark shots can only be skipped by count).
+    chunks : (cy, cx), optional
+        HDF5 chunk shape of the detector datasets (default: contiguous when
+        uncompressed, one chunk per image when compressed).
+    missing_data : sequence of int
+        Indices (0-based, among the image tags) of tags whose group is
+        written without ``detector_data`` (a damaged export). Their truth
+        is still listed in ``tags``; see ``SyntheticTruth.missing``.
     modulated_rings : sequence of int, optional
         Indices of the rings that carry the angular modulation (default:
         all); the others are isotropic.
     ring_phase_offsets : sequence of float, optional
         Per-ring phase offset ``d_k`` (radians): ring k carries
         ``cos(n (phi - phase - d_k))`` (default: 0 for every ring).
+    spots : int
+        Bragg spots per ring on every bright shot (a spotty nanocrystal
+        powder ring): gaussian spots of sigma ``spot_width`` pixels centred
+        exactly on the ring radius at uniformly random azimuths, with
+        exponentially distributed peak heights of mean ``spot_amplitude``
+        (detector units at 1 mJ, scaled by the pulse energy like the rings).
+        Spots off the detector are dropped. Combine with small
+        ``ring_amplitudes`` for a weak continuous ring under the spots. The
+        spots come from their own random stream, so ``spots=0`` writes
+        exactly what the writer wrote before this option existed.
 
     Returns
     -------
@@ -180,35 +230,42 @@ def write_synthetic_run(
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS} (got {compression!r})")
+    if first_image < 0 or n_tags < 0 or extra_event_tags < 0:
+        raise ValueError("n_tags, first_image and extra_event_tags must be >= 0")
     rng = np.random.default_rng(seed)
     ny, nx = shape
     if center is None:
         center = ((nx - 1) / 2 + 3.3, (ny - 1) / 2 - 2.1)
     cx, cy = float(center[0]), float(center[1])
-    n_event = n_tags + extra_event_tags
+    n_event = first_image + n_tags + extra_event_tags
     event_tags = first_tag + tag_step * np.arange(n_event, dtype=np.int64)
-    tags = event_tags[:n_tags]
+    img_idx = np.arange(first_image, first_image + n_tags)
+    tags = event_tags[img_idx]
     bright = np.ones(n_event, dtype=bool)
     bright[:n_dark] = False
     phases = rng.uniform(0, 2 * np.pi, n_event)
     pulse_energy = np.where(bright, rng.normal(1.0e-3, 0.05e-3, n_event), 0.0)
     energies = photon_energy + rng.normal(0, 1.0, n_event)
+    missing = sorted({int(i) for i in missing_data})
+    if missing and (missing[0] < 0 or missing[-1] >= n_tags):
+        raise ValueError(f"missing_data indices must lie in 0..{n_tags - 1} (got {missing})")
 
-    # Precompute r, phi once; each shot is a cheap combination.
+    # Precompute r, phi once; each shot is a cheap float32 combination.
     yy, xx = np.mgrid[:ny, :nx].astype(np.float32)
     dx, dy = xx - np.float32(cx), yy - np.float32(cy)
     r = np.hypot(dx, dy)
     phi = np.arctan2(dy, dx)
     del yy, xx, dx, dy
     amps = list(ring_amplitudes) if ring_amplitudes is not None else [1000.0] * len(ring_radii)
-    rings = [np.float32(a) * np.exp(-((r - np.float32(rk)) ** 2) / np.float32(2 * ring_width**2))
-             for rk, a in zip(ring_radii, amps)]
-    ring_sum = np.sum(rings, axis=0, dtype=np.float32) if rings else np.zeros(shape, np.float32)
+    ring_sum = np.zeros(shape, np.float32)
+    for rk, a in zip(ring_radii, amps):
+        ring_sum += np.float32(a) * np.exp(-((r - np.float32(rk)) ** 2)
+                                           / np.float32(2 * ring_width**2))
     per_ring = None
     if modulated_rings is not None or ring_phase_offsets is not None:
         per_ring = _ring_modulation(r, phi, ring_radii, amps, ring_width, ring_sum,
                                     modulation_order, modulated_rings, ring_phase_offsets)
-    del rings, r
+    del r
     cos_n = np.cos(modulation_order * phi).astype(np.float32)
     sin_n = np.sin(modulation_order * phi).astype(np.float32)
     if per_ring is not None:
@@ -217,12 +274,20 @@ def write_synthetic_run(
 
     kw: dict = {}
     if compression == "gzip":
-        kw = dict(compression="gzip", compression_opts=4, chunks=shape)
+        kw = dict(compression="gzip", compression_opts=4)
     elif compression == "bitshuffle-lz4":
-        kw = dict(chunks=shape, **hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+        kw = dict(**hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
     elif compression == "zstd":
-        kw = dict(chunks=shape, **hdf5plugin.Zstd())
+        kw = dict(**hdf5plugin.Zstd())
+    if chunks is not None:
+        kw["chunks"] = tuple(int(c) for c in chunks)
+    elif kw:
+        kw["chunks"] = tuple(shape)
 
+    if spots < 0 or spot_width <= 0 or spot_amplitude < 0:
+        raise ValueError("spots and spot_amplitude must be >= 0 and spot_width > 0")
+    spot_rng = np.random.default_rng((seed, 1))
+    img = np.empty(shape, np.float32)
     p = os.fspath(path)
     with h5py.File(p, "w") as fh:
         fh["file_info/run_number_list"] = np.array([run], dtype=np.int64)
@@ -233,33 +298,139 @@ def write_synthetic_run(
         info["detector_name"] = np.bytes_("MPCCD-8N0-synthetic")
         ev = g.create_group("event_info")
         ev["tag_number_list"] = event_tags
-        ev["bl_3/eh_1/xfel_pulse_selector_status"] = bright.astype(np.int32)
+        if pulse_selector:
+            ev["bl_3/eh_1/xfel_pulse_selector_status"] = bright.astype(np.int32)
         ev["bl_3/oh_2/photon_energy_in_eV"] = energies
         ev["bl_3/oh_2/bm_1_pulse_energy_in_joule"] = pulse_energy
         g["run_info/sacla_config/synthetic"] = np.bytes_("sacla_dask.synthetic")
         g.create_group("exp_info")
-        for i, tag in enumerate(tags):
-            if bright[i]:
-                a = modulation_amplitude
-                # cos(n(phi - p)) = cos(n phi) cos(n p) + sin(n phi) sin(n p)
-                mod = 1 + a * (cos_n * np.float32(np.cos(modulation_order * phases[i]))
-                               + sin_n * np.float32(np.sin(modulation_order * phases[i])))
-                scale = np.float32(pulse_energy[i] / 1.0e-3)
-                img = background + scale * ring_sum * mod
-            else:
-                img = np.full(shape, background, dtype=np.float32)
+        # h5py's high-level API costs ~0.5 ms per tag group; the low-level
+        # calls below write a 5000-tag run in about a second. Chunked or
+        # filtered datasets go through the high-level API, which sets the
+        # filters up (a copied creation property list would re-run the
+        # filters' set_local and garble their parameters).
+        ftype = h5py.h5t.py_create(np.dtype("<f4"))
+        space = h5py.h5s.create_simple(tuple(shape))
+        stype = h5py.h5t.py_create(np.dtype("<i4"))
+        sspace = h5py.h5s.create(h5py.h5s.SCALAR)
+        one = np.array(1, dtype=np.int32)
+        mset = set(missing)
+        for k, (i, tag) in enumerate(zip(img_idx, tags)):
+            _shot(img, bright[i], background, pulse_energy[i], ring_sum, cos_n, sin_n,
+                  modulation_amplitude, modulation_order, phases[i])
+            if spots and bright[i]:
+                _add_spots(img, spot_rng, spots, cx, cy, ring_radii, spot_width,
+                           spot_amplitude * pulse_energy[i] / 1.0e-3)
             if noise:
-                img = rng.poisson(np.maximum(img, 0)).astype(np.float32)
-            tg = det.create_group(f"tag_{tag}")
-            tg.create_dataset("detector_data", data=np.asarray(img, dtype=np.float32), **kw)
-            tg["detector_status"] = np.int32(1)
+                img[...] = rng.poisson(np.maximum(img, 0))
+            gid = h5py.h5g.create(det.id, f"tag_{tag}".encode())
+            if k in mset:
+                pass
+            elif kw:
+                h5py.Group(gid).create_dataset("detector_data", data=img, **kw)
+            else:
+                dsid = h5py.h5d.create(gid, b"detector_data", ftype, space)
+                dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, img)
+            st = h5py.h5d.create(gid, b"detector_status", stype, sspace)
+            st.write(h5py.h5s.ALL, h5py.h5s.ALL, one)
     return SyntheticTruth(
-        path=p, run=run, tags=tags, bright=bright[:n_tags], shape=tuple(shape),
+        path=p, run=run, tags=tags, bright=bright[img_idx], shape=tuple(shape),
         center_x=cx, center_y=cy, ring_radii=tuple(float(x) for x in ring_radii),
         ring_width=ring_width, pixel_size=pixel_size, distance=distance,
         photon_energy=photon_energy, modulation_order=modulation_order,
-        modulation_amplitude=modulation_amplitude, phases=phases[:n_tags],
+        modulation_amplitude=modulation_amplitude, phases=phases[img_idx],
+        pulse_energy=pulse_energy[img_idx], event_tags=event_tags,
+        missing=tags[missing] if missing else np.zeros(0, np.int64),
     )
+
+
+def _shot(out: np.ndarray, bright: bool, background: float, pulse_energy: float,
+          ring_sum: np.ndarray, cos_n: np.ndarray, sin_n: np.ndarray, amplitude: float,
+          order: int, phase: float) -> None:
+    """One noise-free shot into ``out`` (float32, in place, no temporaries).
+
+    ``bg + (E / 1 mJ) * rings * (1 + a cos(n (phi - phase)))`` for a bright
+    shot; ``bg`` for a dark one.
+    """
+    if not bright:
+        out.fill(background)
+        return
+    # cos(n(phi - p)) = cos(n phi) cos(n p) + sin(n phi) sin(n p)
+    np.multiply(cos_n, np.float32(amplitude * np.cos(order * phase)), out=out)
+    out += sin_n * np.float32(amplitude * np.sin(order * phase))
+    out += np.float32(1)
+    out *= ring_sum
+    out *= np.float32(pulse_energy / 1.0e-3)
+    out += np.float32(background)
+
+
+def _add_spots(out: np.ndarray, rng: np.random.Generator, n: int, cx: float, cy: float,
+               radii: Sequence[float], width: float, amplitude: float) -> None:
+    """Add ``n`` gaussian Bragg spots per ring to ``out`` (float32, in place).
+
+    Each spot: sigma ``width`` px, centred on ring radius ``R_k`` about
+    ``(cx, cy)`` at a uniform random azimuth, peak height exponential with
+    mean ``amplitude``; drawn in a window of +/- 4 sigma.
+    """
+    ny, nx = out.shape
+    half = int(np.ceil(4 * width)) + 1
+    for rk in radii:
+        angles = rng.uniform(0, 2 * np.pi, n)
+        heights = rng.exponential(amplitude, n) if amplitude > 0 else np.zeros(n)
+        for a, h in zip(angles, heights, strict=True):
+            sx, sy = cx + rk * np.cos(a), cy + rk * np.sin(a)
+            x0, y0 = max(int(np.floor(sx)) - half, 0), max(int(np.floor(sy)) - half, 0)
+            x1, y1 = min(int(np.floor(sx)) + half + 2, nx), min(int(np.floor(sy)) + half + 2, ny)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            gx = np.exp(-0.5 * ((np.arange(x0, x1) - sx) / width) ** 2)
+            gy = np.exp(-0.5 * ((np.arange(y0, y1) - sy) / width) ** 2)
+            out[y0:y1, x0:x1] += (h * np.outer(gy, gx)).astype(np.float32)
+
+
+# -- damaged files (for the tests of bad input) --------------------------------
+def tag_dataset_path(run: int, tag: int) -> str:
+    """HDF5 path of a tag's image in the DataConvert layout."""
+    return f"/run_{run}/{DETECTOR}/tag_{tag}/detector_data"
+
+
+def corrupt_tag(path: str | os.PathLike[str], tag: int, run: int | None = None,
+                nbytes: int = 4096, seed: int = 0) -> int:
+    """Overwrite the start of a tag's first stored chunk with random bytes.
+
+    The HDF5 metadata stays intact, so the file opens and lists the tag;
+    only decompressing that chunk fails, when the image is read. The
+    dataset must be chunked and compressed (with a contiguous layout there
+    is nothing HDF5 could detect).
+
+    Returns
+    -------
+    int
+        The file offset (bytes) that was overwritten.
+    """
+    p = os.fspath(path)
+    with h5py.File(p, "r") as fh:
+        if run is None:
+            run = int(np.atleast_1d(fh["file_info/run_number_list"][()])[0])
+        ds = fh[tag_dataset_path(run, tag)]
+        if ds.chunks is None or not ds.compression and not ds.id.get_create_plist().get_nfilters():
+            raise ValueError(f"{p!r} tag {tag}: detector_data is not chunked and compressed; "
+                             "write the run with compression= to corrupt a chunk")
+        info = ds.id.get_chunk_info(0)
+    garbage = np.random.default_rng(seed).integers(0, 256, min(nbytes, info.size),
+                                                   dtype=np.uint8).tobytes()
+    with open(p, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(garbage)
+    return int(info.byte_offset)
+
+
+def truncate_file(path: str | os.PathLike[str], fraction: float = 0.5) -> int:
+    """Cut a file to ``fraction`` of its size (an interrupted copy). Returns the new size."""
+    p = os.fspath(path)
+    size = int(os.path.getsize(p) * fraction)
+    os.truncate(p, size)
+    return size
 
 
 def _ring_modulation(r: np.ndarray, phi: np.ndarray, radii: Sequence[float],
