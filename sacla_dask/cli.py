@@ -195,8 +195,16 @@ def _performance_report(path: str | None) -> Any:
               help="Phi bins (default: one pixel of arc at the band's outer radius).")
 @click.option("--fast-nphi", is_flag=True, help="Round nphi up to an FFT-friendly length.")
 @click.option("--nq", type=int, default=None, help="q bins (default: one per pixel of radius).")
-@click.option("--method", type=click.Choice(["nearest", "bilinear"]), default="nearest",
-              show_default=True, help="Polar interpolation.")
+@click.option("--method", type=click.Choice(["nearest", "bilinear", "splitting"]),
+              default="nearest", show_default=True,
+              help="Polar resampling: nearest pixel, bilinear interpolation, or pixel "
+                   "splitting (each bin the area average of the pixels it overlaps).")
+@click.option("--solid-angle", is_flag=True,
+              help="Divide by the pixels' relative solid angle cos^3(2theta) (as pyFAI).")
+@click.option("--polarization", "polarization", type=click.FloatRange(-1, 1), default=None,
+              metavar="FACTOR",
+              help="Divide by the polarisation factor, FACTOR = (Ih-Iv)/(Ih+Iv) in [-1, 1] "
+                   "with horizontal = +x (pyFAI's polarization_factor; ~0.99 at an XFEL).")
 @click.option("--pairs", type=click.Path(dir_okay=False), default=None,
               help="JSON list of [tagA, tagB] pairs (default: consecutive bright shots).")
 @click.option("--non-overlapping", is_flag=True,
@@ -251,7 +259,8 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
             scheduler_file: str | None, cluster: str, jobs: int | None,
             report: str | None = None, pairing: str = "consecutive", q_pairs: str = "none",
             bragg: float | None = None, reject_outliers: float | None = None,
-            bootstrap: int = 0, ci_level: float = 0.95, keep_pairs: bool = False) -> None:
+            bootstrap: int = 0, ci_level: float = 0.95, keep_pairs: bool = False,
+            solid_angle: bool = False, polarization: float | None = None) -> None:
     """Process run file(s) into a labelled correlation Zarr store.
 
     The store is written tag chunk by tag chunk: if the run is killed,
@@ -282,6 +291,7 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
     plan = plan_run(list(runs), qmin=qmin, qmax=qmax, center=(cx, cy), pixel_size=pixel_size,
                     distance=distance, wavelength=wavelength, mask=mask, nphi=nphi, nq=nq,
                     method=method, fast_nphi=fast_nphi, pairs=pairs,
+                    solid_angle=solid_angle, polarization=polarization,
                     overlapping=not non_overlapping, chunks=chunks, out=out,
                     store_polar=not no_store_polar, compression=compression,
                     on_bad_tag=on_bad_tag, pairing=pairing, q_pairs=q_pairs, bragg=bragg,

@@ -249,7 +249,10 @@ class ProcessingPlan:
             "q band": (f"{self.transform.qmin:g}..{self.transform.qmax:g} 1/A "
                        f"(r = {self.transform.radius[0]:.1f}..{self.transform.radius[-1]:.1f} px)"),
             "polar grid": (f"{nq} q x {nphi} phi ({self.transform.method}"
-                           f"{', FFT-friendly nphi' if self.transform.fast_nphi else ''})"),
+                           f"{', FFT-friendly nphi' if self.transform.fast_nphi else ''}"
+                           + (f", {self.transform.operator.corrections}"
+                              if self.transform.operator.corrections != "none" else "")
+                           + ")"),
             "read": (f"{wy}x{wx} window of {ny}x{nx} images: "
                      f"{dask.utils.format_bytes(self.bytes_to_read)}"),
             "chunks": f"{self.n_chunks} x {self.tags_per_chunk} tags",
@@ -457,6 +460,7 @@ class ProcessingPlan:
             "qmin": tr.qmin, "qmax": tr.qmax, "nphi": tr.nphi,
             "nphi_default": tr.grid.nphi_default, "fast_nphi": tr.fast_nphi,
             "method": tr.method, "mask": self.mask_path or "",
+            "solid_angle": tr.solid_angle, "polarization": tr.polarization,
             "run": [int(r) for r in self.run.runs] if len(self.run.runs) > 1
             else int(self.run.run_number),
             "source": [os.path.abspath(p) for p in self.run.paths] if len(self.run.paths) > 1
@@ -586,6 +590,8 @@ def plan_run(
     nq: int | None = None,
     method: str = "nearest",
     fast_nphi: bool = False,
+    solid_angle: bool = False,
+    polarization: float | None = None,
     pairs: str | os.PathLike[str] | np.ndarray | None = None,
     overlapping: bool = True,
     pairing: str = "consecutive",
@@ -620,9 +626,16 @@ def plan_run(
     nphi, nq : int, optional
         Polar grid size (defaults: one pixel of arc at the outer radius,
         one bin per pixel of radius).
-    method : {"nearest", "bilinear"}
+    method : {"nearest", "bilinear", "splitting"}
+        Polar resampling (:mod:`sacla_dask.polar`): the nearest pixel,
+        bilinear interpolation, or pixel splitting (area overlap).
     fast_nphi : bool
         Round nphi up to an FFT-friendly length.
+    solid_angle : bool
+        Divide by the pixels' relative solid angle (pyFAI's convention).
+    polarization : float, optional
+        Divide by the polarisation factor with this ``f`` in ``[-1, 1]``
+        (pyFAI's ``polarization_factor``; horizontal = +x).
     pairs : path or (n, 2) array, optional
         Tag pairs (a JSON list of [tagA, tagB], the tutorial's format);
         pairs naming tags the run lacks are dropped and counted.
@@ -670,7 +683,8 @@ def plan_run(
     mask_path = os.path.abspath(os.fspath(mask)) if isinstance(mask, (str, os.PathLike)) else None
     m = load_mask(mask, run.image_shape)
     transform = PolarTransform(geom, run.image_shape, qmin, qmax, nphi=nphi, nq=nq, mask=m,
-                               method=method, fast_nphi=fast_nphi)  # type: ignore[arg-type]
+                               method=method, fast_nphi=fast_nphi,  # type: ignore[arg-type]
+                               solid_angle=solid_angle, polarization=polarization)
     if pairing not in PAIRINGS:
         raise ParameterError(f"pairing must be one of {PAIRINGS} (got {pairing!r})")
     if pairs is not None and pairing != "consecutive":

@@ -2,24 +2,62 @@
 
 This module owns the precomputed resampling operator that maps a detector
 image (or the bounding-box window of it that the band touches) onto a polar
-grid, the polar mask derived from the user's pixel mask, and the per-row
-masked-mean normalisation. The numerical kernels (:func:`apply_polar`,
-:func:`normalize_rows`) act on one numpy block of images; the Dask wrapper
-:func:`polar_images` lifts them with ``map_blocks``.
+grid, the polar mask and per-bin coverage derived from the user's pixel
+mask, the optional solid-angle and polarisation corrections, and the
+per-row masked-mean normalisation. The numerical kernels
+(:func:`apply_polar`, :func:`normalize_rows`) act on one numpy block of
+images; :mod:`sacla_dask.pipeline` lifts them with ``map_blocks``, the
+operator being one graph key shipped once to each worker.
 
 Grid conventions
 ----------------
-* radius bins are evenly spaced in pixels between the band's inner and
-  outer radius; ``q`` is given at the bin centres, in inverse Angstrom.
+* Pixel centres sit at integer coordinates; ``x`` is the fast (column)
+  axis, ``y`` the slow (row) axis; a pixel covers ``[x - 1/2, x + 1/2) x
+  [y - 1/2, y + 1/2)``.
+* Radius bins are evenly spaced in pixels between the band's inner and
+  outer radius; ``radius`` and ``q`` (inverse Angstrom) are given at the
+  bin centres.
 * ``phi_j = 2 pi j / nphi`` (radians), ``phi = atan2(y - cy, x - cx)``,
-  from +x (fast axis) toward +y (slow axis).
+  from +x (fast axis) toward +y (slow axis). Bin ``(i, j)`` covers
+  ``|r - radius_i| <= dr / 2`` and ``|phi - phi_j| <= pi / nphi``.
+
+Methods
+-------
+``nearest``
+    The value of the pixel that contains the bin centre (the tutorial's
+    ``InterpSimple.nearest``).
+``bilinear``
+    Bilinear interpolation between the four pixel centres around the bin
+    centre.
+``splitting``
+    The bin's area average: the weight of a pixel is the area of its
+    overlap with the annular-sector bin, estimated by sampling the bin on a
+    polar sub-grid of at least ``subdivision`` points per pixel length in
+    radius and in arc (and at least one per bin), each sample weighted by
+    its area element ``r dr dphi``. This is what pyFAI's pixel splitting
+    computes, and it stays honest where the bins are smaller than a pixel
+    (the inner part of a wide band): neighbouring bins then share the pixel
+    rather than sampling it at a point.
+
+Masked pixels (and pixels off the image) carry zero weight; each bin's
+``coverage`` is the fraction of its weight that falls on good pixels, a bin
+is good in the polar mask when ``coverage >= min_coverage``, and the weights
+of a good bin are renormalised over its good pixels.
+
+Corrections (pyFAI's conventions, off by default as in the tutorial): with
+``c_p`` the product of the solid angle ``cos^3(2 theta)`` (relative to the
+beam centre) and the polarisation factor
+``P = (1 + cos^2 2theta - f cos(2 phi) sin^2 2theta) / 2`` of pixel ``p``, a
+bin's value is ``sum_p w_p I_p / sum_p w_p c_p``, pyFAI's
+signal / normalisation ratio.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,8 +65,20 @@ import scipy.sparse as sp
 from .errors import GeometryError, MaskError, ParameterError
 from .geometry import Geometry, default_nphi
 
-Method = Literal["nearest", "bilinear"]
-METHODS: tuple[str, ...] = ("nearest", "bilinear")
+try:  # the in-place y += A @ x of scipy's own CSR product (no allocation, no copy)
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # pragma: no cover - private API moved: fall back to ``A @ x``
+    _csr_matvec = None
+
+Method = Literal["nearest", "bilinear", "splitting"]
+METHODS: tuple[str, ...] = ("nearest", "bilinear", "splitting")
+
+#: Tile (rows, columns) of the cache-friendly pixel order used when the
+#: operator reads its window densely (see :func:`build_operator`).
+TILE: tuple[int, int] = (8, 16)
+
+#: Bins processed at once while building an operator (bounds its memory).
+_BUILD_CHUNK_BINS = 1 << 20
 
 
 def check_mask(mask: np.ndarray | None, shape: tuple[int, int], name: str = "mask") -> np.ndarray:
@@ -70,16 +120,36 @@ class PolarGrid:
         Azimuth in radians, ``2 pi j / nphi``.
     nphi_default : int
         The one-pixel-of-arc nphi before any FFT-friendly rounding.
+    r_edges : (float, float), optional
+        Inner and outer edge of the band in pixels.
     """
 
     radius: np.ndarray
     q: np.ndarray
     phi: np.ndarray
     nphi_default: int
+    r_edges: tuple[float, float] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.radius.size, self.phi.size)
+
+    @property
+    def r_in(self) -> float:
+        """Inner edge of the band in pixels."""
+        return float(self.radius[0] - self.dr / 2)
+
+    @property
+    def dr(self) -> float:
+        """Radial bin width in pixels."""
+        if self.r_edges is not None:
+            return (self.r_edges[1] - self.r_edges[0]) / self.radius.size
+        return float(self.radius[1] - self.radius[0]) if self.radius.size > 1 else 1.0
+
+    @property
+    def dphi(self) -> float:
+        """Azimuthal bin width in radians."""
+        return 2 * math.pi / self.phi.size
 
 
 def make_grid(
@@ -94,7 +164,7 @@ def make_grid(
 
     ``nq`` defaults to one bin per pixel of radius; ``nphi`` to one pixel of
     arc at the band's outer radius (in pixels), optionally rounded up to an
-    FFT-friendly length.
+    FFT-friendly length (``scipy.fft.next_fast_len``).
     """
     for name, v in (("qmin", qmin), ("qmax", qmax)):
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
@@ -124,7 +194,46 @@ def make_grid(
     radius = r_in + (np.arange(nq) + 0.5) * dr
     q = np.asarray(geometry.radius_to_q(radius), dtype=float)
     phi = 2 * np.pi * np.arange(nphi) / nphi
-    return PolarGrid(radius=radius, q=q, phi=phi, nphi_default=n_default)
+    return PolarGrid(radius=radius, q=q, phi=phi, nphi_default=n_default,
+                     r_edges=(r_in, r_out))
+
+
+def correction_factors(geometry: Geometry, iy: np.ndarray, ix: np.ndarray,
+                       solid_angle: bool = False,
+                       polarization: float | None = None) -> np.ndarray:
+    """Per-pixel intensity correction ``c`` (the value is divided by it), pyFAI's convention.
+
+    Parameters
+    ----------
+    geometry : Geometry
+        Beam centre (pixels), pixel size and distance (metres).
+    iy, ix : ndarray of int
+        Pixel row and column indices.
+    solid_angle : bool
+        Include ``cos^3(2 theta)``, the pixel's solid angle relative to one
+        at the beam centre (pyFAI ``correctSolidAngle=True``).
+    polarization : float, optional
+        Polarisation factor ``f = (Ih - Iv) / (Ih + Iv)`` in ``[-1, 1]``,
+        horizontal meaning along +x (pyFAI ``polarization_factor``, axis
+        offset 0); ``None`` for no correction.
+
+    Returns
+    -------
+    ndarray float64
+        ``c = cos^3(2 theta) * P(2 theta, phi)`` (the factors asked for).
+    """
+    dx = ix - geometry.center_x
+    dy = iy - geometry.center_y
+    rho2 = (dx * dx + dy * dy) * geometry.pixel_size ** 2
+    d2 = geometry.distance ** 2
+    cos2 = d2 / (d2 + rho2)  # cos^2(2 theta)
+    c = np.ones(np.shape(dx))
+    if solid_angle:
+        c = c * cos2 ** 1.5
+    if polarization is not None:
+        phi = np.arctan2(dy, dx)
+        c = c * 0.5 * (1.0 + cos2 - polarization * np.cos(2 * phi) * (1.0 - cos2))
+    return c
 
 
 @dataclasses.dataclass
@@ -133,17 +242,28 @@ class PolarOperator:
 
     Attributes
     ----------
-    matrix : scipy.sparse.csr_matrix, shape (nq * nphi, window pixels)
-        Row-normalised weights over good pixels only (masked pixels carry
-        zero weight).
+    matrix : scipy.sparse.csr_matrix float32, shape (nq * nphi, window pixels)
+        Weights over good pixels only (masked pixels carry zero weight);
+        rows of masked bins are empty. Columns number the window's pixels
+        in row-major order, or tile by tile when ``tile`` is set.
     window : tuple of slice
         ``(rows, cols)`` bounding box of the image the operator reads.
     shape : tuple
         ``(nq, nphi)``.
     polar_mask : ndarray of bool (nq, nphi)
         True where the bin has enough good-pixel coverage.
-    coverage : ndarray of float (nq, nphi)
-        Fraction of the interpolation weight that falls on good pixels.
+    coverage : ndarray of float32 (nq, nphi)
+        Fraction of the bin's weight (interpolation weight, or area for
+        ``splitting``) that falls on good pixels of the image.
+    method : str
+        ``nearest``, ``bilinear`` or ``splitting``.
+    tile : (int, int) or None
+        Tile shape of the column order (None: row-major window).
+    corrections : str
+        Intensity corrections folded into the weights (``"none"``,
+        ``"solid_angle"``, ``"polarization(f)"`` or both).
+    token : str
+        Deterministic name of the operator's inputs (for Dask's graph key).
     """
 
     matrix: sp.csr_matrix
@@ -152,10 +272,18 @@ class PolarOperator:
     polar_mask: np.ndarray
     coverage: np.ndarray
     method: str
+    tile: tuple[int, int] | None = None
+    corrections: str = "none"
+    token: str = ""
+    _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def window_shape(self) -> tuple[int, int]:
         return (self.window[0].stop - self.window[0].start, self.window[1].stop - self.window[1].start)
+
+    @property
+    def nbins(self) -> int:
+        return self.shape[0] * self.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -164,12 +292,168 @@ class PolarOperator:
         return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.polar_mask.nbytes
                    + self.coverage.nbytes)
 
+    @property
+    def used_columns(self) -> np.ndarray:
+        """Boolean (window pixels,) in column order: the pixels the operator reads."""
+        used = self._cache.get("used")
+        if used is None:
+            used = np.zeros(self.matrix.shape[1], dtype=bool)
+            used[self.matrix.indices] = True
+            self._cache["used"] = used
+        return used
 
-def _sample_points(grid: PolarGrid, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    rr, pp = np.meshgrid(grid.radius, grid.phi, indexing="ij")
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        # Tokenizing the matrix would hash hundreds of MB each time the
+        # pipeline wraps the operator in ``dask.delayed``; the inputs name it.
+        return ("sacla_dask.PolarOperator", self.token or str(id(self)))
+
+    def columns(self, window: np.ndarray, buf: np.ndarray | None = None) -> np.ndarray:
+        """One image window as the float32 vector the matrix multiplies (column order).
+
+        ``buf`` (float32, window pixels) is reused when a copy is needed
+        (tiled order, another dtype, or a non-contiguous window).
+        """
+        if self.tile is None and window.dtype == np.float32 and window.flags.c_contiguous:
+            return window.reshape(-1)
+        if buf is None:
+            buf = np.empty(self.matrix.shape[1], dtype=np.float32)
+        wy, wx = self.window_shape
+        if self.tile is None:
+            np.copyto(buf.reshape(wy, wx), window, casting="unsafe")
+        else:
+            ty, tx = self.tile
+            np.copyto(buf.reshape(wy // ty, wx // tx, ty, tx),
+                      window.reshape(wy // ty, ty, wx // tx, tx).transpose(0, 2, 1, 3),
+                      casting="unsafe")
+        return buf
+
+
+# -- building the operator ------------------------------------------------------
+def _sample_points(grid: PolarGrid, geometry: Geometry,
+                   rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Bin-centre positions (x, y) in pixels, for the q rows ``rows``, flattened (q, phi)."""
+    rr, pp = np.meshgrid(grid.radius[rows], grid.phi, indexing="ij")
     x = geometry.center_x + rr * np.cos(pp)
     y = geometry.center_y + rr * np.sin(pp)
     return x.ravel(), y.ravel()
+
+
+def _point_entries(grid: PolarGrid, geometry: Geometry, rows: slice,
+                   method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pixel (iy, ix) and weight entries of nearest/bilinear for the q rows ``rows``.
+
+    Returns ``iy, ix, w`` of shape ``(nbins, K)`` (K = 1 or 4 pixels per
+    bin, in bin order) and K.
+    """
+    x, y = _sample_points(grid, geometry, rows)
+    nb = x.size
+    if method == "nearest":
+        iy = np.rint(y).astype(np.int64)[:, None]  # ties to even, as numpy's round
+        ix = np.rint(x).astype(np.int64)[:, None]
+        return iy, ix, np.ones((nb, 1)), 1
+    x0 = np.floor(x)
+    y0 = np.floor(y)
+    fx = x - x0
+    fy = y - y0
+    gx = 1 - fx
+    gy = 1 - fy
+    ix = x0.astype(np.int64)[:, None] + np.array([0, 1, 0, 1])
+    iy = y0.astype(np.int64)[:, None] + np.array([0, 0, 1, 1])
+    w = np.empty((nb, 4))
+    np.multiply(gx, gy, out=w[:, 0])
+    np.multiply(fx, gy, out=w[:, 1])
+    np.multiply(gx, fy, out=w[:, 2])
+    np.multiply(fx, fy, out=w[:, 3])
+    return iy, ix, w, 4
+
+
+def _splitting_entries(grid: PolarGrid, geometry: Geometry, rows: slice, shape: tuple[int, int],
+                       subdivision: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bin, pixel (iy, ix) and area-weight entries of pixel splitting for the q rows ``rows``.
+
+    Each bin is sampled on an ``n_r x n_a`` polar sub-grid (midpoints, at
+    least ``subdivision`` samples per pixel length in radius and in arc, at
+    least one per bin); a sample's weight is its area element ``r dr dphi``
+    (up to a constant); the samples falling in the same pixel are summed.
+    Bins are local to the chunk; pixels off the image have indices outside
+    it. Also returns each bin's total weight.
+    """
+    ny, nx = shape
+    nphi = grid.phi.size
+    dr = grid.dr
+    dphi = grid.dphi
+    radius = grid.radius[rows]
+    n_r = max(1, math.ceil(subdivision * dr - 1e-9))
+    kbits = max(1, int(n_r).bit_length())
+    n_a = np.maximum(1, np.ceil(subdivision * (radius + dr / 2) * dphi - 1e-9)).astype(np.int64)
+    wpad = nx + 4  # padded row length: off-image samples clip to a 2-pixel border
+    kdtype = np.int32 if (ny + 4) * wpad << kbits < 2**31 else np.int64
+    out_b, out_y, out_x, out_w = [], [], [], []
+    total = np.empty(radius.size * nphi)
+    i = 0
+    while i < radius.size:
+        na = int(n_a[i])
+        s = n_r * na
+        j = i + 1  # rows sharing this n_a, in batches of about 2M samples
+        while j < radius.size and n_a[j] == na and (j + 1 - i) * nphi * s <= 2_000_000:
+            j += 1
+        a = (np.arange(na) + 0.5) / na * dphi - dphi / 2
+        ang = grid.phi[:, None] + a[None, :]  # (nphi, na)
+        rk = radius[i:j, None] - dr / 2 + (np.arange(n_r) + 0.5) * dr / n_r  # (rows, n_r)
+        # positions of the samples (rows, nphi, na, n_r), as pixel indices + 2
+        rk4 = rk[:, None, None, :]
+        px = np.cos(ang)[None, :, :, None] * rk4
+        px += geometry.center_x + 2.5
+        np.clip(px, 0, nx + 3, out=px)
+        py = np.sin(ang)[None, :, :, None] * rk4
+        py += geometry.center_y + 2.5
+        np.clip(py, 0, ny + 3, out=py)
+        key = py.astype(kdtype)
+        key *= wpad
+        key += px.astype(kdtype)  # padded flat pixel index
+        key <<= kbits
+        key |= np.arange(n_r, dtype=kdtype)  # the radial sub-sample (its weight) in the low bits
+        key = key.reshape(-1, s)
+        key.sort(axis=1)
+        pix = key >> kbits
+        kidx = key & ((1 << kbits) - 1)
+        kidx += (np.arange(j - i, dtype=kdtype) * n_r).repeat(nphi)[:, None]
+        w = np.take(rk.ravel(), kidx)
+        new = np.ones(pix.shape, dtype=bool)
+        np.not_equal(pix[:, 1:], pix[:, :-1], out=new[:, 1:])
+        newf = new.ravel()
+        starts = np.flatnonzero(newf)
+        out_w.append(np.add.reduceat(w.ravel(), starts))
+        p = pix.ravel()[starts]
+        out_y.append(p // wpad - 2)
+        out_x.append(p % wpad - 2)
+        out_b.append(np.repeat(np.arange(i * nphi, j * nphi), new.sum(axis=1)))
+        total[i * nphi:j * nphi] = np.repeat(na * rk.sum(axis=1), nphi)
+        i = j
+    return (np.concatenate(out_b), np.concatenate(out_y), np.concatenate(out_x),
+            np.concatenate(out_w), total)
+
+
+def _fit_tile(lo: int, hi: int, n: int, t: int) -> tuple[int, int] | None:
+    """Grow ``[lo, hi)`` inside ``[0, n)`` to a multiple of ``t``, or None."""
+    need = (-(hi - lo)) % t
+    hi2 = min(n, hi + need)
+    lo2 = lo - (need - (hi2 - hi))
+    return None if lo2 < 0 else (lo2, hi2)
+
+
+def _operator_token(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
+                    good: np.ndarray, *args: Any) -> str:
+    import dask.base
+
+    return dask.base.tokenize(dataclasses.astuple(geometry), grid.radius, grid.phi.size,
+                              tuple(image_shape), good, *args)
 
 
 def build_operator(
@@ -179,6 +463,11 @@ def build_operator(
     mask: np.ndarray | None = None,
     method: Method = "nearest",
     min_coverage: float = 0.5,
+    *,
+    solid_angle: bool = False,
+    polarization: float | None = None,
+    subdivision: int = 4,
+    tile: bool | None = None,
 ) -> PolarOperator:
     """Precompute the polar resampling operator for one geometry and mask.
 
@@ -192,69 +481,130 @@ def build_operator(
         Full detector image shape.
     mask : ndarray of bool, optional
         User pixel mask, True/1 = good.
-    method : {"nearest", "bilinear"}
-        Interpolation.
+    method : {"nearest", "bilinear", "splitting"}
+        Interpolation (see the module docstring).
     min_coverage : float
         A bin is good in the polar mask when at least this fraction of its
-        interpolation weight lands on good pixels inside the image.
+        weight lands on good pixels inside the image.
+    solid_angle : bool
+        Divide by the relative solid angle ``cos^3(2 theta)``.
+    polarization : float, optional
+        Divide by the polarisation factor with this ``f`` in ``[-1, 1]``.
+    subdivision : int
+        ``splitting`` only: samples per pixel length (accuracy of the
+        overlap areas; the cost of building grows as its square).
+    tile : bool, optional
+        Number the window's pixels tile by tile (:data:`TILE`), which keeps
+        the product's reads in cache when the operator reads its window
+        densely. None (default) decides: tiled when the operator has at
+        least as many weights as the window has pixels.
+
+    Returns
+    -------
+    PolarOperator
     """
     if method not in METHODS:
         raise ParameterError(f"method must be one of {METHODS} (got {method!r})")
-    ny, nx = image_shape
-    geometry.check_on_detector(image_shape)
-    good = check_mask(mask, image_shape)
-    x, y = _sample_points(grid, geometry)
-    nbins = x.size
-    if method == "nearest":
-        ix = np.rint(x).astype(np.int64)
-        iy = np.rint(y).astype(np.int64)
-        cols = [(iy, ix)]
-        weights = [np.ones(nbins)]
-    else:
-        x0 = np.floor(x).astype(np.int64)
-        y0 = np.floor(y).astype(np.int64)
-        fx = x - x0
-        fy = y - y0
-        cols = [(y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)]
-        weights = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
-    rows_l, iy_l, ix_l, w_l = [], [], [], []
-    total = np.zeros(nbins)
-    for (iy, ix), w in zip(cols, weights):
-        total += w
-        inside = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
-        ok = inside.copy()
-        ok[inside] = good[iy[inside], ix[inside]]
+    if not (0 < float(min_coverage) <= 1):
+        raise ParameterError(f"min_coverage must be in (0, 1] (got {min_coverage!r})")
+    if polarization is not None and not (-1 <= float(polarization) <= 1):
+        raise ParameterError(f"polarization factor must be in [-1, 1] (got {polarization!r})")
+    if int(subdivision) < 1:
+        raise ParameterError(f"subdivision must be >= 1 (got {subdivision!r})")
+    ny, nx = (int(s) for s in image_shape)
+    geometry.check_on_detector((ny, nx))
+    good = check_mask(mask, (ny, nx))
+    good_flat = good.ravel()
+    nq, nphi = grid.shape
+    nbins = nq * nphi
+    corr = polarization is not None or solid_angle
+    rows_per = max(1, _BUILD_CHUNK_BINS // nphi)
+
+    counts_l, pix_l, w_l, cov_l = [], [], [], []
+    for i0 in range(0, nq, rows_per):
+        rows = slice(i0, min(nq, i0 + rows_per))
+        nb = (rows.stop - rows.start) * nphi
+        if method == "splitting":
+            b, iy, ix, w, total = _splitting_entries(grid, geometry, rows, (ny, nx),
+                                                     int(subdivision))
+        else:
+            iy, ix, w, k = _point_entries(grid, geometry, rows, method)
+            iy, ix, w = iy.ravel(), ix.ravel(), w.ravel()
+            b = np.repeat(np.arange(nb), k)
+            total = None  # the interpolation weights of a bin sum to 1
+        ok = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
+        pix = np.where(ok, iy * nx + ix, 0)
+        ok &= good_flat[pix]
         ok &= w > 0
-        idx = np.nonzero(ok)[0]
-        rows_l.append(idx)
-        iy_l.append(iy[idx])
-        ix_l.append(ix[idx])
-        w_l.append(w[idx])
-    rows = np.concatenate(rows_l)
-    iy = np.concatenate(iy_l)
-    ix = np.concatenate(ix_l)
-    w = np.concatenate(w_l)
-    if rows.size == 0:
+        b, pix, w = b[ok], pix[ok], w[ok]
+        goodw = np.bincount(b, weights=w, minlength=nb)
+        if total is None:
+            cov = np.minimum(goodw, 1.0)
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cov = np.where(total > 0, goodw / total, 0.0)
+        pm = cov >= min_coverage - 1e-12
+        keep = pm[b]
+        b, pix, w = b[keep], pix[keep], w[keep]
+        if corr:
+            iy, ix = np.divmod(pix, nx)
+            c = correction_factors(geometry, iy, ix, solid_angle, polarization)
+            norm = np.bincount(b, weights=w * c, minlength=nb)
+        else:
+            norm = goodw
+        counts_l.append(np.bincount(b, minlength=nb))
+        pix_l.append(pix.astype(np.int32) if ny * nx < 2**31 else pix)
+        w_l.append((w / norm[b]).astype(np.float32))
+        cov_l.append(cov)
+    coverage = np.concatenate(cov_l)
+    polar_mask = coverage >= min_coverage - 1e-12
+    nnz = int(sum(p.size for p in pix_l))
+    if nnz == 0:  # also when a few pixels are touched but no bin reaches min_coverage
         raise GeometryError(
             f"the q band (radius {grid.radius[0]:.1f}..{grid.radius[-1]:.1f} px about "
             f"({geometry.center_x:g}, {geometry.center_y:g})) has no good pixel on the "
             f"{ny}x{nx} detector: it lies outside the image or entirely in the mask"
         )
-    good_w = np.bincount(rows, weights=w, minlength=nbins)
-    coverage = good_w / total
-    polar_mask = coverage >= min_coverage - 1e-12
-    # Drop the bins that are masked: they are 0 in the output.
-    keep = polar_mask[rows]
-    rows, iy, ix, w = rows[keep], iy[keep], ix[keep], w[keep]
-    w = w / good_w[rows]
-    r0, r1 = int(iy.min()), int(iy.max()) + 1
-    c0, c1 = int(ix.min()), int(ix.max()) + 1
-    wcols = (iy - r0) * (c1 - c0) + (ix - c0)
-    matrix = sp.csr_matrix(
-        (w.astype(np.float32), (rows, wcols)), shape=(nbins, (r1 - r0) * (c1 - c0))
-    )
-    matrix.sum_duplicates()
-    matrix.sort_indices()
+    # window: the bounding box of the pixels read
+    r0, r1, c0, c1 = ny, 0, nx, 0
+    for pix in pix_l:
+        if pix.size:
+            iy, ix = np.divmod(pix, nx)
+            r0, r1 = min(r0, int(iy.min())), max(r1, int(iy.max()) + 1)
+            c0, c1 = min(c0, int(ix.min())), max(c1, int(ix.max()) + 1)
+    use_tile = nnz >= (r1 - r0) * (c1 - c0) if tile is None else bool(tile)
+    tshape: tuple[int, int] | None = None
+    if use_tile:
+        fr = _fit_tile(r0, r1, ny, TILE[0])
+        fc = _fit_tile(c0, c1, nx, TILE[1])
+        if fr is not None and fc is not None:
+            (r0, r1), (c0, c1), tshape = fr, fc, TILE
+    wy, wx = r1 - r0, c1 - c0
+    idx_dtype = np.int32 if max(nnz, wy * wx) < 2**31 - 1 else np.int64
+    indices = np.empty(nnz, dtype=idx_dtype)
+    pos = 0
+    for k, pix in enumerate(pix_l):
+        iy, ix = np.divmod(pix.astype(idx_dtype, copy=False), nx)
+        u, v = iy - r0, ix - c0
+        if tshape is None:
+            col = u * wx + v
+        else:
+            ty, tx = tshape  # powers of two: shifts and masks
+            sy, sx = ty.bit_length() - 1, tx.bit_length() - 1
+            col = (((u >> sy) * (wx >> sx) + (v >> sx)) << (sy + sx)) + ((u & (ty - 1)) << sx)
+            col += v & (tx - 1)
+        indices[pos:pos + pix.size] = col
+        pos += pix.size
+        pix_l[k] = None  # type: ignore[call-overload]  # free as we go
+    data = np.concatenate(w_l)
+    indptr = np.zeros(nbins + 1, dtype=idx_dtype)
+    np.cumsum(np.concatenate(counts_l), out=indptr[1:])
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(nbins, wy * wx))
+    names = []
+    if solid_angle:
+        names.append("solid_angle")
+    if polarization is not None:
+        names.append(f"polarization({float(polarization):g})")
     return PolarOperator(
         matrix=matrix,
         window=(slice(r0, r1), slice(c0, c1)),
@@ -262,51 +612,87 @@ def build_operator(
         polar_mask=polar_mask.reshape(grid.shape),
         coverage=coverage.reshape(grid.shape).astype(np.float32),
         method=method,
+        tile=tshape,
+        corrections=",".join(names) or "none",
+        token=_operator_token(geometry, grid, (ny, nx), good, method, float(min_coverage),
+                              bool(solid_angle), polarization, int(subdivision), tshape),
     )
 
 
 # -- kernels ---------------------------------------------------------------
+def _matvec(m: sp.csr_matrix, x: np.ndarray, y: np.ndarray) -> None:
+    """``y[:] = m @ x`` without allocating (float32 vectors)."""
+    if _csr_matvec is not None:
+        y.fill(0)
+        try:
+            _csr_matvec(m.shape[0], m.shape[1], m.indptr, m.indices, m.data, x, y)
+            return
+        except (TypeError, ValueError):  # pragma: no cover - unexpected dtypes
+            pass
+    y[...] = m @ x
+
+
 def apply_polar(windows: np.ndarray, op: PolarOperator) -> tuple[np.ndarray, np.ndarray]:
     """Resample a block of image windows onto the polar grid.
+
+    One sparse matrix-vector product per image, written in place into the
+    output. Non-finite pixels cost nothing unless the operator reads one:
+    the (cheap) sum of each polar image is checked, and only an image whose
+    sum is not finite is redone with those pixels set aside.
 
     Parameters
     ----------
     windows : ndarray (ntag, wy, wx)
-        Image windows (``image[op.window]``), any real dtype.
+        Image windows (``image[op.window]``), any real dtype (computed in
+        float32).
     op : PolarOperator
         Operator from :func:`build_operator`.
 
     Returns
     -------
     polar : ndarray float32 (ntag, nq, nphi)
-        Polar intensities; 0 in masked bins, NaN in bins touched by a
+        Polar intensities; 0 in masked bins, NaN in bins that read a
         non-finite pixel of that image.
     nonfinite : ndarray int64 (ntag,)
-        Number of non-finite pixels in each image window.
+        Number of non-finite pixels the operator read in each image (pixels
+        it gives no weight to, masked or outside the band, are not counted).
     """
-    k = windows.shape[0]
-    if windows.shape[1:] != op.window_shape:
+    windows = np.asarray(windows)
+    if windows.ndim != 3 or windows.shape[1:] != op.window_shape:
         raise ParameterError(
             f"image window shape {windows.shape[1:]} does not match the operator's "
             f"{op.window_shape}"
         )
+    k = windows.shape[0]
     nq, nphi = op.shape
+    m = op.matrix
     out = np.empty((k, nq * nphi), dtype=np.float32)
     nonfinite = np.zeros(k, dtype=np.int64)
-    m = op.matrix
+    buf: np.ndarray | None = None
     for i in range(k):
-        img = np.asarray(windows[i], dtype=np.float32).reshape(-1)
-        bad = ~np.isfinite(img)
-        nb = int(np.count_nonzero(bad))
-        if nb:
-            img = np.where(bad, np.float32(0), img)
-            touched = (m @ bad.astype(np.float32)) > 0
-            out[i] = m @ img
-            out[i][touched] = np.nan
-        else:
-            out[i] = m @ img
-        nonfinite[i] = nb
+        win = windows[i]
+        if buf is None and (op.tile is not None or win.dtype != np.float32
+                            or not win.flags.c_contiguous):
+            buf = np.empty(m.shape[1], dtype=np.float32)
+        x = op.columns(win, buf)
+        y = out[i]
+        _matvec(m, x, y)
+        if not math.isfinite(float(y.sum())):
+            nonfinite[i] = _redo_nonfinite(op, x, y)
     return out.reshape(k, nq, nphi), nonfinite
+
+
+def _redo_nonfinite(op: PolarOperator, x: np.ndarray, y: np.ndarray) -> int:
+    """Recompute ``y`` with non-finite pixels set aside; NaN in the bins that read one."""
+    bad = ~np.isfinite(x)
+    if not bad.any():  # a finite image whose polar sum overflowed float32: nothing to fix
+        return 0
+    m = op.matrix
+    _matvec(m, np.where(bad, np.float32(0), x), y)
+    touched = np.empty_like(y)
+    _matvec(m, bad.astype(np.float32), touched)
+    y[touched > 0] = np.nan
+    return int(np.count_nonzero(bad & op.used_columns))
 
 
 def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -356,10 +742,19 @@ class PolarTransform:
         per pixel of radius.
     mask : ndarray, optional
         User pixel mask (1 = good).
-    method : {"nearest", "bilinear"}
-        Interpolation.
+    method : {"nearest", "bilinear", "splitting"}
+        Interpolation (see the module docstring).
     fast_nphi : bool
         Round nphi up to an FFT-friendly length.
+    solid_angle : bool
+        Correct for the pixels' relative solid angle (pyFAI's convention).
+    polarization : float, optional
+        Correct for polarisation with this factor in ``[-1, 1]`` (pyFAI's
+        ``polarization_factor``; 0.99 or so at an XFEL, horizontal = +x).
+    subdivision : int
+        Samples per pixel length of ``splitting``.
+    min_coverage : float
+        Least fraction of a bin's weight on good pixels for it to be good.
     """
 
     def __init__(
@@ -374,6 +769,10 @@ class PolarTransform:
         mask: np.ndarray | None = None,
         method: Method = "nearest",
         fast_nphi: bool = False,
+        solid_angle: bool = False,
+        polarization: float | None = None,
+        subdivision: int = 4,
+        min_coverage: float = 0.5,
     ) -> None:
         self.geometry = geometry
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -381,8 +780,20 @@ class PolarTransform:
         self.qmax = float(qmax)
         self.method = method
         self.fast_nphi = bool(fast_nphi)
+        self.solid_angle = bool(solid_angle)
+        self.polarization = None if polarization is None else float(polarization)
         self.grid = make_grid(geometry, qmin, qmax, nphi=nphi, nq=nq, fast_nphi=fast_nphi)
-        self.operator = build_operator(geometry, self.grid, self.image_shape, mask, method)
+        self.operator = build_operator(geometry, self.grid, self.image_shape, mask, method,
+                                       min_coverage, solid_angle=solid_angle,
+                                       polarization=polarization, subdivision=subdivision)
+        empty = ~self.operator.polar_mask.any(axis=1)
+        if empty.any():
+            r = self.grid.radius[empty]
+            warnings.warn(
+                f"{int(empty.sum())} of {empty.size} q rows of the band (radius "
+                f"{r.min():.1f}..{r.max():.1f} px) have no good pixel: off the "
+                f"{self.image_shape[0]}x{self.image_shape[1]} detector or masked; they stay "
+                "0 in the polar images and the correlation", stacklevel=2)
 
     # convenient views
     @property
@@ -413,6 +824,10 @@ class PolarTransform:
     def polar_mask(self) -> np.ndarray:
         return self.operator.polar_mask
 
+    @property
+    def coverage(self) -> np.ndarray:
+        return self.operator.coverage
+
     def __call__(self, images: np.ndarray, window: bool = False) -> np.ndarray:
         """Polar intensities (not normalised) of full images, or of windows."""
         imgs = np.asarray(images)
@@ -426,8 +841,9 @@ class PolarTransform:
 
     def __repr__(self) -> str:
         r = self.radius
+        corr = "" if self.operator.corrections == "none" else f" {self.operator.corrections}"
         return (
-            f"<PolarTransform {self.method} q={self.qmin:g}..{self.qmax:g} 1/A "
+            f"<PolarTransform {self.method}{corr} q={self.qmin:g}..{self.qmax:g} 1/A "
             f"(r={r[0]:.1f}..{r[-1]:.1f} px) grid {self.shape[0]}x{self.shape[1]} "
             f"window {self.operator.window_shape} operator {self.operator.nbytes / 2**20:.1f} MiB>"
         )
