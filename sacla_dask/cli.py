@@ -483,10 +483,12 @@ def _run_lines(path: str) -> list[str]:
         pxs = np.unique(np.atleast_1d(px)) if px is not None else np.array([])
         px_txt = (f", pixel {' x '.join(f'{p:g}' for p in pxs)} um" if pxs.size else "")
         lines.append(f"  detector   : {det.get('detector_name', '?')}{px_txt}")
-    names = [n for n in ev.data_vars if n not in ("bright", "run", "source")]
+    names = [n for n in ev.data_vars if n not in ("bright", "selected", "run", "source")]
     lines.append(f"  event data : {', '.join(names) if names else 'none'}")
     for n in names:
-        lines.append("    " + _event_summary(n, ev[n].values, ev[n].attrs.get("units", "")))
+        where = ev[n].attrs.get("hdf5_path", "")
+        lines.append("    " + _event_summary(n, ev[n].values, ev[n].attrs.get("units", ""))
+                     + (f"  [{where}]" if where else ""))
     try:
         lines.append(f"  wavelength : {mean_wavelength(run):.5f} A (mean photon energy of the "
                      "bright shots)")
