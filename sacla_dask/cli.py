@@ -642,5 +642,232 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
         click.echo(f"skipped {name}: {why}")
 
 
+# -- center --------------------------------------------------------------------
+def _spread(index: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` entries of ``index``, evenly spread from its first to its last."""
+    if index.size <= n:
+        return index
+    return index[np.unique(np.round(np.linspace(0, index.size - 1, n)).astype(int))]
+
+
+def _file_pixel_size(run: Any) -> float | None:
+    """Pixel size in metres from the first file's detector_info (None if absent or not square)."""
+    src = run.sources[0]
+    try:
+        _storage, det = _hdf5_storage(src.path, src.dataset)
+    except (OSError, KeyError):
+        return None
+    px = np.unique(np.atleast_1d(np.asarray(det.get("pixel_size_in_micro_meter", []),
+                                            dtype=float)))
+    if px.size != 1 or not np.isfinite(px[0]) or px[0] <= 0:
+        return None
+    return float(px[0]) * 1e-6
+
+
+def _center_figure(path: str, image: np.ndarray, mask: np.ndarray | None, result: Any,
+                   title: str) -> None:
+    """Two panels: the mean image with the fitted ring, and the radial profile."""
+    from matplotlib.figure import Figure
+
+    from .plot import plot_image, plot_radial_profile
+
+    c = result.circle
+    fig = Figure(figsize=(13.0, 6.0), layout="constrained")
+    ax_img, ax_prof = fig.subplots(1, 2, width_ratios=[1.0, 1.1])
+    plot_image(image, mask, fit=c, ax=ax_img,
+               title=f"circle fit: centre ({c.center_x:.2f}, {c.center_y:.2f}) px, "
+                     f"r = {c.radius:.2f} px")
+    s = result.sharpness
+    if s is not None:
+        mark = ax_img.plot([s.center_x], [s.center_y], "o", mfc="none", mec="magenta", ms=14,
+                           mew=1.5, zorder=6,
+                           label=f"sharpness centre ({s.center_x:.2f}, {s.center_y:.2f}) px")
+        old = ax_img.get_legend()  # plot_image's (with the masked-pixel patch)
+        handles = [*(old.legend_handles if old is not None else []), *mark]
+        ax_img.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                      ncols=2, fontsize="small", frameon=False)
+    plot_radial_profile(c.profile_radius, c.profile_mean, ring=c.radius, ax=ax_prof,
+                        label="masked mean about the fitted centre",
+                        title=f"radial profile (ring FWHM {c.ring_fwhm:.2f} px)")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--guess", nargs=3, type=float, default=None, metavar="X Y R",
+              help="Rough beam centre X Y and ring radius R, pixels (X = fast/column axis, "
+                   "Y = slow/row axis). Default: the intensity-weighted centre and the "
+                   "strongest ring of the radial profile about it.")
+@click.option("--mask", type=click.Path(dir_okay=False), default=None,
+              help="Pixel mask .npy, same shape as the images, 1 = good (panel gaps, beam "
+                   "stop, hot pixels). Recorded in the geometry file.")
+@click.option("--max-shots", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Average at most this many bright shots, evenly spread over the run(s).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write the geometry YAML here (read by 'sacla-dask process --geometry').")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: the mean image with the fitted ring and centre, and the "
+                   "radial profile with the ring marked.")
+@click.option("--pixel-size", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Pixel size, metres (default: the file's detector_info, e.g. 5e-5).")
+@click.option("--distance", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sample-detector distance, metres (not in the run file: give it here or "
+                   "to process).")
+@click.option("--wavelength", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wavelength, Angstrom (default: from the bright shots' photon energy).")
+@click.option("--tolerance", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Pixels: the two methods 'disagree' above this distance (a warning).")
+@click.option("--on-bad-tag", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True, help="A damaged/missing tag image: stop, or leave it out.")
+@click.option("--skip-first", type=int, default=None,
+              help="Treat the first N exposures of each run as dark (for files without a "
+                   "pulse-selector status).")
+@_cluster_options
+@_handle_errors
+def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask: str | None,
+           max_shots: int, out: str | None, plot_path: str | None, pixel_size: float | None,
+           distance: float | None, wavelength: float | None, tolerance: float,
+           on_bad_tag: str, skip_first: int | None, workers: int | None,
+           scheduler: str | None, scheduler_file: str | None, cluster: str,
+           jobs: int | None) -> None:
+    """Find the beam centre from the mean of a run's bright shots; write a geometry file.
+
+    Averages the bright shots (at most --max-shots, evenly spread over the
+    run) with Dask, then fits the centre two independent ways from the same
+    start: a robust circle (and ellipse) fit to the ring's peak positions in
+    angular sectors, and the centre that makes the ring sharpest in the
+    masked radial profile. Prints both and their disagreement in pixels.
+    The circle fit is adopted: --out writes center_x, center_y (px),
+    pixel_size, distance (m), wavelength (A) and mask (path) as YAML, the
+    names of the result store's attrs, for 'process --geometry' (whose
+    flags override it).
+
+    The mean runs on Dask's threaded scheduler in this process (reading a
+    few hundred images does not repay starting a cluster); --workers N,
+    --scheduler, --scheduler-file or --cluster jobqueue compute it on a
+    distributed cluster instead.
+
+    \b
+    Example:
+      sacla-dask center run_178884.h5 --guess 1210 1195 480 --mask mask.npy \\
+          --distance 0.053 --out geom.yaml --plot center.png
+      sacla-dask process run_178884.h5 --geometry geom.yaml --qmin 2.64 --qmax 2.71 \\
+          --out run_178884.zarr
+    """
+    import dask
+
+    from .center import _check_guess, find_center, mean_image
+    from .errors import OutputError, ParameterError
+    from .geometry import Geometry, write_geometry_file
+    from .pipeline import load_mask
+    from .run import mean_wavelength, open_run
+
+    run = open_run(list(runs), on_bad_tag=on_bad_tag,  # type: ignore[arg-type]
+                   skip_first=skip_first)
+    shape = run.image_shape
+    if guess is not None:  # fail before reading any image
+        _check_guess(guess, shape)
+    good = load_mask(mask, shape)
+    bright = np.nonzero(run.bright)[0]
+    if bright.size == 0:
+        raise ParameterError(f"no bright shot in {', '.join(runs)} ({len(run)} tags, all dark): "
+                             "nothing to fit a ring to")
+    use = _spread(bright, max_shots)
+    keep = np.zeros(len(run), dtype=bool)
+    keep[use] = True
+    sub = run.select(keep)
+    t0 = time.perf_counter()
+    if workers is not None or scheduler or scheduler_file or cluster != "local":
+        where = _client_from(workers, scheduler, scheduler_file, cluster, jobs)
+        how = "on the Dask cluster"
+    else:
+        where = dask.config.set(scheduler="threads")
+        how = "with Dask's threaded scheduler"
+    with where:
+        image = mean_image(sub.images())
+    tags = sub.tags
+    click.echo(f"mean of {use.size} of {bright.size} bright shots (tags {_span(tags)}) of run "
+               f"{', '.join(map(str, run.runs))}: {shape[0]} x {shape[1]} px, "
+               f"{time.perf_counter() - t0:.1f} s {how}")
+
+    res = find_center(image, good, guess, tolerance=tolerance)
+    c = res.circle
+    click.echo(f"circle fit  : centre x = {c.center_x:.3f} +/- {c.sigma_x:.3f}, "
+               f"y = {c.center_y:.3f} +/- {c.sigma_y:.3f} px; radius {c.radius:.3f} +/- "
+               f"{c.sigma_radius:.3f} px (ring FWHM {c.ring_fwhm:.2f} px; {c.n_used} peak "
+               f"points, {c.n_rejected} rejected, {c.n_skipped}/{c.n_sectors} sectors "
+               f"skipped; rms {c.rms_px:.3f} px)")
+    e = c.ellipse
+    if e is not None:
+        click.echo(f"ellipse     : centre ({e.center_x:.3f}, {e.center_y:.3f}) px, semi-axes "
+                   f"{e.semi_major:.3f} +/- {e.sigma_semi_major:.3f} and {e.semi_minor:.3f} "
+                   f"+/- {e.sigma_semi_minor:.3f} px (b/a {e.axis_ratio:.4f}), major axis at "
+                   f"{np.degrees(e.angle):.1f} deg")
+    else:
+        click.echo("ellipse     : could not be fitted")
+    s = res.sharpness
+    if s is not None:
+        click.echo(f"sharpness   : centre x = {s.center_x:.3f}, y = {s.center_y:.3f} px; ring "
+                   f"r = {s.radius:.3f} px, FWHM {s.fwhm:.2f} px (height above baseline "
+                   f"{s.sharpness_at_guess:.4g} at the guess -> {s.sharpness:.4g})")
+        verdict = ("agree" if res.agree else "DISAGREE: check the mask, the guess and the "
+                   "ring in --plot")
+        click.echo(f"disagreement: {res.disagreement_px:.3f} px (dx {res.dx:+.3f}, "
+                   f"dy {res.dy:+.3f}): {verdict} (tolerance {tolerance:g} px)")
+    else:
+        click.echo(f"sharpness   : FAILED ({res.sharpness_error}); the circle fit is unchecked")
+
+    pixel_size = pixel_size if pixel_size is not None else _file_pixel_size(run)
+    if wavelength is None:
+        try:
+            wavelength = mean_wavelength(sub)
+        except ParameterError as exc:
+            click.echo(f"note: no wavelength written ({exc})", err=True)
+    if pixel_size is not None and distance is not None and wavelength is not None:
+        g = Geometry(c.center_x, c.center_y, pixel_size, distance, wavelength)
+        q_ring = float(g.radius_to_q(c.radius))
+        click.echo(f"ring        : r = {c.radius:.3f} px -> q = {q_ring:.5f} 1/A (pixel "
+                   f"{pixel_size * 1e6:g} um, distance {distance * 1e3:g} mm, wavelength "
+                   f"{wavelength:.5f} A)")
+    if plot_path:
+        try:
+            _center_figure(plot_path, image, good, res,
+                           f"mean of {use.size} bright shots, run "
+                           f"{', '.join(map(str, run.runs))}")
+        except OSError as exc:
+            raise OutputError(f"cannot write the plot {plot_path!r}: {exc}") from None
+        click.echo(f"wrote {plot_path}")
+    if out:
+        fit = {"sigma_center_x": c.sigma_x, "sigma_center_y": c.sigma_y,
+               "sigma_radius": c.sigma_radius, "ring_fwhm": c.ring_fwhm,
+               "sharpness_center_x": s.center_x if s is not None else None,
+               "sharpness_center_y": s.center_y if s is not None else None,
+               "disagreement_px": res.disagreement_px if s is not None else None,
+               "shots": int(use.size), "runs": [os.path.abspath(p) for p in runs]}
+        values = {"center_x": c.center_x, "center_y": c.center_y, "pixel_size": pixel_size,
+                  "distance": distance, "wavelength": wavelength,
+                  "mask": os.path.abspath(mask) if mask else None, "radius": c.radius,
+                  "fit": {k: (float(v) if isinstance(v, float) else v)
+                          for k, v in fit.items() if v is not None}}
+        tmp = f"{out}.tmp-{os.getpid()}"
+        try:
+            write_geometry_file(tmp, {k: (float(v) if isinstance(v, float) else v)
+                                      for k, v in values.items()})
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise OutputError(f"cannot write the geometry file {out!r}: {exc}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        missing = [f"--{k.replace('_', '-')}" for k in ("pixel_size", "distance", "wavelength")
+                   if values[k] is None]
+        click.echo(f"wrote {out}" + (f" (without {', '.join(missing)}: give them to process)"
+                                     if missing else ""))
+    else:
+        click.echo("(give --out geom.yaml to save the geometry for 'sacla-dask process')")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
