@@ -546,8 +546,19 @@ def _result_lines(path: str) -> list[str]:
                  f"{a.get('method', '?')} interpolation)")
     npair = ds.sizes.get("pair", 0)
     ptxt = f"{npair} correlated"
+    if a.get("pairing"):
+        ptxt += f" ({a['pairing']} pairing)"
     if "pair_rejected" in ds and state == "complete":
-        ptxt += f", {int(np.asarray(ds['pair_rejected'].values, dtype=bool).sum())} rejected"
+        from .plot import pair_rejection
+
+        rejected, threshold = pair_rejection(ds)
+        if rejected is not None:
+            nsig = ds["pair_rejected"].attrs.get("reject_nsigma")
+            why = [f"> {float(nsig):g} sigma" if nsig else "",
+                   f"pair_stat > {threshold:.3g}" if threshold is not None else ""]
+            why_txt = "; ".join(w for w in why if w)
+            ptxt += f", {int(rejected.sum())} rejected as outliers" + (
+                f" ({why_txt})" if why_txt else "")
     if "n_pairs_dropped" in a:
         ptxt += f", {a['n_pairs_dropped']} dropped (a tag not in the run)"
     lines.append(f"  pairs      : {ptxt}")
@@ -558,8 +569,13 @@ def _result_lines(path: str) -> list[str]:
     except (KeyError, TypeError):
         lines.append("  geometry   : not recorded")
     lines.append(f"  mask       : {a.get('mask') or 'none'}")
-    contents = ", ".join(f"{n} ({' x '.join(ds[n].dims)})" for n in ("polar", "corr")
-                         if n in ds)
+    contents = ", ".join(f"{n} ({' x '.join(ds[n].dims)})"
+                         for n in ("polar", "corr", "corr_cross", "corr_pairs",
+                                   "corr_cross_pairs", "bragg_bins") if n in ds)
+    if "corr_ci_low" in ds:
+        contents += f", bootstrap intervals ({a.get('bootstrap', '?')} resamples)"
+    if "corr_cross" in ds:
+        contents += f"; {ds.sizes.get('qpair', 0)} cross-correlated q pairs"
     if "polar" not in ds:
         contents += " (correlation only: no per-tag polar images)"
     lines.append(f"  arrays     : {contents}")

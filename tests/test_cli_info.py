@@ -147,6 +147,26 @@ def test_info_result_store(store, small_run):
     assert "polar (tag x q x phi)" in field(out, "arrays")
 
 
+def test_info_result_store_with_rejected_pairs(store, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store[0], copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    if "pair_rejected" not in g:
+        pytest.skip("this store layout has no pair_rejected")
+    rej = np.zeros(g["pair_rejected"].shape, dtype=bool)
+    rej[[0, 5, 7]] = True
+    g["pair_rejected"][...] = rej
+    g["pair_rejected"].attrs["reject_nsigma"] = 2.5
+    code, out = invoke("info", str(copy))
+    assert code == 0, out
+    assert "34 correlated" in field(out, "pairs")
+    assert "3 rejected as outliers (> 2.5 sigma" in field(out, "pairs")
+
+
 def test_info_incomplete_store(store, tmp_path):
     import shutil
 
