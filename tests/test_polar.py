@@ -353,6 +353,20 @@ def test_tiled_layout_equals_row_major(method):
     np.testing.assert_array_equal(tiled.polar_mask, plain.polar_mask)
 
 
+def test_nearest_gather_equals_the_matrix_product():
+    op = build_operator(GEOM, band(), SHAPE, panel_gaps(), "nearest")
+    assert op.gather is not None
+    img = smooth_image()
+    img[72, 120] = np.nan
+    fast, nf_fast = apply_polar(img[op.window][None], op)
+    op._cache["gather"] = None                            # force the CSR product
+    slow, nf_slow = apply_polar(img[op.window][None], op)
+    np.testing.assert_array_equal(fast, slow)
+    assert nf_fast[0] == nf_slow[0] == 1
+    corrected = build_operator(GEOM, band(), SHAPE, None, "nearest", solid_angle=True)
+    assert corrected.gather is None                       # weights are not all 1
+
+
 def test_block_dtypes_and_layouts_agree():
     rng = np.random.default_rng(0)
     imgs = rng.uniform(0, 1000, (5,) + SHAPE).astype(np.float32)
@@ -454,17 +468,17 @@ def test_operator_is_one_graph_key(small_plan):
     import cloudpickle
 
     norm, _, _ = small_plan.polar()
-    graph = dict(norm.__dask_graph__())
     op_nbytes = small_plan.transform.operator.nbytes
-    sizes = {k: len(cloudpickle.dumps(v)) for k, v in graph.items()}
-    big = [k for k, n in sizes.items() if n > op_nbytes / 2]
-    assert len(big) == 1, big
-    assert "PolarOperator" in str(big[0]) or "polaroperator" in str(big[0]).lower()
-    polar_tasks = [k for k in graph if "polar-raw" in str(k)]
-    assert len(polar_tasks) == small_plan.n_chunks
-    assert max(sizes[k] for k in polar_tasks) < min(20_000, op_nbytes / 10)
-    for k in polar_tasks:
-        assert big[0] in graph[k].dependencies
+    # as built, and as dask.compute will run it (after graph optimisation)
+    for arr in (norm, dask.optimize(norm)[0]):
+        graph = dict(arr.__dask_graph__())
+        sizes = {k: len(cloudpickle.dumps(v)) for k, v in graph.items()}
+        big = [k for k, n in sizes.items() if n > op_nbytes / 2]
+        assert len(big) == 1, big
+        assert "polaroperator" in str(big[0]).lower()
+        users = [k for k, v in graph.items() if big[0] in getattr(v, "dependencies", ())]
+        assert len(users) == small_plan.n_chunks
+        assert max(sizes[k] for k in users) < min(20_000, op_nbytes / 10)
 
 
 def test_lazy_polar_equals_eager(small_plan, small_run, small_mask):
@@ -492,3 +506,33 @@ def test_lazy_polar_equals_eager(small_plan, small_run, small_mask):
     assert attrs["method"] == "bilinear" and attrs["solid_angle"] is True
     assert attrs["polarization"] == 0.95
     assert "solid_angle,polarization(0.95)" in repr(small_plan)
+
+
+# -- row normalisation -------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 3), nq=st.integers(1, 5), nphi=st.integers(2, 12),
+       seed=st.integers(0, 10_000), dirty=st.booleans())
+def test_normalize_rows_is_the_masked_mean(k, nq, nphi, seed, dirty):
+    """Against numpy.ma: mean over good, finite bins; 0 masked; 1 where non-finite."""
+    from sacla_dask.polar import normalize_rows
+
+    rng = np.random.default_rng(seed)
+    pm = rng.uniform(size=(nq, nphi)) > 0.3
+    polar = rng.uniform(0.5, 2.0, (k, nq, nphi)).astype(np.float32)
+    if not dirty:
+        polar[:, ~pm] = 0                      # as apply_polar leaves them
+    special = rng.uniform(size=polar.shape)
+    polar[special < 0.08] = np.nan
+    polar[(special > 0.08) & (special < 0.12)] = np.inf
+    out, mean = normalize_rows(polar, pm)
+    bad = ~np.isfinite(polar)
+    ref = np.ma.masked_array(polar.astype(np.float64), mask=bad | ~pm[None]).mean(axis=-1)
+    ref_mean = ref.filled(np.nan)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-6)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expect = polar / ref_mean[..., None]
+    expect[~np.isfinite(ref_mean)] = 0
+    expect[bad & pm[None]] = 1.0
+    expect[:, ~pm] = 0
+    np.testing.assert_allclose(out, expect, rtol=1e-6)
+    assert out.dtype == np.float32 and mean.dtype == np.float64
