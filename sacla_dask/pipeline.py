@@ -711,7 +711,10 @@ def plan_run(
         pairing = "list"
     ia, ib, kept = pair_indices(pair_arr, run.tags)
     if ia.size == 0:
-        raise PairingError(f"none of the {len(pair_arr)} pairs has both tags in the run")
+        src = f" in {os.fspath(pairs)!r}" if isinstance(pairs, (str, os.PathLike)) else ""
+        absent = np.setdiff1d(pair_arr, run.tags)[:5].tolist()
+        raise PairingError(f"none of the {len(pair_arr)} pairs{src} has both tags in the run "
+                           f"(tags {run.tags[0]}..{run.tags[-1]}; not in it: e.g. {absent})")
     wy, wx = transform.operator.window_shape
     per = parse_chunk_size(chunks, wy * wx * 4)
     return ProcessingPlan(
