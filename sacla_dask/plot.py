@@ -844,7 +844,8 @@ def plot_result(
     fig, _ = plot_correlation(corr, cut=cut, mark_q=q_prof if has_q else None)
     save("correlation", fig)
     sem = ds["corr_sem"].load() if "corr_sem" in ds else None
-    fig, _ = plot_correlation_profile(corr, at=q_prof if has_q else None, sem=sem, cut=cut)
+    fig, _ = plot_correlation_profile(corr, at=q_prof if has_q else None, sem=sem, cut=cut,
+                                      title="difference correlation profile")
     save("correlation_profile", fig)
 
     # radial profile over the band (row means before normalisation)

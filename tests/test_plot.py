@@ -345,3 +345,10 @@ def test_pair_rejection_read_from_a_store_layout():
     assert pair_rejection(ds2) == (None, None)
     # older stores without the variable
     assert pair_rejection(xr.Dataset({"pair_stat": ("pair", stat)})) == (None, None)
+
+
+def test_plot_result_correlation_only_store(result, tmp_path):
+    ds = open_result(result).drop_vars("polar")
+    rep = plot_result(ds, tmp_path / "figs", dpi=40)
+    assert "polar" not in rep.written and "no polar images" in rep.skipped["polar"]
+    assert {"correlation", "correlation_profile", "pair_statistics"} <= set(rep.written)
