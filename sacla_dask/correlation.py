@@ -459,7 +459,12 @@ class PairSums:
             k = corr.shape[0]
             w = np.asarray(weights, dtype=np.float64).reshape(-1, k)
             self.boot_s1 += (w @ x.reshape(k, -1)).reshape(self.boot_s1.shape)
-            self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(self.boot_w.shape)
+            if k and np.array_equal(ok.all(axis=0), ok.any(axis=0)):
+                # every pair has data in the same bins (no shot-specific mask): an outer product
+                self.boot_w += w.sum(axis=1)[:, None, None] * ok[0]
+            else:
+                self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(
+                    self.boot_w.shape)
 
     def _combine(self, other: PairSums, sign: int) -> PairSums:
         def comb(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -812,28 +817,45 @@ def _corr_group(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, block_a: 
     return difference_correlation(block_a[la], block_b[lb], plan)
 
 
+@dataclasses.dataclass
+class _Partial:
+    """What a group task passes up the reduction tree.
+
+    Sums over its pairs, and the small per-pair values (statistics in the
+    sorted pair order, held-out pairs) carried along, so that every task's
+    output has one consumer and is freed as soon as it is merged.
+    """
+
+    sums: PairSums
+    stat: np.ndarray
+    held: HeldPairs
+
+
 def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.ndarray,
                 start: int, n_boot: int, seed: int, keep: bool, hold: float | None,
                 hold_max: int, batch_bytes: int, block_a: np.ndarray,
-                block_b: np.ndarray | None = None) -> tuple[Any, ...]:
+                block_b: np.ndarray | None = None) -> Any:
     block_b = block_a if block_b is None else block_b
     w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
     sums, stat, kept, held = pair_sums(block_a, block_b, plan, ia=la, ib=lb, weights=w,
                                        keep=keep, hold_above=hold, hold_max=hold_max,
                                        batch_bytes=batch_bytes)
     held.index = held.index + start  # position among all (sorted) pairs
-    return sums, stat, kept, held
+    part = _Partial(sums, stat, held)
+    return (part, kept) if keep else part
 
 
-def _merge_sums(parts: list[PairSums]) -> PairSums:
-    out = parts[0]
+def _merge_partials(parts: list[_Partial]) -> _Partial:
+    sums = parts[0].sums
     for p in parts[1:]:
-        out = out + p
-    return out
+        sums = sums + p.sums
+    n_boot = 0 if sums.boot_s1 is None else sums.boot_s1.shape[0]
+    return _Partial(sums, np.concatenate([p.stat for p in parts]),
+                    HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot))
 
 
-def _reject_task(stats: list[np.ndarray], nsigma: float) -> tuple[np.ndarray, float]:
-    return robust_outliers(np.concatenate(stats), nsigma)
+def _reject_task(root: _Partial, nsigma: float) -> tuple[np.ndarray, float]:
+    return robust_outliers(root.stat, nsigma)
 
 
 class _BlockRows:
@@ -848,13 +870,13 @@ class _BlockRows:
         return np.stack([self.blocks[ci][p - self.bounds[ci]] for ci, p in zip(c, positions)])
 
 
-def _correct_task(total: PairSums, rejection: tuple[np.ndarray, float], stats: list[np.ndarray],
-                  held: list[HeldPairs], plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
+def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
+                  plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
                   keys: np.ndarray, n_boot: int, seed: int, batch_bytes: int,
                   source: Callable[[np.ndarray], np.ndarray]) -> PairSums:
     """Final sums: add the held-out pairs that are kept, subtract the other rejected pairs."""
     rej, _ = rejection
-    h = HeldPairs.concat(held, (plan.nqp, plan.nphi), n_boot)
+    total, h = root.sums, root.held
     if h.index.size:
         ok = ~rej[h.index]
         add = PairSums.zeros((plan.nqp, plan.nphi), n_boot)
@@ -872,7 +894,7 @@ def _correct_task(total: PairSums, rejection: tuple[np.ndarray, float], stats: l
     w = bootstrap_weights(keys[idx], n_boot, seed) if n_boot else None
     sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
                                 batch_bytes=batch_bytes)
-    first = np.concatenate(stats)[idx]
+    first = root.stat[idx]
     if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
         raise SaclaDaskError(
             "the shots of rejected pairs read back differently from the first pass "
@@ -881,15 +903,16 @@ def _correct_task(total: PairSums, rejection: tuple[np.ndarray, float], stats: l
     return total - sub
 
 
-def _finalize_task(sums: PairSums, ci: float) -> dict[str, Any]:
+def _finalize_task(sums: PairSums | _Partial, ci: float) -> dict[str, Any]:
+    if isinstance(sums, _Partial):
+        sums = sums.sums
     out: dict[str, Any] = finalize(sums, ci)
     out["n_pairs"] = np.int64(sums.n)
     return out
 
 
-def _gather(parts: list[np.ndarray], inv: np.ndarray | None) -> np.ndarray:
-    x = np.concatenate(parts)
-    return x if inv is None else x[inv]
+def _stat_in_order(root: _Partial, inv: np.ndarray | None) -> np.ndarray:
+    return root.stat if inv is None else root.stat[inv]
 
 
 def _rejected_in_order(rejection: tuple[np.ndarray, float], inv: np.ndarray | None) -> np.ndarray:
@@ -963,7 +986,9 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         Reject pairs whose statistic is this many robust sigmas high.
     n_boot : int
         Poisson-bootstrap resamples (0: none); ``ci`` is the interval level.
-        Memory: each partial sum holds ``2 n_boot nqp nphi`` float64.
+        Memory: each partial sum holds ``2 n_boot nqp nphi`` float64; time:
+        ``2 n_boot nqp nphi`` flops per pair (a matrix product), measured
+        about 5x the correlation itself for ``n_boot = 100``.
     seed : int
         Bootstrap seed; ``keys`` (npair, 2) non-negative pair identities
         (default the positions; tag numbers make the resamples independent
@@ -1010,7 +1035,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     internal = "pair-statistics-" + token
     plan_key = (internal, "plan")
     dsk: dict[Any, Any] = {plan_key: plan}
-    sums_keys, stat_keys, pair_keys, held_keys = [], [], [], []
+    part_keys, pair_keys = [], []
     for g, (a, b, s, e) in enumerate(groups):
         la = sa[s:e] - bounds[a]
         lb = sb[s:e] - bounds[b]
@@ -1018,27 +1043,24 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         gk = (internal, "group", g)
         dsk[gk] = (_group_task, plan_key, la, lb, sk[s:e], s, n_boot, seed, keep_pairs,
                    HOLD_OUT_STAT if reject else None, hold_out_max, batch_bytes, *blocks)
-        dsk[(internal, "sums", g)] = (operator.getitem, gk, 0)
-        dsk[(internal, "stat", g)] = (operator.getitem, gk, 1)
-        sums_keys.append((internal, "sums", g))
-        stat_keys.append((internal, "stat", g))
-        if reject:
-            dsk[(internal, "held", g)] = (operator.getitem, gk, 3)
-            held_keys.append((internal, "held", g))
         if keep_pairs:
+            dsk[(internal, "partial", g)] = (operator.getitem, gk, 0)
+            part_keys.append((internal, "partial", g))
             pair_keys.append(gk)
-    level, depth = sums_keys, 0
+        else:
+            part_keys.append(gk)
+    level, depth = part_keys, 0
     while len(level) > 1:
         nxt = []
         for i in range(0, len(level), split_every):
             k = (internal, "tree", depth, i // split_every)
-            dsk[k] = (_merge_sums, list(level[i:i + split_every]))
+            dsk[k] = (_merge_partials, list(level[i:i + split_every]))
             nxt.append(k)
         level, depth = nxt, depth + 1
-    total = level[0]
+    root = total = level[0]
     rej_key = (internal, "rejection")
     if reject:
-        dsk[rej_key] = (_reject_task, list(stat_keys), float(reject))
+        dsk[rej_key] = (_reject_task, root, float(reject))
         if reload is None:
             source: Any = (_BlockRows, bounds,
                            [(polar.name, c, 0, 0) for c in range(len(polar.chunks[0]))])
@@ -1047,8 +1069,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         else:
             source = reload
         corrected = (internal, "corrected")
-        dsk[corrected] = (_correct_task, total, rej_key, list(stat_keys), list(held_keys),
-                          plan_key, sa, sb, sk, n_boot, seed, batch_bytes, source)
+        dsk[corrected] = (_correct_task, root, rej_key, plan_key, sa, sb, sk, n_boot, seed,
+                          batch_bytes, source)
         total = corrected
     else:
         dsk[rej_key] = (tuple, [np.zeros(ia.size, dtype=bool), float("inf")])
@@ -1072,7 +1094,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         mean=out("pair-mean", (operator.getitem, fin, "mean"), shape2, np.float64),
         sem=out("pair-sem", (operator.getitem, fin, "sem"), shape2, np.float64),
         count=out("pair-count", (operator.getitem, fin, "count"), shape2, np.int64),
-        stat=out("pair-stat", (_gather, list(stat_keys), inv), ((ia.size,),), np.float64),
+        stat=out("pair-stat", (_stat_in_order, root, inv), ((ia.size,),), np.float64),
         rejected=out("pair-rejected", (_rejected_in_order, rej_key, inv), ((ia.size,),), bool),
         threshold=out("pair-threshold", (np.float64, (operator.getitem, rej_key, 1)), (),
                       np.float64),
@@ -1088,7 +1110,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
                                   ((plan.nqp,), (nf,)), np.float64)
     if keep_pairs:
         name = "pair-correlations-" + token
-        pdsk = {(name, g, 0, 0): (operator.getitem, k, 2) for g, k in enumerate(pair_keys)}
+        pdsk = {(name, g, 0, 0): (operator.getitem, k, 1) for g, k in enumerate(pair_keys)}
         layers = dict(hlg.layers)
         layers[name] = pdsk
         dependencies = dict(hlg.dependencies)

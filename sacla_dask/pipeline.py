@@ -423,15 +423,14 @@ class ProcessingPlan:
         return ds
 
     def _reloader(self, src: da.Array) -> Any:
-        """A lazy :class:`PolarReloader` (one graph key; the operator shared with polar())."""
+        """A lazy :class:`PolarReloader`: one graph key holding the run and the operator."""
         from dask.delayed import Delayed
         from dask.highlevelgraph import HighLevelGraph
 
         tr = self.transform
-        op = dask.delayed(tr.operator, pure=True, traverse=False)
         key = "polar-reloader-" + dask.base.tokenize(src.name, self.bragg)
-        dsk = {key: (PolarReloader, self.run, tr.window, op.key, tr.polar_mask, self.bragg)}
-        return Delayed(key, HighLevelGraph.from_collections(key, dsk, dependencies=[op]))
+        reloader = PolarReloader(self.run, tr.window, tr.operator, tr.polar_mask, self.bragg)
+        return Delayed(key, HighLevelGraph.from_collections(key, {key: reloader}))
 
     def correlation_attrs(self) -> dict[str, Any]:
         """Root attrs describing the pairing and the statistics over pairs."""

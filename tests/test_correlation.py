@@ -588,7 +588,10 @@ def test_pipeline_lazy_equals_eager_with_every_option(small_run, small_params):
     np.testing.assert_allclose(ds["corr_cross"].values[1], ds["corr"].values[3], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_cli_process_with_correlation_options(small_run, small_params, tmp_path):
+    """The options end to end on a LocalCluster of worker processes (the reloader of
+    rejected pairs is pickled to them)."""
     from click.testing import CliRunner
 
     from sacla_dask.cli import main
