@@ -514,15 +514,16 @@ def _dir_size(path: str) -> int:
 def _result_lines(path: str) -> list[str]:
     from dask.utils import format_bytes
 
-    from .store import open_result, store_state
+    from .store import open_result, progress_text, store_state
 
     state = store_state(path)
     ds = open_result(path, allow_incomplete=True)
     a = ds.attrs
     head = f"result store {path}: {state}"
     if state == "incomplete":
-        head += (" (the run that wrote it did not finish: values may be missing; re-run the "
-                 "same command to finish it)")
+        done = progress_text(path)
+        head += (f" ({done + '; ' if done else ''}the run that wrote it did not finish: values "
+                 "may be missing; re-run the same command to finish it)")
     lines = [head]
     src = a.get("source") or []
     srcs = [src] if isinstance(src, str) else list(src)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
+
+import dask
 
 from .errors import ParameterError
 
@@ -26,6 +29,46 @@ def _default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _wait_for_file(path: str, timeout: str) -> None:
+    """Wait for a scheduler file (a batch script may start the scheduler alongside).
+
+    ``distributed.Client`` itself would wait for ever.
+    """
+    from dask.utils import parse_timedelta
+
+    limit = time.monotonic() + (parse_timedelta(timeout) or 0)
+    while not os.path.exists(path):
+        if time.monotonic() > limit:
+            raise ParameterError(f"scheduler file {path!r} does not exist (waited {timeout}); "
+                                 "start the scheduler with `dask scheduler --scheduler-file "
+                                 f"{path}`")
+        time.sleep(0.1)
+
+
+def _keep_jobs(cluster: Any, jobs: int) -> Any:
+    """Resubmit batch jobs that end (walltime, pre-emption, ``scancel``, a dead node).
+
+    dask-jobqueue forgets a job whose worker is gone (after dask's
+    ``distributed.deploy.lost-worker-timeout``) but does not start another
+    by itself; ``scale`` does, so call it every
+    ``sacla_dask.jobqueue.replace-interval`` (default 30 s) on the cluster's
+    event loop. Returns the started ``tornado.ioloop.PeriodicCallback``.
+    """
+    from dask.utils import parse_timedelta
+    from tornado.ioloop import PeriodicCallback
+
+    interval = parse_timedelta(dask.config.get("sacla_dask.jobqueue.replace-interval", "30s"))
+
+    def rescale() -> None:
+        if len(cluster.workers) < len(cluster.worker_spec) or len(cluster.worker_spec) < jobs:
+            log.warning("a batch job ended: submitting a replacement")
+        cluster.scale(jobs=jobs)
+
+    pc = PeriodicCallback(rescale, interval * 1000)
+    cluster.loop.add_callback(pc.start)
+    return pc
 
 
 @contextlib.contextmanager
@@ -79,6 +122,8 @@ def dask_client(
     if jobs is not None and (cluster != "jobqueue" or jobs < 1):
         raise ParameterError(f"--jobs needs --cluster jobqueue and must be >= 1 (got {jobs})")
     if scheduler or scheduler_file:
+        if scheduler_file:
+            _wait_for_file(scheduler_file, timeout)
         try:
             client = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
         except (OSError, TimeoutError) as exc:
@@ -93,12 +138,15 @@ def dask_client(
         from .hpc import jobqueue_cluster
 
         jq = jobqueue_cluster()
-        jq.scale(jobs=jobs or 1)
-        log.info("submitted %d batch job(s):\n%s", jobs or 1, jq.job_script())
+        n_jobs = jobs or 1
+        jq.scale(jobs=n_jobs)
+        log.info("submitted %d batch job(s):\n%s", n_jobs, jq.job_script())
+        keeper = _keep_jobs(jq, n_jobs)
         client = Client(jq)
         try:
             yield client
         finally:
+            jq.loop.add_callback(keeper.stop)
             client.close()
             jq.close()
         return

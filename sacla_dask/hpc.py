@@ -4,6 +4,8 @@ This module owns building a dask-jobqueue cluster object from the
 ``jobqueue`` section of dask's configuration (``~/.config/dask/jobqueue.yaml``
 or ``DASK_CONFIG``; ``deploy/`` has SLURM and PBS examples), so that the
 same ``sacla-dask process --cluster jobqueue`` works at any facility.
+(Replacing worker jobs that end early is :func:`sacla_dask.cluster.dask_client`'s
+job, every ``sacla_dask.jobqueue.replace-interval``.)
 """
 
 from __future__ import annotations

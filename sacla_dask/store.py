@@ -429,24 +429,46 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
     return Delayed(final, graph)
 
 
+def _store_block(path: str, name: str, region: tuple[slice, ...], block: Any) -> None:
+    zarr.open_array(store=path, path=name, mode="r+")[region] = block
+
+
+def _nothing(_: Any) -> None:
+    return None
+
+
 def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -> Delayed:
     """Lazy writes of whole dask arrays into their place in the template.
 
     Each array is rechunked to its Zarr chunks (so no two tasks write one
-    Zarr chunk) and stored by the workers: nothing large passes through the
-    client. Computes to None.
+    Zarr chunk) and each block stored by a worker: nothing large passes
+    through the client. The graph is built by hand, not with ``da.store``:
+    that optimises (fuses) its sources on its own, which would rename the
+    polar tasks these arrays share with :func:`chunk_writes` and compute
+    them twice. Computes to None.
     """
     p = os.fspath(path)
-    sources, targets = [], []
+    token = dask.base.tokenize(p, sorted((n, a.name) for n, a in arrays.items()))
+    wname, final = "write-array-" + token, "arrays-written-" + token
+    dsk: dict[Any, Any] = {}
+    deps = []
+    keys = []
     for name, arr in arrays.items():
         z = zarr.open_array(store=p, path=name, mode="r+")
         if tuple(z.shape) != tuple(arr.shape):
             raise ValueError(f"{name}: shape {arr.shape} does not match the store's {z.shape}")
-        sources.append(arr.rechunk(z.chunks) if arr.ndim else arr)
-        targets.append(z)
-    if not sources:
-        return dask.delayed(None)
-    return da.store(sources, targets, lock=False, compute=False)
+        if arr.ndim:
+            arr = arr.rechunk(z.chunks)
+        deps.append(arr)
+        bounds = [np.cumsum((0,) + c) for c in arr.chunks]
+        for idx in np.ndindex(*arr.numblocks):
+            region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, idx))
+            key = (wname, name) + tuple(idx)
+            dsk[key] = (_store_block, p, name, region, (arr.name,) + tuple(idx))
+            keys.append(key)
+    dsk[final] = (_nothing, keys)
+    graph = HighLevelGraph.from_collections(final, dsk, dependencies=deps)
+    return Delayed(final, graph)
 
 
 def read_array(path: str | os.PathLike[str], name: str) -> np.ndarray:

@@ -5,8 +5,10 @@ started in its own session and stopped (SIGTERM, then SIGKILL after a
 timeout) by :meth:`DaskProcesses.close`, which the fixtures always call.
 
 This file is also a worker preload (``dask worker --preload <this file>``):
-:func:`dask_setup` slows every polar block by ``SACLA_DASK_TEST_DELAY``
-seconds, so that a test has time to kill something mid-run.
+:func:`dask_setup` makes every read of a block of raw images sleep
+``SACLA_DASK_TEST_DELAY`` seconds (so that a test has time to kill something
+mid-run) and append a line to the file ``SACLA_DASK_TEST_READ_LOG`` (so that
+a test can count what was read from the raw data).
 """
 
 from __future__ import annotations
@@ -22,24 +24,37 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 DELAY_ENV = "SACLA_DASK_TEST_DELAY"
+READ_LOG_ENV = "SACLA_DASK_TEST_READ_LOG"
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload: sleep ``$SACLA_DASK_TEST_DELAY`` s before each polar block."""
+    """Worker preload: slow down and log each raw image block read."""
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    if delay <= 0:
+    log = os.environ.get(READ_LOG_ENV, "")
+    if delay <= 0 and not log:
         return
-    import sacla_dask.pipeline as pipeline
+    import sacla_dask.run as run
 
-    original = pipeline.polar_block
+    original = run._read_block
 
-    def slow_polar_block(*args: Any, **kwargs: Any) -> Any:
+    def read_block(sources: Any, window: Any, on_bad_tag: Any) -> Any:
         time.sleep(delay)
-        return original(*args, **kwargs)
+        out = original(sources, window, on_bad_tag)
+        if log:
+            with open(log, "a") as fh:  # one short line per write: atomic with O_APPEND
+                fh.write(f"{sources[0].tag} {len(sources)}\n")
+        return out
 
-    # tasks reference the kernel by module and name, so unpickling on this
-    # worker picks up the slow one
-    pipeline.polar_block = slow_polar_block  # type: ignore[assignment]
+    # _TagReader looks the function up at call time
+    run._read_block = read_block
+
+
+def reads_logged(path: Path) -> int:
+    """How many raw image blocks the workers read (see :func:`dask_setup`)."""
+    try:
+        return len(Path(path).read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -67,14 +82,15 @@ class DaskProcesses:
     workdir : Path
         Scheduler file, worker spill directories and process logs.
     delay : float
-        Seconds each worker sleeps before each polar block (see
-        :func:`dask_setup`).
+        Seconds each worker sleeps before each raw image block read (see
+        :func:`dask_setup`); the reads are logged to :attr:`read_log`.
     """
 
     def __init__(self, workdir: Path, delay: float = 0.0) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.scheduler_file = self.workdir / "scheduler.json"
+        self.read_log = self.workdir / "reads.log"
         self.delay = delay
         self.procs: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
@@ -82,7 +98,7 @@ class DaskProcesses:
 
     # -- processes -----------------------------------------------------------
     def _popen(self, args: list[str], log: str) -> subprocess.Popen:
-        env = dict(os.environ, **{DELAY_ENV: str(self.delay)})
+        env = dict(os.environ, **{DELAY_ENV: str(self.delay), READ_LOG_ENV: str(self.read_log)})
         fh = open(self.workdir / log, "ab")
         proc = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
@@ -152,12 +168,18 @@ class DaskProcesses:
         return self._client
 
     def wait_idle(self, timeout: float = 30.0) -> None:
-        """Until the scheduler holds no task (a killed client's work released)."""
+        """Until neither the scheduler nor a worker holds a task.
+
+        When a client dies the scheduler forgets its tasks at once, but a
+        task already running on a worker runs to its end (and may still
+        write); wait for that too.
+        """
         t0 = time.monotonic()
-        # a lambda: pickled by value (the scheduler cannot import this file)
-        while self.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+        # lambdas: pickled by value (the scheduler and workers cannot import this file)
+        while (self.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+               or any(self.client.run(lambda dask_worker: len(dask_worker.state.tasks)).values())):
             if time.monotonic() - t0 > timeout:
-                raise RuntimeError("scheduler still busy")
+                raise RuntimeError("the Dask cluster is still busy")
             time.sleep(0.1)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dask
@@ -83,6 +84,15 @@ def test_unreachable_scheduler_is_a_clear_error():
             pass  # pragma: no cover
 
 
+def test_missing_scheduler_file_does_not_wait_for_ever(tmp_path):
+    """(distributed.Client would poll for the file indefinitely.)"""
+    t0 = time.monotonic()
+    with pytest.raises(ParameterError, match=r"scheduler file .*missing.json' does not exist"):
+        with dask_client(scheduler_file=str(tmp_path / "missing.json"), timeout="0.5s"):
+            pass  # pragma: no cover
+    assert time.monotonic() - t0 < 10
+
+
 def test_local_cluster_is_the_default():
     """One single-threaded worker process per requested worker; dashboard on loopback."""
     with dask_client(workers=1) as client:
@@ -107,7 +117,10 @@ def test_api_uses_the_active_client(small_run, small_params, tmp_path, dask_clus
     # the work ran on the external worker, under the progress bar
     assert {r["worker"] for r in ran} == set(
         dask_cluster.client.scheduler_info(n_workers=-1)["workers"])
-    assert any(r["key"][0].startswith("polar-raw") for r in ran if isinstance(r["key"], tuple))
+    # one store write per tag chunk (5 of 8 tags), each on that worker
+    writes = [r for r in ran if isinstance(r["key"], tuple)
+              and r["key"][0].startswith("write-tag-chunk-")]
+    assert sorted(r["key"][1] for r in writes) == list(range(plan.n_chunks)) == list(range(5))
     assert "100% Completed" in capsys.readouterr().out
     assert_same_result(res, reference(small_run, small_params))
 
@@ -135,7 +148,7 @@ def test_cli_against_scheduler_address_with_report(small_run, small_params, tmp_
     assert "100% Completed" in r.stdout  # distributed's text progress bar
     assert f"dask performance report: {report}" in r.stderr
     html = report.read_text()
-    assert "Dask Performance Report" in html and "polar-raw" in html
+    assert "Dask Performance Report" in html and "write-tag-chunk" in html
     assert_same_result(store.open_result(out), reference(small_run, small_params))
     # the scheduler outlives the CLI that attached to it
     assert dask_cluster.client.scheduler_info(n_workers=-1)["workers"]
@@ -234,29 +247,53 @@ needs_slurm = pytest.mark.skipif(
 @needs_slurm
 @pytest.mark.slow
 def test_cli_on_slurm_through_dask_jobqueue(small_run, small_params, tmp_path):
-    """`sacla-dask process --cluster jobqueue`: the worker runs in a SLURM job."""
+    """`sacla-dask process --cluster jobqueue`: the worker runs in a SLURM job; that
+    job is cancelled mid-run, a replacement job is submitted, the result is whole."""
+    from dask_procs import DELAY_ENV, HERE
+
+    name = f"sacla-dask-test-{os.getpid()}"  # scancel only our own job
     conf = tmp_path / "dask-config"
     conf.mkdir()
     (conf / "jobqueue.yaml").write_text(yaml.safe_dump({
-        "sacla_dask": {"jobqueue": {"system": "slurm"}},
+        "sacla_dask": {"jobqueue": {"system": "slurm", "replace-interval": "1s"}},
+        "distributed": {"deploy": {"lost-worker-timeout": "1s"}},
         "jobqueue": {"slurm": {
-            "name": "sacla-dask-test", "cores": 1, "processes": 1, "memory": "1GiB",
+            "name": name, "cores": 1, "processes": 1, "memory": "1GiB",
             "walltime": "00:10:00", "interface": "lo", "death-timeout": 30,
             "local-directory": str(tmp_path), "log-directory": str(tmp_path / "logs"),
             "python": sys.executable,
+            # 0.5 s per raw image block read: time to cancel the job mid-run
+            "job-script-prologue": [f"export {DELAY_ENV}=0.5"],
+            "worker-extra-args": ["--preload", str(HERE)],
             "scheduler-options": {"dashboard_address": "127.0.0.1:0"}}}}))
     out = tmp_path / "r.zarr"
     env = {**os.environ, "DASK_CONFIG": str(conf)}
     cmd = [sys.executable, "-m", "sacla_dask.cli", "-v", *cli_args(small_run, small_params, out),
            "--cluster", "jobqueue", "--jobs", "1", "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
-    job_logs = sorted((tmp_path / "logs").glob("sacla-dask-test-*.err"))
+    with open(tmp_path / "cli.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env=env)
+        try:
+            t0 = time.monotonic()
+            while store.done_chunks(out, 5).sum() < 2:
+                assert proc.poll() is None and time.monotonic() - t0 < 180, "no progress"
+                time.sleep(0.2)
+            subprocess.run(["scancel", f"--name={name}"], check=True, timeout=30)
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            subprocess.run(["scancel", f"--name={name}"], timeout=30)
+    stderr = (tmp_path / "cli.log").read_text()
+    job_logs = sorted((tmp_path / "logs").glob(f"{name}-*.err"))
     logs = "\n".join(p.read_text() for p in job_logs)
-    assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
-    assert "#SBATCH -J sacla-dask-test" in r.stderr  # the job script, logged with -v
-    # the worker ran as SLURM job <id> (slurmd wrote its log) and served our scheduler
-    assert len(job_logs) == 1 and re.fullmatch(r"sacla-dask-test-\d+\.err", job_logs[0].name)
-    assert re.search(r"Registered to:\s+tcp://127\.0\.0\.1:\d+", logs)
+    assert proc.returncode == 0, stderr[-3000:] + logs[-3000:]
+    assert f"#SBATCH -J {name}" in stderr  # the job script, logged with -v
+    assert "a batch job ended: submitting a replacement" in stderr
+    # two SLURM jobs (slurmd wrote their logs), each a worker of our scheduler
+    assert len(job_logs) == 2, job_logs
+    assert len(re.findall(r"Registered to:\s+tcp://127\.0\.0\.1:\d+", logs)) == 2
     assert_same_result(store.open_result(out), reference(small_run, small_params))
 
 
