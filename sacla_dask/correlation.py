@@ -423,7 +423,7 @@ class PairSums:
     Attributes
     ----------
     n : int
-        Pairs summed.
+        Pairs summed that have data in at least one bin.
     s1, s2 : ndarray float64 (nqp, nphi)
         Sum and sum of squares of the pairs' correlations where defined.
     count : ndarray int64 (nqp, nphi)
@@ -449,7 +449,7 @@ class PairSums:
         """Add per-pair correlations ``(k, nqp, nphi)`` (NaN = no data) in place."""
         ok = np.isfinite(corr)
         x = np.where(ok, corr, 0.0)
-        self.n += int(corr.shape[0])
+        self.n += int(ok.any(axis=(1, 2)).sum()) if ok.size else 0
         self.s1 += x.sum(axis=0)
         self.s2 += np.einsum("ijk,ijk->jk", x, x)
         self.count += ok.sum(axis=0)
@@ -741,7 +741,7 @@ def _pair_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     ends = np.r_[starts[1:], key.size]
     groups = [(int(ca[order][s]), int(cb[order][s]), int(s), int(e))
-              for s, e in zip(starts, ends)]
+              for s, e in zip(starts, ends, strict=True)]
     return order, bounds, groups
 
 
@@ -802,15 +802,6 @@ def correlate_pairs(polar: da.Array, ia: np.ndarray, ib: np.ndarray,
     return da.Array(graph, name, chunks, meta=np.empty((0, 0, 0), np.float64)), order
 
 
-def pair_statistic(corr: da.Array | np.ndarray) -> da.Array | np.ndarray:
-    """Zero-lag correlation averaged over the autocorrelation rows (per pair).
-
-    Kept for compatibility; :func:`difference_statistic` is the statistic
-    used for outlier rejection.
-    """
-    return corr[:, :, 0].mean(axis=1)
-
-
 def _corr_group(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, block_a: np.ndarray,
                 block_b: np.ndarray | None = None) -> np.ndarray:
     block_b = block_a if block_b is None else block_b
@@ -867,7 +858,8 @@ class _BlockRows:
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         c = np.searchsorted(self.bounds, positions, side="right") - 1
-        return np.stack([self.blocks[ci][p - self.bounds[ci]] for ci, p in zip(c, positions)])
+        return np.stack([self.blocks[ci][p - self.bounds[ci]]
+                         for ci, p in zip(c, positions, strict=True)])
 
 
 def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],

@@ -210,7 +210,7 @@ def _greedy_matching(x: np.ndarray, k: int) -> np.ndarray:
         o = np.lexsort((np.maximum(i, j), np.minimum(i, j), d))
         taken = np.zeros(free.size, dtype=bool)
         got = []
-        for a, b in zip(i[o], j[o]):
+        for a, b in zip(i[o], j[o], strict=True):
             if a != b and not taken[a] and not taken[b]:
                 taken[a] = taken[b] = True
                 got.append((a, b))

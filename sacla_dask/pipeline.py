@@ -29,12 +29,24 @@ import xarray as xr
 
 from . import store as _store
 from ._version import __version__
-from .correlation import (CorrelationPlan, fourier_coefficients, make_plan, mask_bragg_spots,
-                          pair_statistics, parse_q_pairs)
+from .correlation import (
+    CorrelationPlan,
+    fourier_coefficients,
+    make_plan,
+    mask_bragg_spots,
+    pair_statistics,
+    parse_q_pairs,
+)
 from .errors import MaskError, ParameterError, PairingError
 from .geometry import Geometry
-from .pairs import (PAIRINGS, consecutive_pairs, pair_indices, read_pairs_file, shared_shots,
-                    similar_pairs)
+from .pairs import (
+    PAIRINGS,
+    consecutive_pairs,
+    pair_indices,
+    read_pairs_file,
+    shared_shots,
+    similar_pairs,
+)
 from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
 from .run import Run, mean_wavelength, open_run, parse_chunk_size
 

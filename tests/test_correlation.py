@@ -48,7 +48,7 @@ def brute_correlation(a, b, polar_mask, q1, q2):
     v = va & vb
     d = np.where(v, np.nan_to_num(a) - np.nan_to_num(b), 0.0)
     out = np.full((len(q1), nphi), np.nan)
-    for r, (i, j) in enumerate(zip(q1, q2)):
+    for r, (i, j) in enumerate(zip(q1, q2, strict=True)):
         for k in range(nphi):
             tot, cnt = 0.0, 0
             for p in range(nphi):
@@ -118,7 +118,7 @@ def test_statistics_equal_direct_numpy_over_pairs():
     plan = make_plan(pm, "all")
     res = summarize_pairs(pol, ia, ib, plan, keep_pairs=True)
     per = np.stack([brute_correlation(pol[a], pol[b], pm, plan.q1, plan.q2)
-                    for a, b in zip(ia, ib)])
+                    for a, b in zip(ia, ib, strict=True)])
     cnt = np.isfinite(per).sum(0)
     np.testing.assert_array_equal(res["count"], cnt)
     np.testing.assert_allclose(res["mean"], np.nanmean(per, 0), rtol=1e-10)
@@ -128,6 +128,25 @@ def test_statistics_equal_direct_numpy_over_pairs():
     d = pol[ia] - pol[ib]
     stat = [np.nanmean(x[pm & np.isfinite(x)] ** 2) for x in d]
     np.testing.assert_allclose(res["stat"], stat, rtol=1e-12)
+    np.testing.assert_allclose(difference_statistic(pol[ia], pol[ib], pm), stat, rtol=1e-12)
+
+
+def test_pairs_without_data_are_not_counted():
+    """A shot with no valid bin (an unreadable image: NaN) leaves its pairs out entirely."""
+    rng = np.random.default_rng(9)
+    pm = np.ones((2, 10), bool)
+    pol = random_polar(rng, 8, 2, 10, pm)
+    pol[3] = np.nan
+    ia = np.arange(7)
+    res = summarize_pairs(pol, ia, ia + 1, make_plan(pm))
+    assert res["n_pairs"] == 5 and np.all(res["count"] == 5)
+    assert np.isnan(res["stat"][[2, 3]]).all()
+    good = np.array([0, 1, 4, 5, 6])
+    ref = summarize_pairs(pol, ia[good], ia[good] + 1, make_plan(pm))
+    np.testing.assert_allclose(res["mean"], ref["mean"], rtol=1e-12)
+    lazy = pair_statistics(da.from_array(pol, chunks=(3, -1, -1)), ia, ia + 1, make_plan(pm),
+                           reject=3)
+    assert int(lazy.n_pairs.compute()) == 5
 
 
 # -- analytic answers ------------------------------------------------------------
@@ -325,7 +344,7 @@ def test_vectorised_nan_percentile_matches_numpy():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ref = np.nanpercentile(x, [2.5, 50, 97.5], axis=0)
-    for r, g in zip(ref, _nanpercentile0(x, [2.5, 50, 97.5])):
+    for r, g in zip(ref, _nanpercentile0(x, [2.5, 50, 97.5]), strict=True):
         np.testing.assert_allclose(g, r, equal_nan=True, rtol=1e-12)
 
 
@@ -366,7 +385,8 @@ def test_bragg_spots_are_masked_and_rows_renormalised():
         assert np.isnan(out[t, 0, p - 1:p + 2]).all()
     assert n.sum() == 3 * len(where)
     good = np.isfinite(out) & pm
-    np.testing.assert_allclose([o[g].mean() for o, g in zip(out[:, 0], good[:, 0])], 1,
+    np.testing.assert_allclose([o[g].mean() for o, g in zip(out[:, 0], good[:, 0], strict=True)],
+                               1,
                                rtol=1e-6)
     assert np.all(out[:, :, 100:120] == 0)
     # the spot-masked correlation follows the clean one; the raw one does not
@@ -397,7 +417,7 @@ def test_bragg_masking_on_real_gold_111_rings():
     assert n.sum() < 0.05 * mask.sum() * len(rows)
     before = np.array([x[0][mask].max() / np.median(x[0][mask]) for x in norm])
     left = np.isfinite(out[:, 0]) & mask
-    after = np.array([x[m].max() / np.median(x[m]) for x, m in zip(out[:, 0], left)])
+    after = np.array([x[m].max() / np.median(x[m]) for x, m in zip(out[:, 0], left, strict=True)])
     assert np.all(after < before)
 
 

@@ -22,7 +22,7 @@ from sacla_dask.run import open_run
 
 def pulse_energy(path):
     ev = open_run(path).events
-    return dict(zip(ev["tag"].values, ev["pulse_energy"].values))
+    return dict(zip(ev["tag"].values, ev["pulse_energy"].values, strict=True))
 
 
 def test_consecutive_pairs_skip_dark_shots_without_breaking_the_chain():
