@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pmask = np.ones((nq, nphi), np.float32)  # no mask: the multiply is still done
         flat = iy * shape[1] + ix
 
-        def tut2d() -> None:
+        def tut2d(pmask: np.ndarray = pmask, iy: np.ndarray = iy, ix: np.ndarray = ix) -> None:
             for img in images:
                 pmask * img[iy, ix]
 
-        def tutflat() -> None:
+        def tutflat(pmask: np.ndarray = pmask, flat: np.ndarray = flat) -> None:
             for img in images:
                 pmask * img.ravel()[flat]
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ai.integrate2d_ng(images[0], **kw)  # builds the CSR engine
                     build = time.perf_counter() - t0
 
-                    def fai(kw: dict = kw) -> None:
+                    def fai(kw: dict = kw, ai: Any = ai) -> None:
                         for img in images:
                             ai.integrate2d_ng(img, **kw)
 

@@ -279,7 +279,8 @@ class PolarOperator:
 
     @property
     def window_shape(self) -> tuple[int, int]:
-        return (self.window[0].stop - self.window[0].start, self.window[1].stop - self.window[1].start)
+        rows, cols = self.window
+        return (rows.stop - rows.start, cols.stop - cols.start)
 
     @property
     def nbins(self) -> int:
@@ -287,10 +288,18 @@ class PolarOperator:
 
     @property
     def nbytes(self) -> int:
-        """Memory of the operator in bytes (what each worker holds once)."""
+        """Memory of the operator in bytes (what each worker holds once).
+
+        Counts the matrix, the polar mask and coverage, and for an
+        uncorrected ``nearest`` operator the pick index each worker derives
+        (8 bytes per bin).
+        """
         m = self.matrix
-        return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.polar_mask.nbytes
-                   + self.coverage.nbytes)
+        n = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.polar_mask.nbytes
+        n += self.coverage.nbytes
+        if self.method == "nearest" and self.corrections == "none":
+            n += self.nbins * np.dtype(np.intp).itemsize
+        return int(n)
 
     @property
     def gather(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -657,9 +666,10 @@ def apply_polar(windows: np.ndarray, op: PolarOperator) -> tuple[np.ndarray, np.
     """Resample a block of image windows onto the polar grid.
 
     One sparse matrix-vector product per image (a plain ``take`` for an
-    uncorrected ``nearest`` operator), written in place into the output. Non-finite pixels cost nothing unless the operator reads one:
-    the (cheap) sum of each polar image is checked, and only an image whose
-    sum is not finite is redone with those pixels set aside.
+    uncorrected ``nearest`` operator), written in place into the output.
+    Non-finite pixels cost nothing unless the operator reads one: the
+    (cheap) sum of each polar image is checked, and only an image whose sum
+    is not finite is redone with those pixels set aside.
 
     Parameters
     ----------
