@@ -239,7 +239,18 @@ def _performance_report(path: str | None) -> Any:
 @click.option("--compression", type=click.Choice(["lz4", "zstd", "none"]), default="lz4",
               show_default=True, help="Codec of the polar images in the store.")
 @click.option("--on-bad-tag", type=click.Choice(["fail", "skip"]), default="fail",
-              show_default=True, help="A damaged/missing tag image: stop, or go on without it.")
+              show_default=True, help="A damaged/missing tag image: stop, or go on without it "
+                                      "(listed in the store's bad_tags attr).")
+@click.option("--tag-range", nargs=2, type=int, default=None, metavar="FIRST LAST",
+              help="Process only tags FIRST..LAST (SACLA tag numbers, inclusive).")
+@click.option("--min-pulse-energy", type=float, default=None,
+              help="Pair only shots with at least this pulse energy, joules (event_info "
+                   "*pulse_energy*).")
+@click.option("--skip-first", type=int, default=None,
+              help="Treat the first N exposures of each run as dark (for files without a "
+                   "pulse-selector status).")
+@click.option("--drop-unselected", is_flag=True,
+              help="Leave dark/unselected shots out of the store (default: kept, not paired).")
 @click.option("--overwrite", is_flag=True, help="Replace what is at --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
@@ -260,7 +271,9 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
             report: str | None = None, pairing: str = "consecutive", q_pairs: str = "none",
             bragg: float | None = None, reject_outliers: float | None = None,
             bootstrap: int = 0, ci_level: float = 0.95, keep_pairs: bool = False,
-            solid_angle: bool = False, polarization: float | None = None) -> None:
+            solid_angle: bool = False, polarization: float | None = None,
+            tag_range: tuple[int, int] | None = None, min_pulse_energy: float | None = None,
+            skip_first: int | None = None, drop_unselected: bool = False) -> None:
     """Process run file(s) into a labelled correlation Zarr store.
 
     The store is written tag chunk by tag chunk: if the run is killed,
@@ -296,7 +309,9 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
                     store_polar=not no_store_polar, compression=compression,
                     on_bad_tag=on_bad_tag, pairing=pairing, q_pairs=q_pairs, bragg=bragg,
                     reject_outliers=reject_outliers, bootstrap=bootstrap, ci_level=ci_level,
-                    keep_pairs=keep_pairs)
+                    keep_pairs=keep_pairs, tag_range=tag_range or None,
+                    min_pulse_energy=min_pulse_energy, skip_first=skip_first,
+                    drop_unselected=drop_unselected)
     click.echo(repr(plan))
     if dry_run:
         return

@@ -60,8 +60,25 @@ def polar_block(windows: np.ndarray, op: PolarOperator) -> np.ndarray:
 
 
 def normalized_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
-    """Row-normalised polar block (0 where masked)."""
-    return normalize_rows(raw, polar_mask)[0]
+    """Row-normalised polar block (0 where masked).
+
+    A tag without a single finite good bin (an image that could not be read,
+    ``on_bad_tag="skip"``, which the reader fills with NaN) is NaN in every
+    good bin, so that every pair it is in has no data and stays out of the
+    statistics; ``image_ok`` records it.
+    """
+    out = normalize_rows(raw, polar_mask)[0]
+    dead = ~image_ok_block(raw, polar_mask)
+    if dead.any():
+        out[dead] = np.where(polar_mask, np.float32(np.nan), np.float32(0))
+    return out
+
+
+def image_ok_block(polar: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
+    """False for tags with no finite good polar bin (unreadable image), (ntag,) bool."""
+    if not polar_mask.any():
+        return np.ones(polar.shape[0], dtype=bool)
+    return np.isfinite(polar[:, polar_mask]).any(axis=1)
 
 
 def row_mean_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
@@ -152,13 +169,13 @@ def shot_features(run: Run, transform: PolarTransform, kind: str,
             raise PairingError(f"no pulse energy in the event data of {run.paths}; choose "
                                "another pairing")
         v = np.asarray(run.events["pulse_energy"].values, dtype=np.float64)
-        return np.where(run.bright, v, np.nan)[:, None]
+        return np.where(run.selected, v, np.nan)[:, None]
     if kind not in ("intensity", "profile", "angular"):
         raise ParameterError(f"pairing feature must be one of {PAIRINGS[1:]} (got {kind!r})")
     nq, nphi = transform.shape
     k = {"intensity": 1, "profile": nq, "angular": min(64, nphi)}[kind]
     out = np.full((len(run), k), np.nan)
-    bright = np.asarray(run.bright, dtype=bool)
+    bright = np.asarray(run.selected, dtype=bool)
     if not bright.any():
         return out
     images = run.select(bright).images(chunks=chunks, window=transform.window)
@@ -251,9 +268,11 @@ class ProcessingPlan:
         return {
             "run": ",".join(map(str, self.run.runs)),
             "files": len(self.run.paths),
-            "tags": f"{self.n_tags} ({t[0]}..{t[-1]}), {int(self.run.bright.sum())} bright",
+            "tags": (f"{self.n_tags} ({t[0]}..{t[-1]}), {int(self.run.bright.sum())} bright, "
+                     f"{int(self.run.selected.sum())} selected"
+                     + (f", {len(self.run.bad_tags)} bad left out" if self.run.bad_tags else "")),
             "pairs": (f"{self.ia.size} {self.pairing} ({self.n_pairs_dropped} dropped: tags "
-                      "missing)"),
+                      "missing or not selected)"),
             "correlation": self._correlation_summary(),
             "geometry": (f"centre ({g.center_x:.2f}, {g.center_y:.2f}) px, pixel "
                          f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
@@ -361,6 +380,11 @@ class ProcessingPlan:
                          {"long_name": "fraction of interpolation weight on good pixels"}),
             "row_mean": (("tag", "q"), rmean, {"long_name": "masked mean of each polar row "
                                                            "before normalisation"}),
+            "image_ok": (("tag",), norm.map_blocks(
+                image_ok_block, tr.polar_mask, drop_axis=(1, 2), dtype=bool,
+                meta=np.empty((0,), bool), token="image-ok"),
+                {"long_name": "image read and finite in the band (False: left out of every "
+                              "pair)"}),
             "nonfinite_bins": (("tag",), nonfinite,
                                {"long_name": "polar bins hit by NaN/inf pixels (filled)"}),
             "pair_tag_a": (("pair",), tags[self.ia]),
@@ -424,11 +448,12 @@ class ProcessingPlan:
                 data[f"corr{suffix}_pairs"] = (("pair", dim, "dphi"),
                                                st.pairs.rechunk({0: per})[:, sl], {
                     "long_name": f"per-pair {w} (float32; NaN: no valid bin pair)"})
-        data["n_pairs"] = ((), st.n_pairs if self.reject_outliers else n,
+        # pairs with data (not those with an unreadable image), after rejection
+        data["n_pairs"] = ((), st.n_pairs,
                            {"long_name": "pairs averaged (after outlier rejection)"})
         for name in self.run.events.data_vars:
-            data[f"event_{name}" if name in data else name] = ("tag",
-                                                               self.run.events[name].values)
+            ev = self.run.events[name]
+            data[f"event_{name}" if name in data else name] = ("tag", ev.values, ev.attrs)
         ds = xr.Dataset(data, coords=coords)
         ds.attrs.update(self.attrs())
         ds.attrs.update(self.correlation_attrs())
@@ -443,6 +468,27 @@ class ProcessingPlan:
         key = "polar-reloader-" + dask.base.tokenize(src.name, self.bragg)
         reloader = PolarReloader(self.run, tr.window, tr.operator, tr.polar_mask, self.bragg)
         return Delayed(key, HighLevelGraph.from_collections(key, {key: reloader}))
+
+    def _record_unreadable(self, out: str, image_ok: np.ndarray | None) -> None:
+        """List the tags found unreadable while computing in the store's attrs, and warn.
+
+        (Their reader warnings stay on the workers with a distributed client.)
+        """
+        if image_ok is None or np.all(image_ok):
+            return
+        bad = self.run.tags[~np.asarray(image_ok, dtype=bool)]
+        paths = self.run.tag_paths()
+        where = {int(t): paths[i] for i, t in enumerate(self.run.tags)}
+        msgs = [f"{where[int(t)]!r} tag {int(t)}: image unreadable (or not finite anywhere "
+                "in the band) at read time; left out of every pair" for t in bad]
+        a = self.attrs()
+        _store.set_attrs(out, bad_tags=a["bad_tags"] + msgs,
+                         bad_tag_numbers=a["bad_tag_numbers"] + [int(t) for t in bad])
+        import warnings
+
+        warnings.warn(f"{bad.size} tag(s) could not be read and were left out of every pair: "
+                      f"{bad[:10].tolist()}{'...' if bad.size > 10 else ''} (listed in the "
+                      f"store's bad_tags attr)", stacklevel=3)
 
     def correlation_attrs(self) -> dict[str, Any]:
         """Root attrs describing the pairing and the statistics over pairs."""
@@ -476,7 +522,10 @@ class ProcessingPlan:
             else int(self.run.run_number),
             "source": [os.path.abspath(p) for p in self.run.paths] if len(self.run.paths) > 1
             else os.path.abspath(self.run.paths[0]),
-            "bad_tags": list(self.run.bad_tags),
+            "sources": [os.path.abspath(p) for p in self.run.paths],
+            "bad_tags": [str(b) for b in self.run.bad_tags],
+            "bad_tag_numbers": [int(b.tag) for b in self.run.bad_tags],
+            "selection": self.run.selection,
             "n_pairs_dropped": int(self.n_pairs_dropped),
             "tags_per_chunk": int(self.tags_per_chunk),
             "sacla_dask_version": __version__,
@@ -542,6 +591,8 @@ class ProcessingPlan:
         finals = {str(k): v.data for k, v in ds.variables.items()
                   if isinstance(v.data, da.Array) and k not in names}
         _compute([writes, _store.array_writes(out, finals)], progress=progress)
+        self._record_unreadable(
+            out, _store.read_array(out, "image_ok") if "image_ok" in finals else None)
         _store.finish(out)
         return _store.open_result(out)
 
@@ -617,6 +668,10 @@ def plan_run(
     store_polar: bool = True,
     compression: str = "lz4",
     on_bad_tag: str = "fail",
+    tag_range: tuple[int, int] | None = None,
+    min_pulse_energy: float | None = None,
+    skip_first: int | None = None,
+    drop_unselected: bool = False,
 ) -> ProcessingPlan:
     """Plan the processing of a run (nothing is read or computed).
 
@@ -684,9 +739,26 @@ def plan_run(
         Keep the per-tag polar images in the store (else correlation only).
     compression : {"lz4", "zstd", "none"}
         Codec of the polar images in the store.
+    on_bad_tag : {"fail", "skip"}
+        A tag whose image is missing or damaged: stop with
+        :class:`~sacla_dask.errors.BadTagError`, or go on without it (listed
+        in the ``bad_tags`` attr; a tag found unreadable only while computing
+        is left out of every pair and flagged in ``image_ok``).
+    tag_range, min_pulse_energy, skip_first, drop_unselected
+        Shot selection (:meth:`sacla_dask.run.Run.select_shots`): tags
+        ``first..last`` only; shots with a pulse energy of at least this many
+        joules; the first N exposures of each run dark (files without a
+        pulse-selector status); leave unselected shots out instead of
+        keeping them unpaired. Pairs (consecutive, similar or from a list)
+        use selected shots only; the choice is in the ``selection`` attr and
+        the ``bright``/``selected`` variables.
     """
     if not isinstance(run, Run):
         run = open_run(run, on_bad_tag=on_bad_tag)  # type: ignore[arg-type]
+    if (tag_range is not None or min_pulse_energy is not None or skip_first
+            or drop_unselected):
+        run = run.select_shots(tag_range=tag_range, min_pulse_energy=min_pulse_energy,
+                               skip_first=skip_first, drop_unselected=drop_unselected)
     if wavelength is None:
         wavelength = mean_wavelength(run)
     cx, cy = center
@@ -710,9 +782,9 @@ def plan_run(
         raise ParameterError(f"ci_level must lie in (0, 1) (got {ci_level!r})")
     q_pairs = parse_q_pairs(q_pairs, transform.q)
     if pairs is None and pairing == "consecutive":
-        pair_arr = consecutive_pairs(run.tags, run.bright, overlapping=overlapping)
+        pair_arr = consecutive_pairs(run.tags, run.selected, overlapping=overlapping)
     elif pairs is None:
-        pair_arr = similar_pairs(run.tags, run.bright,
+        pair_arr = similar_pairs(run.tags, run.selected,
                                  shot_features(run, transform, pairing, chunks))
     elif isinstance(pairs, (str, os.PathLike)):
         pair_arr = read_pairs_file(pairs)
@@ -721,6 +793,10 @@ def plan_run(
         pair_arr = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         pairing = "list"
     ia, ib, kept = pair_indices(pair_arr, run.tags)
+    if not run.selected.all():  # pairs use selected shots only (user lists too)
+        ok = run.selected[ia] & run.selected[ib]
+        kept[np.flatnonzero(kept)[~ok]] = False
+        ia, ib = ia[ok], ib[ok]
     if ia.size == 0:
         src = f" in {os.fspath(pairs)!r}" if isinstance(pairs, (str, os.PathLike)) else ""
         absent = np.setdiff1d(pair_arr, run.tags)[:5].tolist()
