@@ -170,6 +170,12 @@ def similar_pairs(tags: Sequence[int] | np.ndarray, bright: Sequence[bool] | np.
     shots remain. This replaces RingData's pairing (each shot with its
     nearest, then duplicates resolved by the smallest distance) by the
     closest-first greedy matching it approximates.
+
+    Such pairs link shots anywhere in the run. In the pipeline each (chunk
+    of a, chunk of b) group of pairs is one task needing both chunks, so the
+    normalised polar chunks stay in memory until their last group has run:
+    up to the whole run's polar images (``nq * nphi * 4`` bytes per shot),
+    unlike consecutive pairs, which only link neighbouring chunks.
     """
     tags = np.asarray(tags, dtype=np.int64)
     bright = np.asarray(bright, dtype=bool)
