@@ -38,11 +38,13 @@ per array, which is negligible for the handful of arrays in a result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import dask
@@ -54,6 +56,8 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .errors import IncompleteStoreError, OutputError, ParameterError
+
+log = logging.getLogger(__name__)
 
 #: attrs key that marks a store as a sacla_dask result
 MARKER = "sacla_dask_version"
@@ -275,10 +279,26 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an ``OSError`` while writing the store into an :class:`OutputError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        what = exc.strerror or str(exc) or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise OutputError(
+            f"cannot write the result store {os.fspath(path)!r}: {what}{where}; the "
+            "finished tag chunks are kept: fix the cause (disk space, permissions, quota), "
+            "then run the same command again to resume"
+        ) from exc
+
+
 def set_attrs(path: str | os.PathLike[str], **attrs: Any) -> None:
     """Update the root attrs of a store in place."""
-    g = zarr.open_group(os.fspath(path), mode="r+")
-    g.attrs.update(attrs)
+    with writing(path):
+        g = zarr.open_group(os.fspath(path), mode="r+")
+        g.attrs.update(attrs)
 
 
 def mark_complete(path: str | os.PathLike[str]) -> None:
@@ -326,10 +346,15 @@ def write_template(path: str | os.PathLike[str], ds: xr.Dataset, chunk_vars: Seq
         # whatever Zarr chunks they get: give irregular ones regular chunks
         if name not in encoding and isinstance(var.data, da.Array) and not _regular(var.chunks):
             encoding[str(name)] = {"chunks": tuple(max(c) for c in var.chunks)}
-    tmpl.to_zarr(p, mode="w", compute=False, consolidated=False, zarr_format=3,
-                 encoding=encoding, safe_chunks=False)
-    set_attrs(p, **{PARAMETERS: json.dumps(params or {}, sort_keys=True),
-                    FINGERPRINT: fingerprint or ""})
+    with writing(p):
+        # the root group first, born with the marker: a run that dies on the next
+        # write (a full disk) leaves a store that is recognisably ours, incomplete
+        zarr.open_group(p, mode="w", zarr_format=3,
+                        attributes={MARKER: tmpl.attrs.get(MARKER, ""), "complete": False})
+        tmpl.to_zarr(p, mode="a", compute=False, consolidated=False, zarr_format=3,
+                     encoding=encoding, safe_chunks=False)
+        set_attrs(p, **{PARAMETERS: json.dumps(params or {}, sort_keys=True),
+                        FINGERPRINT: fingerprint or ""})
 
 
 def _regular(chunks: tuple[tuple[int, ...], ...]) -> bool:
@@ -381,10 +406,11 @@ def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
 
 def _write_chunk(path: str, index: int, start: int, stop: int, names: Sequence[str],
                  *blocks: np.ndarray) -> int:
-    for name, block in zip(names, blocks):
-        zarr.open_array(store=path, path=name, mode="r+")[start:stop] = block
-    # the flag last: a chunk flagged done has all its arrays written
-    zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
+    with writing(path):
+        for name, block in zip(names, blocks):
+            zarr.open_array(store=path, path=name, mode="r+")[start:stop] = block
+        # the flag last: a chunk flagged done has all its arrays written
+        zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
     return stop - start
 
 
@@ -430,7 +456,8 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
 
 
 def _store_block(path: str, name: str, region: tuple[slice, ...], block: Any) -> None:
-    zarr.open_array(store=path, path=name, mode="r+")[region] = block
+    with writing(path):
+        zarr.open_array(store=path, path=name, mode="r+")[region] = block
 
 
 def _nothing(_: Any) -> None:
@@ -484,17 +511,21 @@ def write_arrays(path: str | os.PathLike[str], values: Mapping[str, Any]) -> Non
         v = np.asarray(value)
         if v.shape != arr.shape:
             raise ValueError(f"{name}: shape {v.shape} does not match the store's {arr.shape}")
-        arr[...] = v
+        with writing(p):
+            arr[...] = v
 
 
 def finish(path: str | os.PathLike[str]) -> None:
     """Mark a fully written store complete and drop its bookkeeping arrays."""
     p = os.fspath(path)
     mark_complete(p)
-    g = zarr.open_group(p, mode="r+")
-    for name in BOOKKEEPING:
-        if name in g:
-            del g[name]
+    try:
+        g = zarr.open_group(p, mode="r+")
+        for name in BOOKKEEPING:
+            if name in g:
+                del g[name]
+    except OSError as exc:  # complete all the same: open_result hides the leftovers
+        log.warning("could not remove the bookkeeping arrays of %s: %s", p, exc)
 
 
 def open_result(path: str | os.PathLike[str], allow_incomplete: bool = False,

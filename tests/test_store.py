@@ -172,3 +172,49 @@ def test_write_arrays_checks_shape(tmp_path):
     _write_all(p, ds)
     with pytest.raises(ValueError, match="does not match"):
         store.write_arrays(p, {"total": np.zeros((3, 3))})
+
+
+def _disk_full_after(monkeypatch, n_ok: int) -> None:
+    """Every write to a LocalStore after the first ``n_ok`` fails with ENOSPC."""
+    import errno
+    import os
+
+    import zarr.storage
+
+    orig = zarr.storage.LocalStore.set
+    count = [0]
+
+    async def set_(store_, key, value):
+        count[0] += 1
+        if count[0] > n_ok:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+        return await orig(store_, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+
+
+@pytest.mark.parametrize("n_ok", [1, 4])
+def test_disk_full_while_writing_the_template(tmp_path, monkeypatch, n_ok):
+    """An OutputError naming the store; what is left is ours and unfinished, and the
+    same parameters start it again."""
+    ds = _lazy_result()
+    p = tmp_path / "r.zarr"
+    params, sha = store.parameters(ds)
+    with monkeypatch.context() as m:
+        _disk_full_after(m, n_ok)
+        with pytest.raises(OutputError, match=r"r\.zarr.*No space left on device.*resume"):
+            store.write_template(p, ds, ["polar", "row_mean"], 3, "lz4", params, sha)
+    assert store.store_state(p) == "incomplete"  # the marker came with the first write
+    assert store.prepare_output(p, resume=True, fingerprint=sha, params=params) == "absent"
+
+
+def test_disk_full_while_writing_a_chunk(tmp_path, monkeypatch):
+    ds = _lazy_result()
+    p = tmp_path / "r.zarr"
+    writes = _write_all(p, ds)
+    with monkeypatch.context() as m:
+        _disk_full_after(m, 1)
+        with pytest.raises(OutputError, match=r"cannot write the result store .*r\.zarr"):
+            dask.compute(writes, scheduler="sync")
+    # one array of the first chunk went in, the next failed: the chunk is not flagged
+    assert store.done_chunks(p).sum() == 0
