@@ -183,16 +183,17 @@ def parameters(ds: xr.Dataset, **extra: Any) -> tuple[dict[str, Any], str]:
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two parameter sets, parameters first, then arrays."""
     out = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted((set(old) | set(new)) - {"variables"}):
         a, b = old.get(k), new.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{d}" for d in _differences(a, b)]
-        else:
+        if a != b:
             ra, rb = (repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..." for x in (a, b))
             out.append(f"{k} (store {ra}, now {rb})")
+    va, vb = old.get("variables") or {}, new.get("variables") or {}
+    arrays = sorted(n for n in set(va) | set(vb) if va.get(n) != vb.get(n))
+    if arrays:
+        out.append("arrays " + ", ".join(arrays[:8]) + (", ..." if len(arrays) > 8 else ""))
     return out
 
 
