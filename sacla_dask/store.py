@@ -408,7 +408,7 @@ def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
 def _write_chunk(path: str, index: int, start: int, stop: int, names: Sequence[str],
                  *blocks: np.ndarray) -> int:
     with writing(path):
-        for name, block in zip(names, blocks):
+        for name, block in zip(names, blocks, strict=True):
             zarr.open_array(store=path, path=name, mode="r+")[start:stop] = block
         # the flag last: a chunk flagged done has all its arrays written
         zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
@@ -437,7 +437,7 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
     names = list(arrays)
     arrs = [arrays[n] for n in names]
     chunks = arrs[0].chunks[0]
-    for n, a in zip(names, arrs):
+    for n, a in zip(names, arrs, strict=True):
         if a.chunks[0] != chunks or any(len(c) != 1 for c in a.chunks[1:]):
             raise ValueError(f"{n}: chunks {a.chunks} are not the tag chunks {chunks}")
     todo = np.asarray(todo, dtype=bool)
@@ -490,7 +490,8 @@ def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -
         deps.append(arr)
         bounds = [np.cumsum((0,) + c) for c in arr.chunks]
         for idx in np.ndindex(*arr.numblocks):
-            region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, idx))
+            region = tuple(slice(int(b[i]), int(b[i + 1]))
+                           for b, i in zip(bounds, idx, strict=True))
             key = (wname, name) + tuple(idx)
             dsk[key] = (_store_block, p, name, region, (arr.name,) + tuple(idx))
             keys.append(key)
