@@ -562,7 +562,7 @@ class ProcessingPlan:
         fresh = self.polar()
         ds = self.dataset(polar=fresh)
         names = ["polar" if self.store_polar else _store.SCRATCH, "row_mean", "nonfinite_bins"]
-        for name, arr in zip(names, fresh):
+        for name, arr in zip(names, fresh, strict=True):
             if name in ds and getattr(ds[name].data, "name", None) != arr.name:
                 raise RuntimeError(f"dataset variable {name!r} is not the polar() array")
         params, sha = _store.parameters(
@@ -583,7 +583,8 @@ class ProcessingPlan:
             done = _store.done_chunks(out, self.n_chunks)
             _say(progress, f"resuming {out}: {int(done.sum())} of {self.n_chunks} tag chunks "
                            "already written")
-        arrays = {n: _store.resume_array(out, n, a, done) for n, a in zip(names, fresh)}
+        arrays = {n: _store.resume_array(out, n, a, done)
+                  for n, a in zip(names, fresh, strict=True)}
         ds = self.dataset(polar=tuple(arrays.values()))  # type: ignore[arg-type]
         writes = _store.chunk_writes(out, arrays, ~done)
         # everything else lazy (reductions over pairs, per-tag flags...) is
