@@ -614,9 +614,11 @@ class Run:
         ny, nx = self.image_shape
         if window is None:
             window = (slice(0, ny), slice(0, nx))
+        if len(window) != 2 or not all(isinstance(s, slice) for s in window):
+            raise ParameterError(f"window must be (rows, cols) slices (got {window!r})")
         if any(s.step not in (None, 1) for s in window):
             raise ParameterError(f"window slices must have step 1 (got {window})")
-        win = tuple(slice(*s.indices(n)[:2]) for s, n in zip(window, (ny, nx)))
+        win = tuple(slice(*s.indices(n)[:2]) for s, n in zip(window, (ny, nx), strict=True))
         wy = win[0].stop - win[0].start
         wx = win[1].stop - win[1].start
         if wy <= 0 or wx <= 0:

@@ -115,7 +115,7 @@ def ring_image(shape: tuple[int, int], center: tuple[float, float],
     amps = list(amplitudes) if amplitudes is not None else [1000.0] * len(radii)
     img = np.full(shape, float(background))
     mod = 1.0 + modulation_amplitude * np.cos(modulation_order * (phi - phase))
-    for k, (rk, ak) in enumerate(zip(radii, amps)):
+    for k, (rk, ak) in enumerate(zip(radii, amps, strict=True)):
         ring = ak * np.exp(-((r - rk) ** 2) / (2 * width**2))
         if modulation_amplitude and (modulated_ring is None or modulated_ring == k):
             ring = ring * mod
@@ -258,7 +258,7 @@ def write_synthetic_run(
     del yy, xx, dx, dy
     amps = list(ring_amplitudes) if ring_amplitudes is not None else [1000.0] * len(ring_radii)
     ring_sum = np.zeros(shape, np.float32)
-    for rk, a in zip(ring_radii, amps):
+    for rk, a in zip(ring_radii, amps, strict=True):
         ring_sum += np.float32(a) * np.exp(-((r - np.float32(rk)) ** 2)
                                            / np.float32(2 * ring_width**2))
     per_ring = None
@@ -315,7 +315,7 @@ def write_synthetic_run(
         sspace = h5py.h5s.create(h5py.h5s.SCALAR)
         one = np.array(1, dtype=np.int32)
         mset = set(missing)
-        for k, (i, tag) in enumerate(zip(img_idx, tags)):
+        for k, (i, tag) in enumerate(zip(img_idx, tags, strict=True)):
             _shot(img, bright[i], background, pulse_energy[i], ring_sum, cos_n, sin_n,
                   modulation_amplitude, modulation_order, phases[i])
             if spots and bright[i]:
