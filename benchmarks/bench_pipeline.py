@@ -1,0 +1,640 @@
+"""End-to-end benchmark: is sacla_dask bound by the disk, and is its memory flat?
+
+One invocation, on a synthetic DataConvert run of 2400x2400 float32 images it
+writes itself into ``benchmarks/_work/`` (reused across invocations):
+
+1. raw read throughput of the same detector datasets with plain h5py
+   (``read_direct`` into one reused buffer), warm page cache and cold;
+2. the tutorial's formulation, serially (the baseline);
+3. sacla_dask end to end (open_run + plan_run + execute: read, polar,
+   normalise, correlation, Zarr write) on a LocalCluster of 1 and 2
+   single-threaded worker processes, with and without the per-tag polar
+   images in the store, for the ring band and the wide band;
+4. peak RSS of every worker for a short and a long run, and the number of
+   tasks in the graph (also for a 5050-tag run);
+
+then prints the ratios against the targets of issue 8 (PASS/MISS) and
+writes every figure to ``benchmarks/_work/results-<time>.json``.
+
+Usage::
+
+    python benchmarks/bench_pipeline.py --tags 200        # the full benchmark
+    python benchmarks/bench_pipeline.py --quick           # about a minute, smoke figures
+    python benchmarks/bench_pipeline.py --tags 200 --profile   # + py-spy and Dask reports
+
+Timings are best-of-``--repeat`` wall clock (LocalCluster start-up is timed
+separately, never inside a figure); the worker CPU time of each run is
+recorded too, because on a shared machine other processes stretch the wall
+clock but not the CPU seconds our processes spend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import numpy.ma as ma
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+TARGETS = {
+    "ring_vs_raw_warm": 0.8,
+    "ring_vs_raw_cold": 0.9,
+    "wide_vs_tutorial": 3.0,
+    "scaling_2w_1w": 1.7,
+    "rss_ratio": 1.1,
+    "graph_tasks_5050": 2000,
+}
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+# -- 1. raw read -----------------------------------------------------------------
+def dataset_paths(run_number: int, tags: np.ndarray) -> list[str]:
+    return [f"/run_{run_number}/detector_2d_assembled_1/tag_{t}/detector_data" for t in tags]
+
+
+def raw_read(path: str, names: list[str], window: tuple[slice, slice] | None = None) -> dict:
+    """Read every dataset with ``read_direct`` into one reused buffer; img/s."""
+    import h5py
+
+    if window is None:
+        buf = np.empty(C.SHAPE, dtype=np.float32)
+        sel: Any = None
+    else:
+        buf = np.empty((window[0].stop - window[0].start, window[1].stop - window[1].start),
+                       dtype=np.float32)
+        sel = window
+    c0 = C.cpu_times([os.getpid()])
+    t = time.perf_counter()
+    with h5py.File(path, "r") as fh:
+        for n in names:
+            fh[n].read_direct(buf, source_sel=sel)
+    dt = time.perf_counter() - t
+    c = C.cpu_times([os.getpid()]) - c0
+    return {"seconds": dt, "rate": len(names) / dt,
+            "cpu_ms_per_img": 1e3 * (c[0] + c[1]) / len(names),
+            "mb_per_s": len(names) * buf.nbytes / dt / 1e6}
+
+
+# -- 2. the tutorial ------------------------------------------------------------------
+def tutorial(path: str, run_number: int, tags: np.ndarray, bright: np.ndarray,
+             r_in: float, r_out: float, mask: np.ndarray) -> dict:
+    """The tutorial's formulation, serial, in Python 3.
+
+    As written in the tutorial (RingData's InterpSimple / DiffCorr), with its
+    two slips fixed: nphi from the outer radius in pixels (not in 1/A) and
+    the mean taken over pairs only (not over pairs and q). One change of
+    form, not of arithmetic: the tutorial first materialises every polar
+    image (too large for the wide band: 200 x 27 MB), then the differences;
+    here each image is processed as the generator yields it and the
+    autocorrelations are summed as they come: the same operations per image,
+    without the tutorial's HDF5 writes of the polar stacks, so this baseline
+    is if anything faster than the tutorial.
+    """
+    import h5py
+
+    x_c, y_c = C.CENTER
+    nphi = int(2 * np.pi * r_out)  # single pixel resolution at the outer radius (pixels)
+    ny, nx = mask.shape
+    # -- InterpSimple(x_c, y_c, qmax_pix, qmin_pix, nphi, raw_img_shape)
+    phis = np.arange(nphi) * 2 * np.pi / nphi
+    q_rows = np.arange(r_in, r_out)
+    Q = np.vstack([np.ones(nphi) * iq for iq in q_rows])
+    PHI = np.vstack([phis for _ in q_rows])
+    xring = Q * np.cos(PHI - np.pi) + x_c
+    yring = Q * np.sin(PHI - np.pi) + y_c
+    xnear = xring.astype(int) + np.round(xring - np.floor(xring)).astype(int)
+    ynear = yring.astype(int) + np.round(yring - np.floor(yring)).astype(int)
+    indices_1d = nx * ynear + xnear
+
+    def nearest(img: np.ndarray) -> np.ndarray:
+        return img.ravel()[indices_1d]
+
+    pmask = nearest(mask.astype(np.float32)).round()
+    # mask autocorrelation (the normalisation later analysis scripts applied)
+    fm = np.fft.rfft(pmask, n=nphi, axis=-1)
+    mask_ac = np.fft.irfft(fm * np.conjugate(fm), n=nphi, axis=-1)
+    mask_ac = np.rint(mask_ac)
+
+    imgs_path = f"/run_{run_number}/detector_2d_assembled_1"
+    exposure_tags = [f"tag_{t}" for t in tags]
+    t0 = time.perf_counter()
+    c0 = C.cpu_times([os.getpid()])
+    fh5 = h5py.File(path, "r")
+    img_gen = (fh5[imgs_path + "/" + tag + "/detector_data"][()] for tag in exposure_tags)
+    total = np.zeros((q_rows.size, nphi))
+    npairs = 0
+    prev = None
+    for i in range(len(exposure_tags)):
+        polar = pmask * nearest(next(img_gen))
+        # normalize_polar_images(imgs, mask_val=0), one image at a time
+        norms = ma.masked_equal(polar, 0).mean(axis=1)
+        polar /= np.asarray(norms.filled(1.0))[:, None]
+        polar[polar < 0] = 0
+        if prev is not None and bright[i] and bright[i - 1]:
+            diff = prev - polar  # shotA - shotB, consecutive exposures
+            fx = np.fft.rfft(diff, n=nphi, axis=-1)  # DiffCorr._fft_autocorr
+            total += np.fft.irfft(fx * np.conjugate(fx), n=nphi, axis=-1)
+            npairs += 1
+        prev = polar
+    fh5.close()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.where(mask_ac > 0, total / max(npairs, 1) / mask_ac, 0.0)
+    dt = time.perf_counter() - t0
+    c = C.cpu_times([os.getpid()]) - c0
+    return {"seconds": dt, "rate": len(tags) / dt,
+            "cpu_ms_per_img": 1e3 * (c[0] + c[1]) / len(tags),
+            "nphi": nphi, "nq": int(q_rows.size), "pairs": npairs,
+            "corr_checksum": float(np.abs(corr).sum())}
+
+
+# -- 3. sacla_dask --------------------------------------------------------------------
+def _task_counter() -> Any:
+    """A scheduler plugin counting the tasks of each graph submitted."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class TaskCounter(SchedulerPlugin):
+        name = "bench-task-counter"
+
+        def __init__(self) -> None:
+            self.counts: list[int] = []
+
+        def update_graph(self, scheduler: Any, *, tasks: Any = None, keys: Any = None,
+                         **kw: Any) -> None:
+            self.counts.append(len(tasks) if tasks is not None else len(keys or ()))
+
+    return TaskCounter()
+
+
+@contextlib.contextmanager
+def cluster(workers: int) -> Any:
+    """A LocalCluster the way users get one (sacla_dask.cluster.dask_client)."""
+    from sacla_dask.cluster import dask_client
+
+    t = time.perf_counter()
+    with dask_client(workers=workers) as client:
+        client.wait_for_workers(workers)
+        startup = time.perf_counter() - t
+        counter = _task_counter()
+        client.cluster.scheduler.add_plugin(counter, name=counter.name)
+        pids = sorted(client.run(os.getpid).values())
+        yield {"client": client, "startup": startup, "counter": counter, "pids": pids,
+               "workers": workers}
+
+
+def warm_up(cl: dict, path: str, mask: np.ndarray, workdir: str, bands: list[str]) -> float:
+    """One small untimed run per band on a fresh cluster (imports, codecs, allocator)."""
+    t = time.perf_counter()
+    for band in bands:
+        pipeline(cl, path, 16, band, store_polar=True, mask=mask,
+                 out=os.path.join(workdir, "out-warmup.zarr"))
+    return time.perf_counter() - t
+
+
+def band_q(band: str) -> tuple[float, float]:
+    from sacla_dask.geometry import Geometry
+
+    g = Geometry(*C.CENTER, C.PIXEL, C.DISTANCE, C.WAVELENGTH)
+    r0, r1 = C.BANDS[band]
+    return float(g.radius_to_q(r0)), float(g.radius_to_q(r1))
+
+
+def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
+             mask: np.ndarray, out: str, compression: str = "lz4", fast_nphi: bool = False,
+             cold: str | None = None, profile: str | None = None,
+             chunks: int | str = "128MiB") -> dict:
+    """open_run + plan_run + execute on the cluster ``cl``; wall, CPU, RSS, tasks."""
+    from sacla_dask.pipeline import plan_run
+    from sacla_dask.run import open_run
+
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    evicted = C.evict([path], cold) if cold else None
+    pids = cl["pids"]
+    counter = cl["counter"]
+    counter.counts.clear()
+    qmin, qmax = band_q(band)
+    mon = C.RSSMonitor(pids)
+    c0 = C.cpu_times(pids)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = open_run(path)
+        if len(run) > n_tags:
+            run = run.select(np.arange(len(run)) < n_tags)
+        plan = plan_run(run, qmin=qmin, qmax=qmax, center=C.CENTER, pixel_size=C.PIXEL,
+                        distance=C.DISTANCE, wavelength=C.WAVELENGTH, mask=mask, out=out,
+                        store_polar=store_polar, compression=compression,
+                        fast_nphi=fast_nphi, chunks=chunks)
+        t1 = time.perf_counter()
+        prof_ctx: Any = contextlib.nullcontext()
+        spy_ctx: Any = contextlib.nullcontext([])
+        if profile:
+            from distributed import performance_report
+
+            prof_ctx = performance_report(filename=profile + ".html")
+            spy_ctx = C.py_spy(pids, profile)
+        with spy_ctx, prof_ctx, mon.watch():
+            plan.execute(overwrite=True)
+    t2 = time.perf_counter()
+    c = C.cpu_times(pids) - c0
+    nq, nphi = plan.transform.shape
+    wy, wx = plan.transform.operator.window_shape
+    chunk_bytes = plan.tags_per_chunk * wy * wx * 4
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    shutil.rmtree(out, ignore_errors=True)
+    peaks = mon.peak_mib()
+    return {
+        "band": band, "workers": cl["workers"], "store_polar": store_polar,
+        "compression": compression, "fast_nphi": fast_nphi, "tags": len(run),
+        "cold": evicted, "seconds": t2 - t0, "plan_seconds": t1 - t0,
+        "execute_seconds": t2 - t1, "rate": len(run) / (t2 - t0),
+        "worker_cpu_ms_per_img": 1e3 * (c[0] + c[1]) / len(run),
+        "worker_sys_ms_per_img": 1e3 * c[1] / len(run),
+        "minor_faults_per_img": c[2] / len(run),
+        "tasks": int(sum(counter.counts)), "graphs": len(counter.counts),
+        "tags_per_chunk": plan.tags_per_chunk, "chunk_mib": chunk_bytes / 2**20,
+        "grid": [nq, nphi], "window": [wy, wx], "store_mib": size / 2**20,
+        "peak_rss_mib": [round(peaks[p], 1) for p in pids],
+        "rss_hwm_exact": mon.hwm_reset, "load": round(load0, 2),
+    }
+
+
+def best(results: list[dict]) -> dict:
+    """The fastest of repeated runs, with the spread kept."""
+    b = dict(min(results, key=lambda r: r["seconds"]))
+    b["all_rates"] = [round(r["rate"], 2) for r in results]
+    return b
+
+
+# -- extras -----------------------------------------------------------------------------
+def fft_lengths(nq: int = 40, pairs: int = 12) -> list[dict]:
+    """Cost of the correlation FFT (rfft + irfft of float64 rows) for some nphi."""
+    import scipy.fft
+
+    out = []
+    n0 = int(2 * np.pi * C.BANDS["ring"][1])
+    lengths = [n0, n0 + 1, scipy.fft.next_fast_len(n0, real=True), 5000]
+    for n in dict.fromkeys(lengths):
+        x = np.random.default_rng(0).standard_normal((pairs, nq, n))
+        for lib, rf, irf in (("scipy", scipy.fft.rfft, scipy.fft.irfft),
+                             ("numpy", np.fft.rfft, np.fft.irfft)):
+            irf(np.abs(rf(x, axis=-1)) ** 2, n=n, axis=-1)
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                f = rf(x, axis=-1)
+                irf(f.real**2 + f.imag**2, n=n, axis=-1)
+                ts.append(time.perf_counter() - t)
+            out.append({"nphi": n, "lib": lib, "ms_per_pair": 1e3 * min(ts) / pairs,
+                        "factors": _factor(n)})
+    return out
+
+
+def _factor(n: int) -> str:
+    f, d = [], 2
+    while d * d <= n:
+        while n % d == 0:
+            f.append(d)
+            n //= d
+        d += 1
+    if n > 1:
+        f.append(n)
+    return "x".join(map(str, f))
+
+
+def graph_tasks_5050(workdir: str, tags_per_chunk: dict[str, int]) -> dict:
+    """Tasks submitted by execute() for a 5050-tag run (tiny images, same tags per chunk)."""
+    from sacla_dask.geometry import Geometry
+    from sacla_dask.pipeline import plan_run
+    from sacla_dask.run import open_run
+
+    path = C.ensure_small_run(workdir, 5050)
+    out = os.path.join(workdir, "out-graph.zarr")
+    res = {}
+    with cluster(1) as cl, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = open_run(path)
+        g = Geometry(32.0, 32.0, C.PIXEL, C.DISTANCE, C.WAVELENGTH)
+        for band, per in tags_per_chunk.items():
+            for store_polar in (True, False):
+                if os.path.exists(out):
+                    shutil.rmtree(out)
+                plan = plan_run(run, qmin=float(g.radius_to_q(12)), qmax=float(g.radius_to_q(28)),
+                                center=(32.0, 32.0), pixel_size=C.PIXEL, distance=C.DISTANCE,
+                                wavelength=C.WAVELENGTH, out=out, chunks=per,
+                                store_polar=store_polar)
+                cl["counter"].counts.clear()
+                plan.execute(overwrite=True)
+                res[f"{band} ({per} tags/chunk, store_polar={store_polar})"] = {
+                    "tasks": int(sum(cl["counter"].counts)), "chunks": plan.n_chunks,
+                    "pairs": int(plan.ia.size)}
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+# -- main --------------------------------------------------------------------------------
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tags", type=int, default=200, help="tags timed (default 200)")
+    ap.add_argument("--rss-tags", default="100,1000",
+                    help="short,long run lengths for the peak-RSS test (default 100,1000; "
+                         "the long one shrinks to what fits the disk)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed repeats, best kept (default 2)")
+    ap.add_argument("--bands", default="ring,wide")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--cold", default="auto", choices=["auto", "drop_caches", "fadvise", "none"],
+                    help="page-cache eviction for the cold figures (default: drop_caches "
+                         "if allowed, else fadvise DONTNEED on the file)")
+    ap.add_argument("--codecs", default="none,lz4,zstd",
+                    help="polar store codecs compared (2 workers); '' to skip")
+    ap.add_argument("--fast-nphi", action="store_true",
+                    help="also time the pipeline with an FFT-friendly nphi")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy flame graphs of the workers and Dask performance reports "
+                         "for the 2-worker runs (into _work/profiles/)")
+    ap.add_argument("--skip", default="", help="sections to skip: raw,tutorial,pipeline,"
+                                               "codecs,rss,graph,fft")
+    ap.add_argument("--quick", action="store_true",
+                    help="about a minute: 30 tags, RSS at 10 and 30 tags, one repeat, "
+                         "lz4 only (smoke figures, not the README's)")
+    ap.add_argument("--workdir", default=C.WORK)
+    ap.add_argument("--json", default=None, help="results file (default _work/results-*.json)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.tags, a.rss_tags, a.repeat, a.codecs = 30, "10,30", 1, ""
+    skip = set(filter(None, a.skip.split(",")))
+    bands = [b for b in a.bands.split(",") if b]
+    workers = [int(w) for w in a.workers.split(",") if w]
+    rss_short, rss_long = (int(x) for x in a.rss_tags.split(","))
+    os.makedirs(a.workdir, exist_ok=True)
+    prof_dir = os.path.join(a.workdir, "profiles")
+    if a.profile:
+        os.makedirs(prof_dir, exist_ok=True)
+
+    res: dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+                           "argv": sys.argv[1:], "machine": C.machine_info(a.workdir)}
+    m = res["machine"]
+    log(f"machine: {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, {m['disk']}; "
+        f"load {m['loadavg_at_start']}")
+
+    # the run file: big enough for the timed tags and the long RSS run, if the disk allows
+    free = shutil.disk_usage(a.workdir).free
+    have = C.find_run(a.workdir, max(a.tags, rss_long if "rss" not in skip else 0))
+    if have is None:
+        room = int((free - 8 * 2**30) / (C.IMAGE_BYTES * 1.01))
+        if "rss" not in skip and rss_long > room:
+            log(f"disk: {free / 2**30:.0f} GiB free: the long RSS run shrinks from {rss_long} "
+                f"to {room} tags")
+            rss_long = room
+        n_file = max(a.tags, rss_long if "rss" not in skip else 0)
+        if n_file > room:
+            raise SystemExit(f"not enough disk for {n_file} tags of 2400x2400 float32 "
+                             f"({free / 2**30:.0f} GiB free)")
+    else:
+        n_file = max(a.tags, rss_long if "rss" not in skip else 0)
+    path = C.ensure_run(a.workdir, n_file, log=log)
+    res["run_file"] = path
+
+    from sacla_dask.run import open_run
+    from sacla_dask.synthetic import panel_mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = open_run(path)
+    run_number = full.run_number
+    tags = full.tags[: a.tags]
+    bright = full.bright[: a.tags]
+    names = dataset_paths(run_number, tags)
+    mask = panel_mask(C.SHAPE)
+    out = os.path.join(a.workdir, "out.zarr")
+
+    # -- 1. raw read
+    if "raw" not in skip:
+        log(f"\n[1] raw h5py read_direct of {len(names)} images "
+            f"({C.IMAGE_BYTES / 1e6:.0f} MB each)")
+        raw_read(path, names)  # warm the page cache
+        warm = [raw_read(path, names) for _ in range(max(2, a.repeat))]
+        res["raw_warm"] = dict(min(warm, key=lambda r: r["seconds"]),
+                               all_rates=[round(r["rate"], 1) for r in warm])
+        log(f"  warm: {res['raw_warm']['rate']:.1f} img/s "
+            f"({res['raw_warm']['mb_per_s']:.0f} MB/s; runs {res['raw_warm']['all_rates']})")
+        r0, r1 = C.BANDS["ring"]
+        h = int(math.ceil(r1)) + 2
+        win = (slice(int(C.CENTER[1]) - h, int(C.CENTER[1]) + h),
+               slice(int(C.CENTER[0]) - h, int(C.CENTER[0]) + h))
+        res["raw_warm_ring_window"] = raw_read(path, names, window=win)
+        log(f"  warm, ring band's window {2 * h}x{2 * h}: "
+            f"{res['raw_warm_ring_window']['rate']:.1f} img/s")
+        if a.cold != "none":
+            method = C.evict([path], a.cold)
+            res["raw_cold"] = dict(raw_read(path, names), method=method)
+            log(f"  cold ({method}): {res['raw_cold']['rate']:.1f} img/s "
+                f"({res['raw_cold']['mb_per_s']:.0f} MB/s)")
+            raw_read(path, names)  # warm again for what follows
+
+    # -- 2. the tutorial
+    if "tutorial" not in skip:
+        log("\n[2] the tutorial's formulation, serial (warm)")
+        res["tutorial"] = {}
+        for band in bands:
+            r0, r1 = C.BANDS[band]
+            runs = [tutorial(path, run_number, tags, bright, r0, r1, mask)
+                    for _ in range(a.repeat)]
+            t = dict(min(runs, key=lambda r: r["seconds"]),
+                     all_rates=[round(r["rate"], 2) for r in runs])
+            res["tutorial"][band] = t
+            log(f"  {band}: {t['rate']:.1f} img/s (nq {t['nq']} x nphi {t['nphi']}, "
+                f"{t['pairs']} pairs; {t['cpu_ms_per_img']:.1f} CPU ms/img; runs {t['all_rates']})")
+
+    # -- 3. sacla_dask end to end
+    pipe: list[dict] = []
+    res["pipeline"] = pipe
+    res["startup"] = {}
+    if "pipeline" not in skip or "codecs" not in skip:
+        log("\n[3] sacla_dask end to end (open_run + plan_run + execute), warm")
+        for nw in workers:
+            with cluster(nw) as cl:
+                res["startup"][nw] = cl["startup"]
+                wu = warm_up(cl, path, mask, a.workdir, bands)
+                log(f"  LocalCluster of {nw} worker(s): started in {cl['startup']:.1f} s, "
+                    f"warm-up run {wu:.1f} s (neither is in the figures)")
+                variants = [(b, sp, False) for b in bands for sp in (True, False)]
+                if a.fast_nphi:
+                    variants += [(b, sp, True) for b in bands for sp in (True, False)]
+                if "pipeline" not in skip:
+                    for band, sp, fast in variants:
+                        rr = []
+                        for i in range(a.repeat):
+                            prof = (os.path.join(prof_dir, f"{band}-{nw}w-sp{int(sp)}")
+                                    if a.profile and nw == max(workers) and i == 0 else None)
+                            rr.append(pipeline(cl, path, a.tags, band, store_polar=sp,
+                                               mask=mask, out=out, fast_nphi=fast,
+                                               profile=prof))
+                        r = best(rr)
+                        pipe.append(r)
+                        log(f"  {nw}w {band:4s} store_polar={sp!s:5s}"
+                            f"{' fast_nphi' if fast else ''}: {r['rate']:6.1f} img/s "
+                            f"(runs {r['all_rates']}; plan {r['plan_seconds']:.1f} s; "
+                            f"{r['worker_cpu_ms_per_img']:.1f} worker CPU ms/img, "
+                            f"{r['minor_faults_per_img']:.0f} faults/img; {r['tasks']} tasks; "
+                            f"peak RSS {r['peak_rss_mib']} MiB; load {r['load']})")
+                    if a.cold != "none" and "ring" in bands:
+                        for sp in (True, False):
+                            r = pipeline(cl, path, a.tags, "ring", store_polar=sp, mask=mask,
+                                         out=out, cold=a.cold)
+                            r["all_rates"] = [round(r["rate"], 2)]
+                            pipe.append(r)
+                            log(f"  {nw}w ring store_polar={sp!s:5s} COLD ({r['cold']}): "
+                                f"{r['rate']:6.1f} img/s")
+                        raw_read(path, names)
+                if "codecs" not in skip and a.codecs and nw == max(workers):
+                    res["codecs"] = []
+                    for band in bands:
+                        for codec in a.codecs.split(","):
+                            r = best([pipeline(cl, path, a.tags, band, store_polar=True,
+                                               mask=mask, out=out, compression=codec)
+                                      for _ in range(a.repeat)])
+                            res["codecs"].append(r)
+                            log(f"  codec {codec:4s} {band}: {r['rate']:6.1f} img/s, polar "
+                                f"store {r['store_mib']:.0f} MiB "
+                                f"({r['worker_cpu_ms_per_img']:.1f} CPU ms/img)")
+
+    # -- 4. memory in run length, graph size
+    if "rss" not in skip:
+        log(f"\n[4] worker peak RSS: {rss_short} vs {rss_long} tags (2 workers, a fresh "
+            "cluster each)")
+        res["rss"] = []
+        for band, sp in (("ring", True), ("wide", False)):
+            if band not in bands:
+                continue
+            for n in (rss_short, rss_long):
+                with cluster(max(workers)) as cl:
+                    warm_up(cl, path, mask, a.workdir, [band])
+                    r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out)
+                res["rss"].append(r)
+                log(f"  {band} store_polar={sp}: {n} tags: peak RSS {r['peak_rss_mib']} MiB "
+                    f"(chunk {r['chunk_mib']:.0f} MiB; {r['tasks']} tasks; {r['rate']:.1f} img/s)")
+    if "graph" not in skip:
+        per = {}
+        for r in pipe:
+            per.setdefault(r["band"], r["tags_per_chunk"])
+        if not per:
+            per = {"ring": 13}
+        log("\n[4b] tasks submitted by execute() for a 5050-tag run (64x64 images, same "
+            f"tags per chunk: {per})")
+        res["graph_5050"] = graph_tasks_5050(a.workdir, per)
+        for k, v in res["graph_5050"].items():
+            log(f"  {k}: {v['tasks']} tasks ({v['chunks']} chunks, {v['pairs']} pairs)")
+    if "fft" not in skip:
+        res["fft"] = fft_lengths()
+        log("\n[5] correlation FFT cost per pair (40 q rows, rfft + irfft, float64)")
+        for f in res["fft"]:
+            log(f"  nphi {f['nphi']:5d} ({f['factors']:>14s}) {f['lib']}: "
+                f"{f['ms_per_pair']:.2f} ms")
+
+    res["summary"] = summary(res, workers)
+    res["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    fn = a.json or os.path.join(a.workdir, "results-" + res["started"].replace(":", "") + ".json")
+    with open(fn, "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    log(f"\nresults: {fn}")
+    return res
+
+
+def _find(pipe: list[dict], **kw: Any) -> dict | None:
+    for r in pipe:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def summary(res: dict, workers: list[int]) -> list[dict]:
+    """Ratios against the issue's targets; printed as a table."""
+    rows: list[dict] = []
+    pipe = res.get("pipeline", [])
+    nw = max(workers)
+
+    def add(name: str, value: float | None, target: float, le: bool = False,
+            note: str = "") -> None:
+        ok = None if value is None else (value <= target if le else value >= target)
+        rows.append({"figure": name, "value": None if value is None else round(value, 3),
+                     "target": f"{'<=' if le else '>='} {target:g}", "verdict": verdict(ok),
+                     "note": note})
+
+    raw_w = res.get("raw_warm", {}).get("rate")
+    raw_c = res.get("raw_cold", {}).get("rate")
+    for sp in (True, False):
+        r = _find(pipe, band="ring", workers=nw, store_polar=sp, cold=None, fast_nphi=False)
+        if r and raw_w:
+            add(f"ring {nw}w store_polar={sp} / raw warm", r["rate"] / raw_w,
+                TARGETS["ring_vs_raw_warm"], note=f"{r['rate']:.1f} vs {raw_w:.1f} img/s")
+        rc = next((x for x in pipe if x["band"] == "ring" and x["workers"] == nw
+                   and x["store_polar"] == sp and x["cold"]), None)
+        if rc and raw_c:
+            add(f"ring {nw}w store_polar={sp} / raw cold", rc["rate"] / raw_c,
+                TARGETS["ring_vs_raw_cold"], note=f"{rc['rate']:.1f} vs {raw_c:.1f} img/s")
+    tut = res.get("tutorial", {})
+    for band in ("ring", "wide"):
+        for sp in (True, False):
+            r = _find(pipe, band=band, workers=nw, store_polar=sp, cold=None, fast_nphi=False)
+            if r and band in tut:
+                tgt = TARGETS["wide_vs_tutorial"] if band == "wide" else 1.0
+                add(f"{band} {nw}w store_polar={sp} / tutorial", r["rate"] / tut[band]["rate"],
+                    tgt, note=f"{r['rate']:.1f} vs {tut[band]['rate']:.1f} img/s"
+                    + ("" if band == "wide" else " (no target; >= 1 shown)"))
+    if len(workers) > 1:
+        for band in ("ring", "wide"):
+            for sp in (True, False):
+                r2 = _find(pipe, band=band, workers=max(workers), store_polar=sp, cold=None,
+                           fast_nphi=False)
+                r1 = _find(pipe, band=band, workers=min(workers), store_polar=sp, cold=None,
+                           fast_nphi=False)
+                if r1 and r2:
+                    add(f"{band} store_polar={sp}: {max(workers)}w / {min(workers)}w",
+                        r2["rate"] / r1["rate"], TARGETS["scaling_2w_1w"],
+                        note=f"{r2['rate']:.1f} vs {r1['rate']:.1f} img/s; CPU ms/img "
+                             f"{r2['worker_cpu_ms_per_img']:.1f} vs "
+                             f"{r1['worker_cpu_ms_per_img']:.1f}")
+    rss = res.get("rss", [])
+    for band in ("ring", "wide"):
+        rr = [r for r in rss if r["band"] == band]
+        if len(rr) == 2:
+            s, lg = sorted(rr, key=lambda r: r["tags"])
+            ratio = max(lg["peak_rss_mib"]) / max(s["peak_rss_mib"])
+            add(f"{band} peak RSS {lg['tags']} / {s['tags']} tags", ratio, TARGETS["rss_ratio"],
+                le=True, note=f"{max(lg['peak_rss_mib']):.0f} vs {max(s['peak_rss_mib']):.0f} MiB")
+            limit = 4 * lg["chunk_mib"] + 300
+            add(f"{band} peak RSS ({lg['tags']} tags) MiB", max(lg["peak_rss_mib"]), limit,
+                le=True, note=f"4 x chunk ({lg['chunk_mib']:.0f} MiB) + 300 MiB")
+    for k, v in res.get("graph_5050", {}).items():
+        add(f"tasks, 5050 tags, {k}", v["tasks"], TARGETS["graph_tasks_5050"], le=True)
+    log("\nsummary (targets of issue 8)")
+    log(C.table([[r["figure"], r["value"], r["target"], r["verdict"], r["note"]] for r in rows],
+                ["figure", "value", "target", "verdict", "note"]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
