@@ -123,7 +123,7 @@ def find_run(workdir: str, n_tags: int) -> str | None:
     if not os.path.isdir(workdir):
         return None
     for name in os.listdir(workdir):
-        if not name.endswith(".h5.json"):
+        if not (name.endswith(".h5.json") and name.startswith(f"run_{SHAPE[0]}x{SHAPE[1]}_")):
             continue
         try:
             meta = json.load(open(os.path.join(workdir, name)))
@@ -318,14 +318,18 @@ class RSSMonitor:
 # -- profiling ---------------------------------------------------------------------
 @contextlib.contextmanager
 def py_spy(pids: Sequence[int], prefix: str, rate: int = 100) -> Iterator[list[str]]:
-    """Record each process with ``py-spy record`` (if installed) into ``prefix-PID.svg``."""
+    """Record each process with ``py-spy record`` (if installed) into ``prefix-PID.txt``.
+
+    Collapsed-stack ("raw") format: :func:`spy_summary` aggregates it, and
+    flamegraph tools (inferno, flamegraph.pl, speedscope) draw it.
+    """
     exe = shutil.which("py-spy")
     procs, outs = [], []
     if exe:
         for p in pids:
-            out = f"{prefix}-{p}.svg"
+            out = f"{prefix}-{p}.txt"
             procs.append(subprocess.Popen([exe, "record", "--pid", str(p), "--rate", str(rate),
-                                           "--nonblocking", "--output", out],
+                                           "--nonblocking", "--format", "raw", "--output", out],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             outs.append(out)
         time.sleep(0.5)
@@ -341,6 +345,36 @@ def py_spy(pids: Sequence[int], prefix: str, rate: int = 100) -> Iterator[list[s
                 pr.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pr.kill()
+
+
+def spy_summary(files: Sequence[str], top: int = 25) -> list[tuple[str, float]]:
+    """Share of task-thread samples in each function (inclusive), from py-spy raw files."""
+    import collections
+
+    total = 0
+    incl: collections.Counter[str] = collections.Counter()
+    for fn in files:
+        if not os.path.exists(fn):
+            continue
+        for line in open(fn):
+            line = line.rstrip()
+            if not line or " " not in line:
+                continue
+            stack, n = line.rsplit(" ", 1)
+            frames = stack.split(";")
+            if not any("_run_task" in f for f in frames):
+                continue  # not a task: the worker's event loop, heartbeats...
+            total += int(n)
+            seen = set()
+            for f in frames:
+                name, _, where = f.partition(" (")
+                key = f"{name} ({where.split(':')[0]})" if where else name
+                if key not in seen:
+                    incl[key] += int(n)
+                    seen.add(key)
+    skip = ("threading.py", "distributed/", "dask/_task_spec.py", "concurrent/")
+    return [(k, round(100 * v / total, 1)) for k, v in incl.most_common()
+            if not any(s in k for s in skip)][:top] if total else []
 
 
 # -- printing -------------------------------------------------------------------

@@ -249,7 +249,7 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
 
             prof_ctx = performance_report(filename=profile + ".html")
             spy_ctx = C.py_spy(pids, profile)
-        with spy_ctx, prof_ctx, mon.watch():
+        with spy_ctx as spy_files, prof_ctx, mon.watch():
             plan.execute(overwrite=True)
     t2 = time.perf_counter()
     c = C.cpu_times(pids) - c0
@@ -272,6 +272,8 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
         "grid": [nq, nphi], "window": [wy, wx], "store_mib": size / 2**20,
         "peak_rss_mib": [round(peaks[p], 1) for p in pids],
         "rss_hwm_exact": mon.hwm_reset, "load": round(load0, 2),
+        "profile": ({"files": spy_files, "report": profile + ".html",
+                     "functions": C.spy_summary(spy_files)} if profile else None),
     }
 
 
@@ -357,15 +359,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tags", type=int, default=200, help="tags timed (default 200)")
+    ap.add_argument("--wide-tags", type=int, default=100,
+                    help="tags timed for the wide band, which is compute-bound and ~50x "
+                         "slower per image (default 100, at most --tags)")
     ap.add_argument("--rss-tags", default="100,1000",
                     help="short,long run lengths for the peak-RSS test (default 100,1000; "
                          "the long one shrinks to what fits the disk)")
     ap.add_argument("--repeat", type=int, default=2, help="timed repeats, best kept (default 2)")
     ap.add_argument("--bands", default="ring,wide")
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--cold", default="auto", choices=["auto", "drop_caches", "fadvise", "none"],
-                    help="page-cache eviction for the cold figures (default: drop_caches "
-                         "if allowed, else fadvise DONTNEED on the file)")
+    ap.add_argument("--cold", default="fadvise",
+                    choices=["auto", "drop_caches", "fadvise", "none"],
+                    help="page-cache eviction for the cold figures: fadvise (default: "
+                         "POSIX_FADV_DONTNEED on the run file only, harmless to other work "
+                         "on the machine), drop_caches (echo 3 > /proc/sys/vm/drop_caches: "
+                         "root only, empties everyone's cache), auto (drop_caches if "
+                         "allowed, else fadvise), none")
     ap.add_argument("--codecs", default="none,lz4,zstd",
                     help="polar store codecs compared (2 workers); '' to skip")
     ap.add_argument("--fast-nphi", action="store_true",
@@ -382,7 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="results file (default _work/results-*.json)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.tags, a.rss_tags, a.repeat, a.codecs = 30, "10,30", 1, ""
+        a.tags, a.wide_tags, a.rss_tags, a.repeat, a.codecs = 30, 20, "10,30", 1, ""
+    a.wide_tags = min(a.wide_tags, a.tags)
+    ntags = {"ring": a.tags, "wide": a.wide_tags}
     skip = set(filter(None, a.skip.split(",")))
     bands = [b for b in a.bands.split(",") if b]
     workers = [int(w) for w in a.workers.split(",") if w]
@@ -459,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["tutorial"] = {}
         for band in bands:
             r0, r1 = C.BANDS[band]
-            runs = [tutorial(path, run_number, tags, bright, r0, r1, mask)
+            n = ntags[band]
+            runs = [tutorial(path, run_number, tags[:n], bright[:n], r0, r1, mask)
                     for _ in range(a.repeat)]
             t = dict(min(runs, key=lambda r: r["seconds"]),
                      all_rates=[round(r["rate"], 2) for r in runs])
@@ -480,15 +492,15 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"  LocalCluster of {nw} worker(s): started in {cl['startup']:.1f} s, "
                     f"warm-up run {wu:.1f} s (neither is in the figures)")
                 variants = [(b, sp, False) for b in bands for sp in (True, False)]
-                if a.fast_nphi:
-                    variants += [(b, sp, True) for b in bands for sp in (True, False)]
+                if a.fast_nphi:  # the wide band's default nphi (6912) is FFT-friendly already
+                    variants += [("ring", sp, True) for sp in (True, False) if "ring" in bands]
                 if "pipeline" not in skip:
                     for band, sp, fast in variants:
                         rr = []
                         for i in range(a.repeat):
-                            prof = (os.path.join(prof_dir, f"{band}-{nw}w-sp{int(sp)}")
+                            prof = (os.path.join(prof_dir, f"{band}{'-fast' if fast else ''}-{nw}w-sp{int(sp)}")
                                     if a.profile and nw == max(workers) and i == 0 else None)
-                            rr.append(pipeline(cl, path, a.tags, band, store_polar=sp,
+                            rr.append(pipeline(cl, path, ntags[band], band, store_polar=sp,
                                                mask=mask, out=out, fast_nphi=fast,
                                                profile=prof))
                         r = best(rr)
@@ -512,9 +524,9 @@ def main(argv: list[str] | None = None) -> dict:
                     res["codecs"] = []
                     for band in bands:
                         for codec in a.codecs.split(","):
-                            r = best([pipeline(cl, path, a.tags, band, store_polar=True,
+                            r = best([pipeline(cl, path, ntags[band], band, store_polar=True,
                                                mask=mask, out=out, compression=codec)
-                                      for _ in range(a.repeat)])
+                                      for _ in range(1)])
                             res["codecs"].append(r)
                             log(f"  codec {codec:4s} {band}: {r['rate']:6.1f} img/s, polar "
                                 f"store {r['store_mib']:.0f} MiB "
@@ -559,8 +571,86 @@ def main(argv: list[str] | None = None) -> dict:
     fn = a.json or os.path.join(a.workdir, "results-" + res["started"].replace(":", "") + ".json")
     with open(fn, "w") as fh:
         json.dump(res, fh, indent=1, default=str)
-    log(f"\nresults: {fn}")
+    md = markdown(res)
+    with open(fn[:-5] + ".md", "w") as fh:
+        fh.write(md)
+    log(f"\nresults: {fn} (and the tables for the README: {fn[:-5]}.md)")
     return res
+
+
+def markdown(res: dict) -> str:
+    """Every figure of a run as README-ready markdown tables."""
+    m = res["machine"]
+    v = m["versions"]
+    out = [f"Run {res['started']} .. {res.get('finished')}: `bench_pipeline.py "
+           f"{' '.join(res['argv'])}`; {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, "
+           f"{m['disk']}; Linux {m['kernel']}; Python {m['python']}, "
+           + ", ".join(f"{k} {x}" for k, x in v.items())
+           + f". Load average at start {m['loadavg_at_start']}, at end "
+             f"{res.get('loadavg_at_end')}.", ""]
+    rows = []
+    for key, label in (("raw_warm", "raw read_direct, warm"),
+                       ("raw_warm_ring_window", "raw read_direct of the ring window, warm"),
+                       ("raw_cold", "raw read_direct, cold")):
+        if key in res:
+            r = res[key]
+            rows.append([label + (f" ({r['method']})" if "method" in r else ""),
+                         f"{r['rate']:.1f}", f"{r['mb_per_s']:.0f}", f"{r['cpu_ms_per_img']:.1f}"])
+    for band, t in res.get("tutorial", {}).items():
+        rows.append([f"tutorial, serial, {band} ({t['nq']} x {t['nphi']})", f"{t['rate']:.2f}",
+                     "", f"{t['cpu_ms_per_img']:.1f}"])
+    if rows:
+        out += [C.table(rows, ["baseline", "img/s", "MB/s", "CPU ms/img"]), ""]
+    pipe = res.get("pipeline", [])
+    if pipe:
+        rows = [[r["band"] + (" fast_nphi" if r.get("fast_nphi") else ""), r["tags"],
+                 r["workers"], r["store_polar"],
+                 ("cold " + r["cold"]) if r.get("cold") else "warm",
+                 f"{r['rate']:.1f}", " ".join(map(str, r.get("all_rates", []))),
+                 f"{r['plan_seconds']:.2f}", f"{r['worker_cpu_ms_per_img']:.1f}",
+                 f"{r['minor_faults_per_img']:.0f}", r["tasks"], r["tags_per_chunk"],
+                 "/".join(f"{x:.0f}" for x in r["peak_rss_mib"]), r["load"]]
+                for r in pipe]
+        out += ["sacla_dask end to end (open_run + plan_run + execute; best of the runs "
+                "listed):", "",
+                C.table(rows, ["band", "tags", "workers", "store_polar", "cache", "img/s", "runs",
+                               "plan s", "worker CPU ms/img", "faults/img", "tasks",
+                               "tags/chunk", "peak RSS MiB", "load"]), ""]
+    st = res.get("startup")
+    if st:
+        out += ["LocalCluster start-up (not in any figure): "
+                + ", ".join(f"{k} worker(s) {x:.1f} s" for k, x in st.items()), ""]
+    if res.get("codecs"):
+        rows = [[r["band"], r["compression"], f"{r['rate']:.1f}", f"{r['store_mib']:.0f}",
+                 f"{r['worker_cpu_ms_per_img']:.1f}"] for r in res["codecs"]]
+        out += ["Polar store codec (2 workers, store_polar=True):", "",
+                C.table(rows, ["band", "codec", "img/s", "store MiB", "worker CPU ms/img"]), ""]
+    if res.get("rss"):
+        rows = [[r["band"], r["store_polar"], r["tags"], f"{r['chunk_mib']:.0f}",
+                 "/".join(f"{x:.0f}" for x in r["peak_rss_mib"]), r["tasks"],
+                 f"{r['rate']:.1f}", r["rss_hwm_exact"]] for r in res["rss"]]
+        out += ["Worker peak RSS (2 workers, fresh cluster + warm-up each):", "",
+                C.table(rows, ["band", "store_polar", "tags", "chunk MiB", "peak RSS MiB",
+                               "tasks", "img/s", "exact (VmHWM)"]), ""]
+    if res.get("graph_5050"):
+        rows = [[k, x["tasks"], x["chunks"], x["pairs"]] for k, x in res["graph_5050"].items()]
+        out += ["Tasks submitted by execute() for 5050 tags:", "",
+                C.table(rows, ["case", "tasks", "chunks", "pairs"]), ""]
+    if res.get("fft"):
+        rows = [[f["nphi"], f["factors"], f["lib"], f"{f['ms_per_pair']:.2f}"] for f in res["fft"]]
+        out += ["Correlation FFT (rfft + irfft, 40 float64 rows) per pair:", "",
+                C.table(rows, ["nphi", "factors", "library", "ms/pair"]), ""]
+    for r in pipe:
+        if r.get("profile") and r["profile"]["functions"]:
+            out += [f"py-spy, {r['band']} {r['workers']}w store_polar={r['store_polar']} "
+                    f"(share of the workers' task time, inclusive):", "",
+                    C.table([[f"`{k}`", f"{x:.1f}%"] for k, x in r["profile"]["functions"]],
+                            ["function", "share"]), ""]
+    if res.get("summary"):
+        out += ["Targets:", "", C.table([[r["figure"], r["value"], r["target"], r["verdict"],
+                                          r["note"]] for r in res["summary"]],
+                                         ["figure", "value", "target", "verdict", "note"]), ""]
+    return "\n".join(out)
 
 
 def _find(pipe: list[dict], **kw: Any) -> dict | None:
@@ -590,6 +680,11 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
         if r and raw_w:
             add(f"ring {nw}w store_polar={sp} / raw warm", r["rate"] / raw_w,
                 TARGETS["ring_vs_raw_warm"], note=f"{r['rate']:.1f} vs {raw_w:.1f} img/s")
+        rf = _find(pipe, band="ring", workers=nw, store_polar=sp, cold=None, fast_nphi=True)
+        if rf and raw_w:
+            add(f"ring fast_nphi {nw}w store_polar={sp} / raw warm", rf["rate"] / raw_w,
+                TARGETS["ring_vs_raw_warm"], note=f"{rf['rate']:.1f} vs {raw_w:.1f} img/s "
+                f"(nphi {rf['grid'][1]})")
         rc = next((x for x in pipe if x["band"] == "ring" and x["workers"] == nw
                    and x["store_polar"] == sp and x["cold"]), None)
         if rc and raw_c:

@@ -17,6 +17,7 @@ import dataclasses
 import html
 import logging
 import math
+import operator
 import os
 import sys
 from collections.abc import Sequence
@@ -67,7 +68,17 @@ def normalized_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
     good bin, so that every pair it is in has no data and stays out of the
     statistics; ``image_ok`` records it.
     """
-    out = normalize_rows(raw, polar_mask)[0]
+    return _mark_dead(normalize_rows(raw, polar_mask)[0], raw, polar_mask)
+
+
+def _mark_dead(out: np.ndarray, raw: np.ndarray, polar_mask: np.ndarray,
+               rmean: np.ndarray | None = None) -> np.ndarray:
+    """NaN in every good bin of the tags of ``raw`` with no finite good bin (in place).
+
+    ``rmean``, the row means, saves the scan when every tag has a finite one.
+    """
+    if rmean is not None and np.isfinite(rmean).any(axis=1).all():
+        return out
     dead = ~image_ok_block(raw, polar_mask)
     if dead.any():
         out[dead] = np.where(polar_mask, np.float32(np.nan), np.float32(0))
@@ -76,9 +87,15 @@ def normalized_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
 
 def image_ok_block(polar: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
     """False for tags with no finite good polar bin (unreadable image), (ntag,) bool."""
-    if not polar_mask.any():
+    pm = polar_mask.reshape(-1)
+    first = int(np.argmax(pm))
+    if not pm[first]:
         return np.ones(polar.shape[0], dtype=bool)
-    return np.isfinite(polar[:, polar_mask]).any(axis=1)
+    flat = polar.reshape(polar.shape[0], -1)
+    ok = np.isfinite(flat[:, first])  # almost always decides: no copy of the good bins
+    for i in np.flatnonzero(~ok):
+        ok[i] = bool(np.isfinite(flat[i]).any(where=pm))
+    return ok
 
 
 def row_mean_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
@@ -89,6 +106,68 @@ def row_mean_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
 def nonfinite_block(raw: np.ndarray) -> np.ndarray:
     """Number of polar bins hit by a non-finite pixel, per tag, (ntag,)."""
     return np.isnan(raw).sum(axis=(1, 2)).astype(np.int64)
+
+
+def polar_chunk(windows: np.ndarray, op: PolarOperator,
+                polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read block -> (normalised polar, row means, non-finite bin counts), one task.
+
+    The raw polar block lives only inside this call and the rows are
+    normalised once; :meth:`ProcessingPlan.polar` picks the three outputs.
+    """
+    tune_allocator()
+    raw = polar_block(windows, op)
+    norm, rmean = normalize_rows(raw, polar_mask)
+    return _mark_dead(norm, raw, polar_mask, rmean), rmean, nonfinite_block(raw)
+
+
+def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype: Any,
+            label: str) -> da.Array:
+    """Output ``i`` of the tuple-valued blocks of ``parts`` (chunked on its first axis).
+
+    A plain graph layer, not a blockwise one, so that no later blockwise
+    fusion can fuse ``parts``'s work into a consumer and redo it there.
+    """
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"{label}-{dask.base.tokenize(parts.name, i)}"
+    rest = (0,) * (len(chunks) - 1)
+    dsk = {(name, j) + rest: (operator.getitem, (parts.name, j, 0, 0), i)
+           for j in range(len(chunks[0]))}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[parts])
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype))
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator(trim: int = 256 << 20, mmap: int = 32 << 20) -> bool:
+    """Let glibc reuse freed blocks instead of returning them to the OS (once per process).
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
+    also freezes glibc's mmap threshold at 128 KiB: every array over 128 KiB
+    (the FFT's per-row work buffers, the float64 temporaries of a polar
+    block) is then a fresh ``mmap`` whose pages fault in one by one. Measured
+    on the ring band: 11 000 page faults and 3x the CPU time per image in the
+    correlation. Allocations below ``mmap`` bytes come from the heap, and
+    up to ``trim`` bytes of freed heap are kept for reuse. No-op off glibc
+    or when ``SACLA_DASK_MALLOC_TUNE=0``.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    _ALLOCATOR_TUNED = True
+    if os.environ.get("SACLA_DASK_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, int(trim))
+                    and libc.mallopt(m_mmap_threshold, int(mmap)))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def bragg_block(norm: np.ndarray, polar_mask: np.ndarray, nsigma: float) -> np.ndarray:
@@ -329,15 +408,20 @@ class ProcessingPlan:
         images = self.run.images(chunks=self.tags_per_chunk, window=tr.window)
         op = dask.delayed(tr.operator, pure=True, traverse=False)
         pm = tr.polar_mask
-        raw = images.map_blocks(polar_block, op, chunks=(images.chunks[0], (nq,), (nphi,)),
-                                dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
-                                token="polar-raw")
-        norm = raw.map_blocks(normalized_block, pm, dtype=np.float32,
-                              meta=np.empty((0, 0, 0), np.float32), token="polar-normalized")
-        rmean = raw.map_blocks(row_mean_block, pm, drop_axis=2, dtype=np.float64,
-                               meta=np.empty((0, 0), np.float64), token="polar-row-mean")
-        nonfinite = raw.map_blocks(nonfinite_block, drop_axis=(1, 2), dtype=np.int64,
-                                   meta=np.empty((0,), np.int64), token="nonfinite-bins")
+        # One task per chunk reads, transforms and normalises (polar_chunk);
+        # three cheap tasks pick its outputs. The fusion of the read into it
+        # is done here, not left to compute(): the store writes wrap these
+        # arrays in graphs that are only culled, never blockwise-fused, and
+        # an unfused read would hold (and might ship) each image block.
+        pmk = dask.delayed(pm, pure=True, traverse=False)
+        parts = images.map_blocks(polar_chunk, op, pmk, chunks=(images.chunks[0], (nq,), (nphi,)),
+                                  dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
+                                  token="polar-chunk")
+        (parts,) = dask.optimize(parts)  # fuses the read into polar_chunk
+        tchunks = images.chunks[0]
+        norm = _picked(parts, 0, (tchunks, (nq,), (nphi,)), np.float32, "polar-normalized")
+        rmean = _picked(parts, 1, (tchunks, (nq,)), np.float64, "polar-row-mean")
+        nonfinite = _picked(parts, 2, (tchunks,), np.int64, "nonfinite-bins")
         return norm, rmean, nonfinite
 
     def dataset(self, polar: tuple[da.Array, da.Array, da.Array] | None = None) -> xr.Dataset:

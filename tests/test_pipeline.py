@@ -188,3 +188,73 @@ def test_compressed_run_matches_uncompressed(tmp_path, small_params):
     ra = plan_run(a.path, **small_params).dataset()["corr"].values
     rb = plan_run(b.path, **small_params).dataset()["corr"].values
     np.testing.assert_array_equal(ra, rb)
+
+
+def test_fused_polar_chunk_equals_the_separate_kernels():
+    """polar_chunk (one task: polar + normalisation) == the step-by-step kernels.
+
+    The block has a tag with a non-finite pixel, a tag whose window is all NaN
+    (unreadable: NaN in every good bin) and a fully masked q row.
+    """
+    from sacla_dask.geometry import Geometry
+    from sacla_dask.pipeline import (
+        image_ok_block,
+        nonfinite_block,
+        normalized_block,
+        polar_block,
+        polar_chunk,
+        row_mean_block,
+        tune_allocator,
+    )
+    from sacla_dask.polar import PolarTransform
+
+    rng = np.random.default_rng(3)
+    mask = np.ones((64, 64), bool)
+    mask[:, 30:34] = False
+    g = Geometry(31.5, 32.2, 50e-6, 0.053, 1.44)
+    tr = PolarTransform(g, (64, 64), float(g.radius_to_q(8)), float(g.radius_to_q(20)), mask=mask)
+    op, pm = tr.operator, tr.polar_mask
+    wy, wx = op.window_shape
+    win = rng.uniform(1, 10, (4, wy, wx)).astype(np.float32)
+    win[1, wy // 2, :] = np.nan  # a bad line: some bins NaN
+    win[2] = np.nan  # an unreadable image
+    norm, rmean, nf = polar_chunk(win, op, pm)
+    raw = polar_block(win, op)
+    np.testing.assert_array_equal(norm, normalized_block(raw, pm))
+    np.testing.assert_array_equal(rmean, row_mean_block(raw, pm))
+    np.testing.assert_array_equal(nf, nonfinite_block(raw))
+    assert nf[1] > 0 and nf[0] == 0
+    assert np.isnan(norm[2][pm]).all() and (norm[2][~pm] == 0).all()
+    ref = np.isfinite(norm[:, pm]).any(axis=1)
+    np.testing.assert_array_equal(image_ok_block(norm, pm), ref)
+    assert ref.tolist() == [True, True, False, True]
+    assert tune_allocator() in (True, False) and tune_allocator() is True  # once per process
+
+
+def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
+    """One read and one polar transform per tag chunk, lazily and in execute()."""
+    import sacla_dask.pipeline as pipeline
+    import sacla_dask.run as run_mod
+
+    calls = {"polar": 0, "read": 0}
+    polar_block, read_block = pipeline.polar_block, run_mod._read_block
+
+    def counted_polar(*a, **k):
+        calls["polar"] += 1
+        return polar_block(*a, **k)
+
+    def counted_read(*a, **k):
+        calls["read"] += 1
+        return read_block(*a, **k)
+
+    monkeypatch.setattr(pipeline, "polar_block", counted_polar)
+    monkeypatch.setattr(run_mod, "_read_block", counted_read)
+    plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
+    plan.dataset().compute(scheduler="sync")
+    assert calls == {"polar": plan.n_chunks, "read": plan.n_chunks}
+    calls.update(polar=0, read=0)
+    import dask
+
+    with dask.config.set(scheduler="sync"):
+        plan.execute()
+    assert calls == {"polar": plan.n_chunks, "read": plan.n_chunks}
