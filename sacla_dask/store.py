@@ -197,6 +197,11 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _looks_like_zarr(path: str) -> bool:
+    """A folder holding Zarr (v2 or v3) metadata at its top."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ("zarr.json", ".zgroup", ".zarray"))
+
+
 def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
                    resume: bool = False, fingerprint: str | None = None,
                    params: Mapping[str, Any] | None = None) -> str:
@@ -237,6 +242,12 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {parent!r} is not writable")
     if overwrite:
+        if state == "foreign" and os.path.isdir(p) and not _looks_like_zarr(p):
+            raise OutputError(
+                f"output path {p!r} is a folder with {len(os.listdir(p))} entries that is not "
+                "a Zarr store; sacla_dask does not delete it even with --overwrite: "
+                "choose another path"
+            )
         if state != "absent":
             remove(p)
         return "absent"

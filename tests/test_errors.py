@@ -517,13 +517,7 @@ def clean_result(run64, geo, tmp_path_factory):
     return _execute_threaded(plan_run(run64.path, out=out, chunks=3, **geo)).load()
 
 
-FOREIGN = pytest.mark.xfail(
-    reason="issue 7 (store.py write_template): the disk fills between creating the root group "
-           "and writing its attrs; the half-made store then looks 'foreign' and a re-run "
-           "refuses it without --overwrite", strict=False)
-
-
-@pytest.mark.parametrize("after,chunks_only", [(0, False), pytest.param(1, False, marks=FOREIGN),
+@pytest.mark.parametrize("after,chunks_only", [(0, False), (1, False),
                                                (2, False), (3, True), (12, True)])
 def test_disk_full_store_not_marked_complete(run64, tmp_path, geo, monkeypatch, after,
                                              chunks_only):
@@ -562,11 +556,6 @@ def test_disk_full_when_marking_complete(run64, tmp_path, geo, monkeypatch):
         sd.open_result(out)
 
 
-ISSUE7 = ("issue 7 (ProcessingPlan.execute / cli): a write failure (disk full) escapes as a "
-          "raw OSError (a traceback in the CLI) instead of an OutputError naming the store")
-
-
-@pytest.mark.xfail(reason=ISSUE7, strict=False)
 def test_disk_full_error_names_the_store(run64, tmp_path, geo, monkeypatch):
     out = tmp_path / "r.zarr"
     FailingWrites(monkeypatch, 3)
@@ -605,12 +594,21 @@ def test_cli_output_refused(run64, tmp_path, geo, inprocess_scheduler):
             "--scheduler", inprocess_scheduler, *cli_args(geo)]
     assert_cli_error(run_cli(*args), "results", "not a sacla_dask result store", "--overwrite")
     assert os.listdir(out) == ["keep.txt"]
+    # a folder of other files is never deleted, not even with --overwrite
+    assert_cli_error(run_cli(*args, "--overwrite"), "results", "not a Zarr store",
+                     "does not delete it")
+    assert os.listdir(out) == ["keep.txt"]
+    # a foreign Zarr store is replaced with --overwrite
+    os.remove(out / "keep.txt")
+    import zarr
+
+    zarr.open_group(str(out), mode="w").attrs["other"] = "tool"
+    assert_cli_error(run_cli(*args), "results", "not a sacla_dask result store")
     res = run_cli(*args, "--overwrite")
     assert res.exit_code == 0, res.output + res.stderr
     assert sd.open_result(out).attrs["complete"] is True
 
 
-@pytest.mark.xfail(reason=ISSUE7, strict=False)
 def test_cli_disk_full(run64, tmp_path, geo, inprocess_scheduler, monkeypatch):
     out = tmp_path / "r.zarr"
     FailingWrites(monkeypatch, 3)
