@@ -315,6 +315,7 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
     click.echo(repr(plan))
     if dry_run:
         return
+    plan.check_output(overwrite=overwrite)   # refuse a bad --out before starting a cluster
     t0 = time.perf_counter()
     try:
         with _client_from(workers, scheduler, scheduler_file, cluster, jobs), \

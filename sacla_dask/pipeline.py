@@ -640,20 +640,8 @@ class ProcessingPlan:
             (a complete one is returned as it is). A store of other
             parameters is always refused unless ``overwrite``.
         """
-        if self.out is None:
-            raise ParameterError("the plan has no output store (out=...)")
-        out = self.out
-        fresh = self.polar()
-        ds = self.dataset(polar=fresh)
-        names = ["polar" if self.store_polar else _store.SCRATCH, "row_mean", "nonfinite_bins"]
-        for name, arr in zip(names, fresh, strict=True):
-            if name in ds and getattr(ds[name].data, "name", None) != arr.name:
-                raise RuntimeError(f"dataset variable {name!r} is not the polar() array")
-        params, sha = _store.parameters(
-            ds, compression=self.compression, store_polar=self.store_polar,
-            source_bytes=[os.path.getsize(p) for p in self.run.paths])
-        state = _store.prepare_output(out, overwrite=overwrite, resume=resume,
-                                      fingerprint=sha, params=params)
+        state, ds, fresh, names, params, sha = self._output_state(overwrite, resume)
+        out = str(self.out)
         if state == "complete":
             _say(progress, f"{out} is already complete (same parameters): nothing to compute")
             return _store.open_result(out)
@@ -667,6 +655,35 @@ class ProcessingPlan:
             done = _store.done_chunks(out, self.n_chunks)
             _say(progress, f"resuming {out}: {int(done.sum())} of {self.n_chunks} tag chunks "
                            "already written")
+        return self._write(out, ds, fresh, names, done, progress)
+
+    def check_output(self, overwrite: bool = False, resume: bool = True) -> str:
+        """Refuse a bad output path now, before any cluster starts (removes nothing).
+
+        Returns the state :meth:`execute` will find: ``"absent"``,
+        ``"incomplete"`` (to resume) or ``"complete"``.
+        """
+        return self._output_state(overwrite, resume, check_only=True)[0]
+
+    def _output_state(self, overwrite: bool, resume: bool, check_only: bool = False) -> tuple:
+        if self.out is None:
+            raise ParameterError("the plan has no output store (out=...)")
+        out = self.out
+        fresh = self.polar()
+        ds = self.dataset(polar=fresh)
+        names = ["polar" if self.store_polar else _store.SCRATCH, "row_mean", "nonfinite_bins"]
+        for name, arr in zip(names, fresh, strict=True):
+            if name in ds and getattr(ds[name].data, "name", None) != arr.name:
+                raise RuntimeError(f"dataset variable {name!r} is not the polar() array")
+        params, sha = _store.parameters(
+            ds, compression=self.compression, store_polar=self.store_polar,
+            source_bytes=[os.path.getsize(p) for p in self.run.paths])
+        state = _store.prepare_output(out, overwrite=overwrite, resume=resume,
+                                      fingerprint=sha, params=params, check_only=check_only)
+        return state, ds, fresh, names, params, sha
+
+    def _write(self, out: str, ds: xr.Dataset, fresh: Any, names: list[str], done: np.ndarray,
+               progress: bool) -> xr.Dataset:
         arrays = {n: _store.resume_array(out, n, a, done)
                   for n, a in zip(names, fresh, strict=True)}
         ds = self.dataset(polar=tuple(arrays.values()))  # type: ignore[arg-type]

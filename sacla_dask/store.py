@@ -204,7 +204,7 @@ def _looks_like_zarr(path: str) -> bool:
 
 def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
                    resume: bool = False, fingerprint: str | None = None,
-                   params: Mapping[str, Any] | None = None) -> str:
+                   params: Mapping[str, Any] | None = None, check_only: bool = False) -> str:
     """Check that ``path`` may be written, clearing it when allowed.
 
     Parameters
@@ -219,6 +219,9 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
     fingerprint, params : optional
         From :func:`parameters`; ``params`` makes the refusal message name
         what differs.
+    check_only : bool
+        Raise what would be raised, but remove nothing (to refuse a bad
+        output before starting a cluster).
 
     Returns
     -------
@@ -248,7 +251,7 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
                 "a Zarr store; sacla_dask does not delete it even with --overwrite: "
                 "choose another path"
             )
-        if state != "absent":
+        if state != "absent" and not check_only:
             remove(p)
         return "absent"
     if state == "foreign":
@@ -266,7 +269,8 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
     found = attrs.get(FINGERPRINT)
     if found is None and state == "incomplete":
         # killed while the template itself was being written: ours, and empty
-        remove(p)
+        if not check_only:
+            remove(p)
         return "absent"
     if found != fingerprint:
         try:

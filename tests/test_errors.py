@@ -717,3 +717,28 @@ def test_really_full_disk(small_run, tiny_tmpfs):
     ref = plan.dataset()
     np.testing.assert_array_equal(ds["polar"].values, ref["polar"].values)
     np.testing.assert_allclose(ds["corr"].values, ref["corr"].values, rtol=1e-12)
+
+
+def test_cli_refuses_bad_output_before_starting_a_cluster(run64, tmp_path, geo, monkeypatch):
+    """A foreign --out is refused before any LocalCluster starts, and check_only removes
+    nothing even with --overwrite (a Zarr store of another tool stays until execute)."""
+    import sacla_dask.cluster
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started before the output was checked")
+
+    monkeypatch.setattr(sacla_dask.cluster, "dask_client", no_cluster)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    res = run_cli("process", run64.path, "--out", str(out), "--no-progress", "--workers", "1",
+                  *cli_args(geo))
+    assert_cli_error(res, "results", "not a sacla_dask result store")
+    assert os.listdir(out) == ["keep.txt"]
+    import zarr
+
+    zstore = tmp_path / "other.zarr"
+    zarr.open_group(str(zstore), mode="w").attrs["other"] = "tool"
+    plan = plan_run(run64.path, out=zstore, **geo)
+    assert plan.check_output(overwrite=True) == "absent"
+    assert store_state(zstore) == "foreign"          # not removed by the check
