@@ -46,6 +46,7 @@ import scipy.optimize as opt
 import scipy.signal as sig
 
 from .errors import GeometryError, MaskError, NoRingFoundError, ParameterError
+from .geometry import check_positive
 from .polar import check_mask
 
 __all__ = [
@@ -123,8 +124,29 @@ class EllipseFit:
         )
 
 
+class _RingCentre:
+    """What every centre result offers: ``center`` and the geometry-file keys."""
+
+    center_x: float
+    center_y: float
+    radius: float
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """``(center_x, center_y)`` in pixels."""
+        return (self.center_x, self.center_y)
+
+    def to_geometry_dict(self) -> dict[str, float]:
+        """``{"center_x", "center_y", "radius"}`` in pixels, as plain floats."""
+        return {
+            "center_x": float(self.center_x),
+            "center_y": float(self.center_y),
+            "radius": float(self.radius),
+        }
+
+
 @dataclasses.dataclass(eq=False, repr=False)
-class CenterFit:
+class CenterFit(_RingCentre):
     """Result of :func:`fit_center`: a circle through the ring's peak points.
 
     Attributes
@@ -189,19 +211,6 @@ class CenterFit:
     n_iterations: int
     method: str = "circle"
 
-    @property
-    def center(self) -> tuple[float, float]:
-        """``(center_x, center_y)`` in pixels."""
-        return (self.center_x, self.center_y)
-
-    def to_geometry_dict(self) -> dict[str, float]:
-        """``{"center_x", "center_y", "radius"}`` in pixels, as plain floats."""
-        return {
-            "center_x": float(self.center_x),
-            "center_y": float(self.center_y),
-            "radius": float(self.radius),
-        }
-
     def __repr__(self) -> str:
         text = (
             f"CenterFit(center=({self.center_x:.3f} +/- {self.sigma_x:.3f}, "
@@ -220,7 +229,7 @@ class CenterFit:
 
 
 @dataclasses.dataclass(eq=False, repr=False)
-class SharpnessFit:
+class SharpnessFit(_RingCentre):
     """Result of :func:`refine_center_by_sharpness`.
 
     Attributes
@@ -261,19 +270,6 @@ class SharpnessFit:
     guess: tuple[float, float, float]
     n_evaluations: int
     method: str = "sharpness"
-
-    @property
-    def center(self) -> tuple[float, float]:
-        """``(center_x, center_y)`` in pixels."""
-        return (self.center_x, self.center_y)
-
-    def to_geometry_dict(self) -> dict[str, float]:
-        """``{"center_x", "center_y", "radius"}`` in pixels, as plain floats."""
-        return {
-            "center_x": float(self.center_x),
-            "center_y": float(self.center_y),
-            "radius": float(self.radius),
-        }
 
     def __repr__(self) -> str:
         return (
@@ -395,13 +391,7 @@ def _check_guess(guess: Guess, shape: tuple[int, int]) -> tuple[float, float, fl
 
 
 def _check_positive(name: str, value: float, unit: str = "px") -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a number in {unit} (got {value!r})") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ParameterError(f"{name} must be positive and finite, in {unit} (got {value!r})")
-    return v
+    return check_positive(name, value, unit)
 
 
 # -- radial profiles -----------------------------------------------------------

@@ -53,7 +53,8 @@ def energy_to_wavelength(energy_ev: float | np.ndarray) -> float | np.ndarray:
     return float(out) if out.ndim == 0 else out
 
 
-def _positive(name: str, value: float, unit: str) -> float:
+def check_positive(name: str, value: float, unit: str) -> float:
+    """``float(value)``, or ParameterError naming ``name`` and ``unit`` unless positive, finite."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -95,9 +96,9 @@ class Geometry:
             if not math.isfinite(fv):
                 raise ParameterError(f"{name} must be finite (got {v!r})")
             object.__setattr__(self, name, fv)
-        object.__setattr__(self, "pixel_size", _positive("pixel_size", self.pixel_size, "metres"))
-        object.__setattr__(self, "distance", _positive("distance", self.distance, "metres"))
-        object.__setattr__(self, "wavelength", _positive("wavelength", self.wavelength, "Angstrom"))
+        for name, unit in (("pixel_size", "metres"), ("distance", "metres"),
+                           ("wavelength", "Angstrom")):
+            object.__setattr__(self, name, check_positive(name, getattr(self, name), unit))
 
     # -- conversions -------------------------------------------------------
     @property
