@@ -98,6 +98,18 @@ def image_ok_block(polar: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
     return ok
 
 
+def image_ok_from_means(rmean: np.ndarray, any_good: bool) -> np.ndarray:
+    """:func:`image_ok_block` of a normalised block, from its row means ``(ntag, nq)``.
+
+    A tag has a finite good bin exactly when one of its row means is finite
+    (a row's mean is over its finite good bins; float32 sums cannot overflow
+    float64).
+    """
+    if not any_good:
+        return np.ones(rmean.shape[0], dtype=bool)
+    return np.isfinite(rmean).any(axis=1)
+
+
 def row_mean_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
     """Masked mean of each polar row of a block (intensity units), (ntag, nq)."""
     return normalize_rows(raw, polar_mask)[1]
@@ -141,17 +153,20 @@ def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype:
 _ALLOCATOR_TUNED = False
 
 
-def tune_allocator(trim: int = 256 << 20, mmap: int = 32 << 20) -> bool:
+def tune_allocator(trim: int = 32 << 20, mmap: int = 4 << 20) -> bool:
     """Let glibc reuse freed blocks instead of returning them to the OS (once per process).
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
     also freezes glibc's mmap threshold at 128 KiB: every array over 128 KiB
-    (the FFT's per-row work buffers, the float64 temporaries of a polar
-    block) is then a fresh ``mmap`` whose pages fault in one by one. Measured
-    on the ring band: 11 000 page faults and 3x the CPU time per image in the
-    correlation. Allocations below ``mmap`` bytes come from the heap, and
-    up to ``trim`` bytes of freed heap are kept for reuse. No-op off glibc
-    or when ``SACLA_DASK_MALLOC_TUNE=0``.
+    (the FFT's per-row work buffers, the row temporaries of a polar block)
+    is then a fresh ``mmap`` whose pages fault in one by one. Measured on the
+    ring band: 13 000 page faults and twice the worker CPU time per image
+    (benchmarks/README.md). Allocations below ``mmap`` bytes come from the
+    heap and are reused; larger ones (image and polar blocks) stay mmaps,
+    returned to the OS when freed, which keeps a worker's memory flat (a
+    32 MiB threshold saved a little more CPU but let the heap grow with the
+    run). Up to ``trim`` bytes of free heap are kept. No-op off glibc or
+    when ``SACLA_DASK_MALLOC_TUNE=0``.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -405,7 +420,6 @@ class ProcessingPlan:
         """Lazy (normalised polar, row means, non-finite bin counts) over tags."""
         tr = self.transform
         nq, nphi = tr.shape
-        images = self.run.images(chunks=self.tags_per_chunk, window=tr.window)
         op = dask.delayed(tr.operator, pure=True, traverse=False)
         pm = tr.polar_mask
         # One task per chunk reads, transforms and normalises (polar_chunk);
@@ -414,6 +428,7 @@ class ProcessingPlan:
         # arrays in graphs that are only culled, never blockwise-fused, and
         # an unfused read would hold (and might ship) each image block.
         pmk = dask.delayed(pm, pure=True, traverse=False)
+        images = self.run.images(chunks=self.tags_per_chunk, window=tr.window)
         parts = images.map_blocks(polar_chunk, op, pmk, chunks=(images.chunks[0], (nq,), (nphi,)),
                                   dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
                                   token="polar-chunk")
@@ -464,8 +479,10 @@ class ProcessingPlan:
                          {"long_name": "fraction of interpolation weight on good pixels"}),
             "row_mean": (("tag", "q"), rmean, {"long_name": "masked mean of each polar row "
                                                            "before normalisation"}),
-            "image_ok": (("tag",), norm.map_blocks(
-                image_ok_block, tr.polar_mask, drop_axis=(1, 2), dtype=bool,
+            # from the row means, not from norm: a consumer of norm that runs
+            # late (its output is only needed at the end) keeps norm in memory
+            "image_ok": (("tag",), rmean.map_blocks(
+                image_ok_from_means, bool(tr.polar_mask.any()), drop_axis=1, dtype=bool,
                 meta=np.empty((0,), bool), token="image-ok"),
                 {"long_name": "image read and finite in the band (False: left out of every "
                               "pair)"}),
