@@ -280,20 +280,24 @@ class RSSMonitor:
     hwm: dict[int, int | None] = field(default_factory=dict)
     start_rss: dict[int, int] = field(default_factory=dict)
     hwm_reset: bool = False
+    samples: dict[int, list[int]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[RSSMonitor]:
         self.hwm_reset = all(reset_peak_rss(p) for p in self.pids)
         self.start_rss = {p: _status_kib(p, "VmRSS") or 0 for p in self.pids}
         self.polled = dict(self.start_rss)
+        self.samples = {p: [] for p in self.pids}
         stop = threading.Event()
 
         def poll() -> None:
             while not stop.is_set():
                 for p in self.pids:
                     v = _status_kib(p, "VmRSS")
-                    if v is not None and v > self.polled.get(p, 0):
-                        self.polled[p] = v
+                    if v is not None:
+                        self.samples[p].append(v)
+                        if v > self.polled.get(p, 0):
+                            self.polled[p] = v
                 stop.wait(self.interval)
 
         th = threading.Thread(target=poll, daemon=True)
@@ -304,6 +308,10 @@ class RSSMonitor:
             stop.set()
             th.join()
             self.hwm = {p: _status_kib(p, "VmHWM") for p in self.pids}
+
+    def median_mib(self) -> dict[int, float]:
+        """Median of the polled RSS per process in MiB (the typical, not the peak, size)."""
+        return {p: float(np.median(v)) / 1024 if v else 0.0 for p, v in self.samples.items()}
 
     def peak_mib(self) -> dict[int, float]:
         """Peak RSS per process in MiB (VmHWM when it was reset, else polled)."""
@@ -347,7 +355,7 @@ def py_spy(pids: Sequence[int], prefix: str, rate: int = 100) -> Iterator[list[s
                 pr.kill()
 
 
-def spy_summary(files: Sequence[str], top: int = 25) -> list[tuple[str, float]]:
+def spy_summary(files: Sequence[str], top: int = 18) -> list[tuple[str, float]]:
     """Share of task-thread samples in each function (inclusive), from py-spy raw files."""
     import collections
 
@@ -372,9 +380,9 @@ def spy_summary(files: Sequence[str], top: int = 25) -> list[tuple[str, float]]:
                 if key not in seen:
                     incl[key] += int(n)
                     seen.add(key)
-    skip = ("threading.py", "distributed/", "dask/_task_spec.py", "concurrent/")
+    keep = ("sacla_dask/", "fft/_basic_backend.py", "zarr/core/array.py", "numcodecs/")
     return [(k, round(100 * v / total, 1)) for k, v in incl.most_common()
-            if not any(s in k for s in skip)][:top] if total else []
+            if any(s in k for s in keep)][:top] if total else []
 
 
 # -- printing -------------------------------------------------------------------
