@@ -19,7 +19,7 @@ writes every figure to ``benchmarks/_work/results-<time>.json``.
 Usage::
 
     python benchmarks/bench_pipeline.py --tags 200        # the full benchmark
-    python benchmarks/bench_pipeline.py --quick           # about a minute, smoke figures
+    python benchmarks/bench_pipeline.py --quick           # ~1.5 minutes, smoke figures
     python benchmarks/bench_pipeline.py --tags 200 --profile   # + py-spy and Dask reports
 
 Timings are best-of-``--repeat`` wall clock (LocalCluster start-up is timed
@@ -196,11 +196,12 @@ def cluster(workers: int) -> Any:
                "workers": workers}
 
 
-def warm_up(cl: dict, path: str, mask: np.ndarray, workdir: str, bands: list[str]) -> float:
+def warm_up(cl: dict, path: str, mask: np.ndarray, workdir: str, bands: list[str],
+            n: int = 16) -> float:
     """One small untimed run per band on a fresh cluster (imports, codecs, allocator)."""
     t = time.perf_counter()
     for band in bands:
-        pipeline(cl, path, 16, band, store_polar=True, mask=mask,
+        pipeline(cl, path, n, band, store_polar=True, mask=mask,
                  out=os.path.join(workdir, "out-warmup.zarr"))
     return time.perf_counter() - t
 
@@ -321,7 +322,8 @@ def _factor(n: int) -> str:
     return "x".join(map(str, f))
 
 
-def graph_tasks_5050(workdir: str, tags_per_chunk: dict[str, int]) -> dict:
+def graph_tasks_5050(workdir: str, tags_per_chunk: dict[str, int],
+                     store_polar: tuple[bool, ...] = (True, False)) -> dict:
     """Tasks submitted by execute() for a 5050-tag run (tiny images, same tags per chunk)."""
     from sacla_dask.geometry import Geometry
     from sacla_dask.pipeline import plan_run
@@ -335,16 +337,16 @@ def graph_tasks_5050(workdir: str, tags_per_chunk: dict[str, int]) -> dict:
         run = open_run(path)
         g = Geometry(32.0, 32.0, C.PIXEL, C.DISTANCE, C.WAVELENGTH)
         for band, per in tags_per_chunk.items():
-            for store_polar in (True, False):
+            for sp in store_polar:
                 if os.path.exists(out):
                     shutil.rmtree(out)
                 plan = plan_run(run, qmin=float(g.radius_to_q(12)), qmax=float(g.radius_to_q(28)),
                                 center=(32.0, 32.0), pixel_size=C.PIXEL, distance=C.DISTANCE,
                                 wavelength=C.WAVELENGTH, out=out, chunks=per,
-                                store_polar=store_polar)
+                                store_polar=sp)
                 cl["counter"].counts.clear()
                 plan.execute(overwrite=True)
-                res[f"{band} ({per} tags/chunk, store_polar={store_polar})"] = {
+                res[f"{band} ({per} tags/chunk, store_polar={sp})"] = {
                     "tasks": int(sum(cl["counter"].counts)), "chunks": plan.n_chunks,
                     "pairs": int(plan.ia.size)}
         shutil.rmtree(out, ignore_errors=True)
@@ -386,13 +388,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", default="", help="sections to skip: raw,tutorial,pipeline,"
                                                "codecs,rss,graph,fft")
     ap.add_argument("--quick", action="store_true",
-                    help="about a minute: 30 tags, RSS at 10 and 30 tags, one repeat, "
-                         "lz4 only (smoke figures, not the README's)")
+                    help="a smoke run of ~1.5 minutes: 30 ring tags, 8 wide, one "
+                         "repeat, ring RSS at 10 and 30 tags, no codec comparison (not the "
+                         "README's figures)")
     ap.add_argument("--workdir", default=C.WORK)
     ap.add_argument("--json", default=None, help="results file (default _work/results-*.json)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.tags, a.wide_tags, a.rss_tags, a.repeat, a.codecs = 30, 20, "10,30", 1, ""
+        a.tags, a.wide_tags, a.rss_tags, a.repeat, a.codecs = 30, 8, "10,30", 1, ""
     a.wide_tags = min(a.wide_tags, a.tags)
     ntags = {"ring": a.tags, "wide": a.wide_tags}
     skip = set(filter(None, a.skip.split(",")))
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
         for nw in workers:
             with cluster(nw) as cl:
                 res["startup"][nw] = cl["startup"]
-                wu = warm_up(cl, path, mask, a.workdir, bands)
+                wu = warm_up(cl, path, mask, a.workdir, bands, n=8 if a.quick else 16)
                 log(f"  LocalCluster of {nw} worker(s): started in {cl['startup']:.1f} s, "
                     f"warm-up run {wu:.1f} s (neither is in the figures)")
                 variants = [(b, sp, False) for b in bands for sp in (True, False)]
@@ -540,12 +543,12 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"\n[4] worker peak RSS: {rss_short} vs {rss_long} tags (2 workers, a fresh "
             "cluster each)")
         res["rss"] = []
-        for band, sp in (("ring", True), ("wide", False)):
+        for band, sp in (("ring", True),) + ((("wide", False),) if not a.quick else ()):
             if band not in bands:
                 continue
             for n in (rss_short, rss_long):
                 with cluster(max(workers)) as cl:
-                    warm_up(cl, path, mask, a.workdir, [band])
+                    warm_up(cl, path, mask, a.workdir, [band], n=8 if a.quick else 16)
                     r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out)
                 res["rss"].append(r)
                 log(f"  {band} store_polar={sp}: {n} tags: peak RSS {r['peak_rss_mib']} MiB "
@@ -558,7 +561,10 @@ def main(argv: list[str] | None = None) -> dict:
             per = {"ring": 13}
         log("\n[4b] tasks submitted by execute() for a 5050-tag run (64x64 images, same "
             f"tags per chunk: {per})")
-        res["graph_5050"] = graph_tasks_5050(a.workdir, per)
+        if a.quick:
+            per = {k: v for k, v in per.items() if k == "ring"} or per
+        res["graph_5050"] = graph_tasks_5050(a.workdir, per,
+                                             (True,) if a.quick else (True, False))
         for k, v in res["graph_5050"].items():
             log(f"  {k}: {v['tasks']} tasks ({v['chunks']} chunks, {v['pairs']} pairs)")
     if "fft" not in skip:
