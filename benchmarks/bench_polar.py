@@ -48,16 +48,12 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+#: the tutorial's geometry (50 um pixels, 53 mm, 1.44 A), a 2400x2400 MPCCD octal
+from _common import BANDS, CENTER, DISTANCE, PIXEL, SHAPE, WAVELENGTH  # noqa: E402
+
 from sacla_dask.geometry import Geometry  # noqa: E402
 from sacla_dask.polar import apply_polar, build_operator, make_grid  # noqa: E402
 
-#: the tutorial's geometry (50 um pixels, 53 mm, 1.44 A), a 2400x2400 MPCCD octal
-SHAPE = (2400, 2400)
-CENTER = (1200.0, 1200.0)
-PIXEL = 50e-6
-DISTANCE = 0.053
-WAVELENGTH = 1.44
-BANDS = {"ring": (745.0, 785.0), "wide": (100.0, 1100.0)}
 METHODS = ("nearest", "bilinear", "splitting")
 
 
@@ -104,15 +100,7 @@ def tutorial_indices(geom: Geometry, r_in: float, r_out: float, nphi: int,
 
 # -- pyFAI -------------------------------------------------------------------------
 def pyfai_integrator(geom: Geometry, shape: tuple[int, int]) -> Any:
-    from pyFAI.detectors import Detector
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-
-    det = Detector(pixel1=geom.pixel_size, pixel2=geom.pixel_size, max_shape=shape)
-    ai = AzimuthalIntegrator(dist=geom.distance, poni1=(geom.center_y + 0.5) * geom.pixel_size,
-                             poni2=(geom.center_x + 0.5) * geom.pixel_size, detector=det,
-                             wavelength=geom.wavelength * 1e-10)
-    ai.setChiDiscAtZero()
-    return ai
+    return geom.to_pyfai(shape)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

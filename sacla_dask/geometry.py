@@ -144,6 +144,23 @@ class Geometry:
                 f"lies off the {ny}x{nx} detector image"
             )
 
+    def to_pyfai(self, shape: tuple[int, int]) -> Any:
+        """The same geometry as a pyFAI ``AzimuthalIntegrator`` (pyFAI must be installed).
+
+        pyFAI puts pixel centres at ``(i + 0.5) * pixel`` (so ``poni = (center + 0.5) *
+        pixel_size``, ``poni1`` along rows) and its ``chi`` then equals our ``phi``; the
+        chi discontinuity is put at 0 so that chi runs over [0, 2 pi) like phi.
+        """
+        from pyFAI.detectors import Detector
+        from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+        det = Detector(pixel1=self.pixel_size, pixel2=self.pixel_size, max_shape=shape)
+        ai = AzimuthalIntegrator(dist=self.distance, poni1=(self.center_y + 0.5) * self.pixel_size,
+                                 poni2=(self.center_x + 0.5) * self.pixel_size, detector=det,
+                                 wavelength=self.wavelength * 1e-10)
+        ai.setChiDiscAtZero()
+        return ai
+
     def replace(self, **changes: Any) -> Geometry:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)

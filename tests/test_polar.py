@@ -82,16 +82,9 @@ def panel_gaps(shape=SHAPE):
 @pytest.fixture(scope="module")
 def pyfai_ai():
     pytest.importorskip("pyFAI")
-    from pyFAI.detectors import Detector
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
     def make(geom: Geometry, shape=SHAPE):
-        det = Detector(pixel1=geom.pixel_size, pixel2=geom.pixel_size, max_shape=shape)
-        ai = AzimuthalIntegrator(dist=geom.distance, poni1=(geom.center_y + 0.5) * geom.pixel_size,
-                                 poni2=(geom.center_x + 0.5) * geom.pixel_size, detector=det,
-                                 wavelength=geom.wavelength * 1e-10)
-        ai.setChiDiscAtZero()
-        return ai
+        return geom.to_pyfai(shape)
 
     return make
 
