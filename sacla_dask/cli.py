@@ -193,7 +193,9 @@ def _performance_report(path: str | None) -> Any:
               help="Pixel mask .npy, same shape as the images, 1 = good.")
 @click.option("--nphi", type=int, default=None,
               help="Phi bins (default: one pixel of arc at the band's outer radius).")
-@click.option("--fast-nphi", is_flag=True, help="Round nphi up to an FFT-friendly length.")
+@click.option("--fast-nphi/--exact-nphi", default=True, show_default=True,
+              help="Round the default nphi up to an FFT-friendly length (a few per cent "
+                   "more bins, several times faster FFTs) or keep exactly one pixel of arc.")
 @click.option("--nq", type=int, default=None, help="q bins (default: one per pixel of radius).")
 @click.option("--method", type=click.Choice(["nearest", "bilinear", "splitting"]),
               default="nearest", show_default=True,

@@ -53,8 +53,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .errors import ParameterError, SaclaDaskError
 
-#: bytes of float64 work arrays a kernel uses per batch of pairs (bounds memory)
-BATCH_BYTES = 64 * 2**20
+#: bytes of a float64 block of correlation rows processed at once: small enough to
+#: stay in the CPU cache and below glibc's mmap threshold (no page faults)
+BLOCK_BYTES = 2 * 2**20
 #: MAD -> standard deviation of a normal distribution
 MAD_TO_SIGMA = 1.4826
 #: with outlier rejection, pairs whose difference statistic exceeds this (normalised
@@ -77,6 +78,8 @@ class CorrelationPlan:
         others (if any) the requested cross pairs.
     mask_norm : ndarray float64 (nqp, nphi)
         Correlation ``M`` of the polar mask: valid bin pairs at each lag.
+    inv_norm : ndarray float64 (nqp, nphi)
+        ``1 / M`` where ``M > 0``, NaN where no bin pair exists (derived).
     polar_mask : ndarray bool (nq, nphi)
         True = good bin.
     nphi : int
@@ -87,6 +90,13 @@ class CorrelationPlan:
     mask_norm: np.ndarray
     polar_mask: np.ndarray
     nphi: int
+    #: ``1 / mask_norm`` where it is positive, NaN where there is no data (float64)
+    inv_norm: np.ndarray = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        with np.errstate(divide="ignore"):
+            inv = np.where(self.mask_norm > 0, 1.0 / self.mask_norm, np.nan)
+        object.__setattr__(self, "inv_norm", inv)
 
     @property
     def nq(self) -> int:
@@ -247,33 +257,50 @@ def _difference(a: np.ndarray, b: np.ndarray,
     ``per_pair`` is True when some pair has fewer valid bins than the mask
     (a shot-specific masked bin): its normalisation must then be its own.
     """
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    # in the precision of the images (float32 polar images: float32, whose FFT
+    # runs 3-5x faster than float64; float64 images stay float64)
+    a, b = np.asarray(a), np.asarray(b)
+    d = np.subtract(a, b, dtype=np.result_type(a.dtype, b.dtype, np.float32))
     valid = np.isfinite(d)
     valid &= polar_mask
     per_pair = int(np.count_nonzero(valid)) != d.shape[0] * int(np.count_nonzero(polar_mask))
-    d[~valid] = 0.0
+    np.copyto(d, np.float32(0), where=~valid)
     return d, valid, per_pair
+
+
+def _lag_products(f: np.ndarray, plan: CorrelationPlan) -> np.ndarray:
+    """``conj(F[q1]) F[q2]`` for the plan's row pairs (no copy for autocorrelations)."""
+    if plan.auto:
+        prod = np.conj(f)
+        prod *= f  # |F|^2
+        return prod
+    return np.conj(f[:, plan.q1]) * f[:, plan.q2]
 
 
 def _correlate(d: np.ndarray, valid: np.ndarray, per_pair: bool,
                plan: CorrelationPlan) -> np.ndarray:
+    """Mask-normalised correlation of differences (float32 FFT, float64 result)."""
     n = plan.nphi
-    f = scipy.fft.rfft(d, axis=-1)
-    c = scipy.fft.irfft(np.conj(f[:, plan.q1]) * f[:, plan.q2], n=n, axis=-1)
+    f = scipy.fft.rfft(d, axis=-1)  # complex64 for float32 d
+    c = scipy.fft.irfft(_lag_products(f, plan), n=n, axis=-1)
     del f
     if per_pair:
-        fm = scipy.fft.rfft(valid.astype(np.float64), axis=-1)
-        m = np.rint(scipy.fft.irfft(np.conj(fm[:, plan.q1]) * fm[:, plan.q2], n=n, axis=-1))
+        # counts of valid bin pairs (<= nphi): even float32 FFT round-off (~1e-3) is far
+        # below the 0.5 that rint forgives
+        fm = scipy.fft.rfft(valid.astype(d.dtype), axis=-1)
+        m = np.rint(scipy.fft.irfft(_lag_products(fm, plan), n=n, axis=-1))
+        with np.errstate(divide="ignore"):
+            inv = np.where(m > 0, 1.0 / m.astype(np.float64), np.nan)
     else:
-        m = plan.mask_norm[None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(m > 0, c / m, np.nan)
+        inv = plan.inv_norm[None]
+    return np.multiply(c, inv, dtype=np.float64)
 
 
 def _stat(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    nv = valid.sum(axis=(1, 2))
+    nv = np.count_nonzero(valid.reshape(valid.shape[0], -1), axis=1)
+    sq = np.square(d).reshape(d.shape[0], -1).sum(axis=1, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(nv > 0, np.einsum("ijk,ijk->i", d, d) / nv, np.nan)
+        return np.where(nv > 0, sq / nv, np.nan)
 
 
 def difference_correlation(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan) -> np.ndarray:
@@ -535,13 +562,26 @@ class HeldPairs:
                    np.concatenate([p.corr for p in parts]), w)
 
 
+def _row_blocks(n: int, nphi: int, block_bytes: int) -> list[slice]:
+    """Slices of ``n`` rows whose float64 ``(rows, nphi)`` arrays take about ``block_bytes``."""
+    per = max(1, int(block_bytes) // max(8 * int(nphi), 1))
+    return [slice(r, min(n, r + per)) for r in range(0, n, per)]
+
+
 def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
               ia: np.ndarray | None = None, ib: np.ndarray | None = None,
               weights: np.ndarray | None = None, keep: bool = False,
               hold_above: float | None = None, hold_max: int = HOLD_OUT_MAX,
-              batch_bytes: int = BATCH_BYTES
+              block_bytes: int = BLOCK_BYTES
               ) -> tuple[PairSums, np.ndarray, np.ndarray | None, HeldPairs]:
-    """Correlate pairs batch by batch and accumulate their sums (the group kernel).
+    """Correlate pairs one by one and accumulate their sums (the group kernel).
+
+    Each pair is processed in blocks of rows of about ``block_bytes``
+    (float64) so that every temporary stays in the CPU cache and below
+    glibc's mmap threshold (no page faults), and is added into the sums in
+    place: the memory is that of the sums, whatever the number of pairs.
+    The FFTs run in the images' precision (float32 for the pipeline's polar
+    images), the sums in float64.
 
     Parameters
     ----------
@@ -554,10 +594,11 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
     keep : bool
         Also return the per-pair correlations (float32).
     hold_above : float, optional
-        Pairs whose statistic exceeds this (at most ``hold_max`` of them)
-        are not summed but returned in ``held`` (float64 correlations).
-    batch_bytes : int
-        Approximate float64 work memory per batch of pairs.
+        Pairs whose statistic exceeds this (the ``hold_max`` largest of
+        them) are not summed but returned in ``held`` (float64
+        correlations).
+    block_bytes : int
+        Approximate size of the float64 work arrays of a block of rows.
 
     Returns
     -------
@@ -570,39 +611,156 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
         Held-out pairs (index into the pairs given).
     """
     npair = a.shape[0] if ia is None else int(np.size(ia))
+    ia = np.arange(npair) if ia is None else np.asarray(ia, dtype=np.int64)
+    ib = np.arange(npair) if ib is None else np.asarray(ib, dtype=np.int64)
     n_boot = 0 if weights is None else int(weights.shape[0])
-    sums = PairSums.zeros((plan.nqp, plan.nphi), n_boot)
-    stat = np.empty(npair)
-    kept = np.empty((npair, plan.nqp, plan.nphi), np.float32) if keep else None
-    held: list[HeldPairs] = []
-    n_held = 0
-    per_pair_bytes = 8 * plan.nphi * (4 * plan.nqp + 2 * plan.nq)
-    per = max(1, int(batch_bytes) // max(per_pair_bytes, 1))
-    for s in range(0, npair, per):
-        e = min(npair, s + per)
-        ra = a[s:e] if ia is None else a[ia[s:e]]
-        rb = b[s:e] if ib is None else b[ib[s:e]]
-        d, valid, pp = _difference(ra, rb, plan.polar_mask)
-        stat[s:e] = _stat(d, valid)
-        c = _correlate(d, valid, pp, plan)
-        del d, valid
-        if kept is not None:
-            kept[s:e] = c
-        w = None if weights is None else weights[:, s:e]
-        hold = np.zeros(e - s, dtype=bool)
-        if hold_above is not None:
-            with np.errstate(invalid="ignore"):
-                big = np.flatnonzero(stat[s:e] > hold_above)
-            big = big[np.argsort(-stat[s:e][big], kind="stable")][:max(0, hold_max - n_held)]
-            hold[big] = True
-            n_held += big.size
-        if hold.any():
-            held.append(HeldPairs(s + np.flatnonzero(hold), c[hold],
-                                  None if w is None else w[:, hold]))
-            c, w = c[~hold], (None if w is None else w[:, ~hold])
-        sums.add(c, w)
-    return (sums, stat, kept,
-            HeldPairs.concat(held, (plan.nqp, plan.nphi), n_boot))
+    shape = (plan.nqp, plan.nphi)
+    sums = PairSums.zeros(shape, n_boot)
+    kept = np.empty((npair,) + shape, np.float32) if keep else None
+    pm = plan.polar_mask
+    hold = np.zeros(npair, dtype=bool)
+    stat = np.full(npair, np.nan)
+    if hold_above is not None and npair:
+        stat[:] = [_stat(*_difference(a[i][None], b[j][None], pm)[:2])[0]
+                   for i, j in zip(ia, ib, strict=True)]
+        with np.errstate(invalid="ignore"):
+            big = np.flatnonzero(stat > hold_above)
+        hold[big[np.argsort(-stat[big], kind="stable")][:max(0, int(hold_max))]] = True
+    held_corr = np.empty((int(hold.sum()),) + shape) if hold.any() else None
+    acc = _Accumulator(plan, sums, weights, block_bytes)
+    for k in range(npair):
+        dest = None
+        if hold[k]:
+            dest = held_corr[int(hold[:k].sum())]  # type: ignore[index]
+        sq, nv = acc.pair(a[ia[k]], b[ib[k]], k, None if kept is None else kept[k],
+                          held=dest)
+        if hold_above is None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stat[k] = sq / nv if nv else np.nan
+    acc.finish()
+    idx = np.flatnonzero(hold)
+    held = HeldPairs(idx, held_corr if held_corr is not None else np.zeros((0,) + shape),
+                     None if weights is None else weights[:, idx])
+    return sums, stat, kept, held
+
+
+class _Accumulator:
+    """Adds pairs' correlations into :class:`PairSums`, block of rows by block of rows.
+
+    Pairs whose valid bins are exactly the plan's mask (the usual case)
+    share its lag counts: they are counted once at the end
+    (:meth:`finish`) instead of bin by bin.
+    """
+
+    def __init__(self, plan: CorrelationPlan, sums: PairSums, weights: np.ndarray | None,
+                 block_bytes: int) -> None:
+        self.plan = plan
+        self.sums = sums
+        self.weights = weights
+        nrow = plan.nq if plan.auto else plan.nqp
+        self.blocks = _row_blocks(nrow, plan.nphi, block_bytes)
+        self.inv0 = np.nan_to_num(plan.inv_norm, nan=0.0)  # 0 where no bin pair
+        self.ok = plan.mask_norm > 0
+        self.any_ok = bool(self.ok.any())
+        self.n_common = 0
+        self.w_common = None if weights is None else np.zeros(weights.shape[0])
+        self.n_mask = np.count_nonzero(plan.polar_mask, axis=1)
+        self.x = np.empty((self.blocks[0].stop - self.blocks[0].start, plan.nphi))
+
+    def _lag_counts(self, valid: np.ndarray, r1: np.ndarray | None,
+                    r2: np.ndarray | None) -> np.ndarray:
+        fv = scipy.fft.rfft(valid.astype(np.float32), axis=-1)
+        if r1 is None:
+            prod = np.conj(fv)
+            prod *= fv
+        else:
+            prod = np.conj(fv[r1]) * fv[r2]
+        return np.rint(scipy.fft.irfft(prod, n=self.plan.nphi, axis=-1)).astype(np.float64)
+
+    def pair(self, a: np.ndarray, b: np.ndarray, k: int, kept: np.ndarray | None,
+             held: np.ndarray | None = None) -> tuple[float, int]:
+        """Add pair ``k`` (images ``a``, ``b`` (nq, nphi)); return (sum of D^2, valid bins)."""
+        plan = self.plan
+        pm = plan.polar_mask
+        sq, nv = 0.0, 0
+        own = False  # some bin masked for this pair only
+        if not plan.auto:  # cross rows need every q row's transform
+            d, valid, own = _difference(a[None], b[None], pm)
+            d, valid = d[0], valid[0]
+            sq = float(np.square(d).sum(dtype=np.float64))
+            nv = int(np.count_nonzero(valid))
+            f = scipy.fft.rfft(d, axis=-1)
+            fv_rows = valid if own else None
+        has_data = False
+        for blk in self.blocks:
+            if plan.auto:
+                d, valid, own_b = _difference(a[None, blk], b[None, blk], pm[blk])
+                d, valid = d[0], valid[0]
+                sq += float(np.square(d).sum(dtype=np.float64))
+                nv += int(np.count_nonzero(valid))
+                fb = scipy.fft.rfft(d, axis=-1)
+                prod = np.conj(fb)
+                prod *= fb
+                del fb
+                m = self._lag_counts(valid, None, None) if own_b else None
+                own = own or own_b
+            else:
+                prod = np.conj(f[plan.q1[blk]]) * f[plan.q2[blk]]
+                m = (self._lag_counts(fv_rows, plan.q1[blk], plan.q2[blk])
+                     if fv_rows is not None else None)
+            c = scipy.fft.irfft(prod, n=plan.nphi, axis=-1)
+            del prod
+            has_data |= self._add_block(c, m, blk, k, kept, held)
+        if not own:
+            has_data = self.any_ok
+            if held is None:
+                self.n_common += 1
+                if self.w_common is not None:
+                    self.w_common += self.weights[:, k]  # type: ignore[index]
+        if has_data and held is None:
+            self.sums.n += 1
+        return sq, nv
+
+    def _add_block(self, c: np.ndarray, m: np.ndarray | None, blk: slice, k: int,
+                   kept: np.ndarray | None, held: np.ndarray | None) -> bool:
+        x = self.x[:c.shape[0]]
+        if m is None:
+            inv, ok = self.inv0[blk], None
+        else:
+            ok = m > 0
+            with np.errstate(divide="ignore"):
+                inv = np.where(ok, 1.0 / np.maximum(m, 1.0), 0.0)
+        np.multiply(c, inv, out=x)
+        okb = self.ok[blk] if ok is None else ok
+        if kept is not None or held is not None:
+            full = np.where(okb, x, np.nan)
+            if kept is not None:
+                kept[blk] = full
+            if held is not None:
+                held[blk] = full
+                return bool(okb.any())
+        s = self.sums
+        s1, s2 = s.s1[blk], s.s2[blk]
+        if s.boot_s1 is not None:
+            w = self.weights[:, k]  # type: ignore[index]
+            s.boot_s1[:, blk] += w[:, None, None] * x
+            if ok is not None:
+                s.boot_w[:, blk] += w[:, None, None] * ok  # type: ignore[index]
+        s1 += x
+        np.multiply(x, x, out=x)
+        s2 += x
+        if ok is not None:
+            s.count[blk] += ok
+            return bool(ok.any())
+        return False
+
+    def finish(self) -> None:
+        """Count the pairs that share the plan's lag counts."""
+        s = self.sums
+        if self.n_common:
+            s.count += self.n_common * self.ok
+            if s.boot_w is not None:
+                s.boot_w += self.w_common[:, None, None] * self.ok  # type: ignore[index]
 
 
 def robust_outliers(stat: np.ndarray, nsigma: float) -> tuple[np.ndarray, float]:
@@ -827,13 +985,13 @@ class _Partial:
 
 def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.ndarray,
                 start: int, n_boot: int, seed: int, keep: bool, hold: float | None,
-                hold_max: int, batch_bytes: int, block_a: np.ndarray,
+                hold_max: int, block_bytes: int, block_a: np.ndarray,
                 block_b: np.ndarray | None = None) -> Any:
     block_b = block_a if block_b is None else block_b
     w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
     sums, stat, kept, held = pair_sums(block_a, block_b, plan, ia=la, ib=lb, weights=w,
                                        keep=keep, hold_above=hold, hold_max=hold_max,
-                                       batch_bytes=batch_bytes)
+                                       block_bytes=block_bytes)
     held.index = held.index + start  # position among all (sorted) pairs
     part = _Partial(sums, stat, held)
     return (part, kept) if keep else part
@@ -867,7 +1025,7 @@ class _BlockRows:
 
 def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
                   plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
-                  keys: np.ndarray, n_boot: int, seed: int, batch_bytes: int,
+                  keys: np.ndarray, n_boot: int, seed: int, block_bytes: int,
                   source: Callable[[np.ndarray], np.ndarray]) -> PairSums:
     """Final sums: add the held-out pairs that are kept, subtract the other rejected pairs."""
     rej, _ = rejection
@@ -888,7 +1046,7 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
     lb = np.searchsorted(pos, sb[idx])
     w = bootstrap_weights(keys[idx], n_boot, seed) if n_boot else None
     sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
-                                batch_bytes=batch_bytes)
+                                block_bytes=block_bytes)
     first = root.stat[idx]
     if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
         raise SaclaDaskError(
@@ -945,7 +1103,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
                     *, reject: float | None = None, n_boot: int = 0, ci: float = 0.95,
                     seed: int = 0, keys: np.ndarray | None = None, keep_pairs: bool = False,
                     reload: Any = None, split_every: int = 8,
-                    batch_bytes: int = BATCH_BYTES,
+                    block_bytes: int = BLOCK_BYTES,
                     hold_out_max: int = HOLD_OUT_MAX) -> LazyPairStatistics:
     """Statistics over pairs of the difference correlations, lazily, in one pass.
 
@@ -1025,7 +1183,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         deps.append(reload)
         reload_key = reload.key
     token = dask.base.tokenize(polar.name, ia, ib, keys, plan, reject, n_boot, ci, seed,
-                               keep_pairs, split_every, batch_bytes, hold_out_max, reload_key,
+                               keep_pairs, split_every, block_bytes, hold_out_max, reload_key,
                                type(reload).__name__)
     internal = "pair-statistics-" + token
     plan_key = (internal, "plan")
@@ -1037,7 +1195,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         blocks = [(polar.name, a, 0, 0)] + ([] if a == b else [(polar.name, b, 0, 0)])
         gk = (internal, "group", g)
         dsk[gk] = (_group_task, plan_key, la, lb, sk[s:e], s, n_boot, seed, keep_pairs,
-                   HOLD_OUT_STAT if reject else None, hold_out_max, batch_bytes, *blocks)
+                   HOLD_OUT_STAT if reject else None, hold_out_max, block_bytes, *blocks)
         if keep_pairs:
             dsk[(internal, "partial", g)] = (operator.getitem, gk, 0)
             part_keys.append((internal, "partial", g))
@@ -1065,7 +1223,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
             source = reload
         corrected = (internal, "corrected")
         dsk[corrected] = (_correct_task, root, rej_key, plan_key, sa, sb, sk, n_boot, seed,
-                          batch_bytes, source)
+                          block_bytes, source)
         total = corrected
     else:
         dsk[rej_key] = (tuple, [np.zeros(ia.size, dtype=bool), float("inf")])

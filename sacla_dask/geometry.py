@@ -170,8 +170,15 @@ class Geometry:
         return dataclasses.asdict(self)
 
 
-def default_nphi(outer_radius_px: float, fast: bool = False) -> int:
+def default_nphi(outer_radius_px: float, fast: bool = True) -> int:
     """Number of phi bins giving about one pixel of arc at ``outer_radius_px``.
+
+    The arc length of a bin at the outer radius is at most one pixel:
+    ``ceil(2 pi r)`` bins, rounded up (by default) to the next length whose
+    FFT is fast (``scipy.fft.next_fast_len``, only factors 2, 3 and 5). The
+    rounding adds at most a few per cent of bins (4933 -> 5000 at r = 785
+    px) and makes the correlation's FFTs several times faster: a length
+    with a large prime factor (4933 is prime) costs 4-10x more.
 
     Parameters
     ----------
@@ -179,12 +186,14 @@ def default_nphi(outer_radius_px: float, fast: bool = False) -> int:
         Outer radius of the q band, in pixels (not in inverse Angstrom: the
         tutorial's ``int(2*pi*qmax)`` slip).
     fast : bool
-        Round up to a length that FFTs fast (``scipy.fft.next_fast_len``).
+        Round up to a length that FFTs fast (default); False gives exactly
+        ``ceil(2 pi r)``.
 
     Returns
     -------
     int
-        ``ceil(2 pi r)``, at least 8, optionally rounded up.
+        ``ceil(2 pi r)``, at least 8, rounded up to an FFT-friendly length
+        unless ``fast=False``.
     """
     if not math.isfinite(outer_radius_px) or outer_radius_px <= 0:
         raise ParameterError(f"outer radius must be positive (got {outer_radius_px!r} px)")

@@ -374,9 +374,10 @@ class ProcessingPlan:
             "q band": (f"{self.transform.qmin:g}..{self.transform.qmax:g} 1/A "
                        f"(r = {self.transform.radius[0]:.1f}..{self.transform.radius[-1]:.1f} px)"),
             "polar grid": (f"{nq} q x {nphi} phi ({self.transform.method}"
-                           f"{', FFT-friendly nphi' if self.transform.fast_nphi else ''}"
                            + (f", {self.transform.operator.corrections}"
                               if self.transform.operator.corrections != "none" else "")
+                           + (f"; one pixel of arc is {n1} phi, rounded up for the FFT"
+                              if (n1 := self.transform.grid.nphi_default) != nphi else "")
                            + ")"),
             "read": (f"{wy}x{wx} window of {ny}x{nx} images: "
                      f"{dask.utils.format_bytes(self.bytes_to_read)}"),
@@ -770,7 +771,7 @@ def plan_run(
     nphi: int | None = None,
     nq: int | None = None,
     method: str = "nearest",
-    fast_nphi: bool = False,
+    fast_nphi: bool = True,
     solid_angle: bool = False,
     polarization: float | None = None,
     pairs: str | os.PathLike[str] | np.ndarray | None = None,
@@ -815,7 +816,8 @@ def plan_run(
         Polar resampling (:mod:`sacla_dask.polar`): the nearest pixel,
         bilinear interpolation, or pixel splitting (area overlap).
     fast_nphi : bool
-        Round nphi up to an FFT-friendly length.
+        Round the default nphi up to an FFT-friendly length (default True;
+        False: exactly one pixel of arc; an ``nphi`` given is used as it is).
     solid_angle : bool
         Divide by the pixels' relative solid angle (pyFAI's convention).
     polarization : float, optional

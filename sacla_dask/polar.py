@@ -158,13 +158,15 @@ def make_grid(
     qmax: float,
     nphi: int | None = None,
     nq: int | None = None,
-    fast_nphi: bool = False,
+    fast_nphi: bool = True,
 ) -> PolarGrid:
     """Build the polar grid for the band ``qmin <= q < qmax`` (inverse Angstrom).
 
     ``nq`` defaults to one bin per pixel of radius; ``nphi`` to one pixel of
-    arc at the band's outer radius (in pixels), optionally rounded up to an
-    FFT-friendly length (``scipy.fft.next_fast_len``).
+    arc at the band's outer radius (in pixels), rounded up to an
+    FFT-friendly length (``scipy.fft.next_fast_len``) unless ``fast_nphi``
+    is False (:func:`~sacla_dask.geometry.default_nphi`). An ``nphi`` given
+    is used as it is.
     """
     for name, v in (("qmin", qmin), ("qmax", qmax)):
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
@@ -180,13 +182,9 @@ def make_grid(
     if int(nq) < 1:
         raise ParameterError(f"nq must be >= 1 (got {nq})")
     nq = int(nq)
-    n_default = default_nphi(r_out)
+    n_default = default_nphi(r_out, fast=False)
     if nphi is None:
         nphi = default_nphi(r_out, fast=fast_nphi)
-    elif fast_nphi:
-        import scipy.fft
-
-        nphi = int(scipy.fft.next_fast_len(int(nphi), real=True))
     if int(nphi) < 2:
         raise ParameterError(f"nphi must be >= 2 (got {nphi})")
     nphi = int(nphi)
@@ -807,7 +805,8 @@ class PolarTransform:
     method : {"nearest", "bilinear", "splitting"}
         Interpolation (see the module docstring).
     fast_nphi : bool
-        Round nphi up to an FFT-friendly length.
+        Round the default nphi up to an FFT-friendly length (default True;
+        an ``nphi`` given is used as it is).
     solid_angle : bool
         Correct for the pixels' relative solid angle (pyFAI's convention).
     polarization : float, optional
@@ -830,7 +829,7 @@ class PolarTransform:
         nq: int | None = None,
         mask: np.ndarray | None = None,
         method: Method = "nearest",
-        fast_nphi: bool = False,
+        fast_nphi: bool = True,
         solid_angle: bool = False,
         polarization: float | None = None,
         subdivision: int = 4,

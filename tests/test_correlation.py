@@ -86,6 +86,27 @@ def test_mask_normalisation_equals_brute_force(spots):
         np.testing.assert_array_equal(np.isnan(got[i]), np.isnan(ref))
 
 
+@pytest.mark.parametrize("spots", [0.0, 0.02])
+def test_float32_images_correlate_in_float32_to_float32_accuracy(spots):
+    """The pipeline's float32 polar images take float32 FFTs: against the float64 loops."""
+    rng = np.random.default_rng(8)
+    nq, nphi = 3, 250       # 2 x 5^3: a fast FFT length, as the default nphi
+    pm = rng.random((nq, nphi)) > 0.2
+    pol = random_polar(rng, 4, nq, nphi, pm, spots)
+    plan = make_plan(pm, "all")
+    got = difference_correlation(pol[:2].astype(np.float32), pol[2:].astype(np.float32), plan)
+    assert got.dtype == np.float64
+    for i in range(2):
+        ref = brute_correlation(pol[i].astype(np.float32).astype(np.float64),
+                                pol[2 + i].astype(np.float32).astype(np.float64), pm,
+                                plan.q1, plan.q2)
+        scale = np.nanmax(np.abs(ref))  # the zero-lag value: float32 round-off is relative to it
+        np.testing.assert_allclose(got[i], ref, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_array_equal(np.isnan(got[i]), np.isnan(ref))
+    stat = difference_statistic(pol[:2].astype(np.float32), pol[2:].astype(np.float32), pm)
+    np.testing.assert_allclose(stat, difference_statistic(pol[:2], pol[2:], pm), rtol=1e-5)
+
+
 def test_mask_norm_counts_valid_bin_pairs():
     pm = np.zeros((2, 8), bool)
     pm[0, [0, 1, 2]] = True

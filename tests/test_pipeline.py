@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 import pytest
 import xarray as xr
 from dask.array.utils import assert_eq
@@ -176,8 +177,14 @@ def test_plan_repr_and_nothing_read(small_run, small_params, monkeypatch):
 def test_nphi_default_uses_outer_radius_in_pixels(small_run, small_params):
     plan = plan_run(small_run.path, **small_params)
     r_out = plan.geometry.q_to_radius(small_params["qmax"])
-    assert plan.transform.nphi == int(np.ceil(2 * np.pi * r_out))
+    one_pixel = int(np.ceil(2 * np.pi * r_out))
+    assert plan.transform.grid.nphi_default == one_pixel
+    # rounded up to the next 5-smooth length (fast FFTs): a few per cent more bins at most
+    assert plan.transform.nphi == scipy.fft.next_fast_len(one_pixel, real=True)
+    assert one_pixel <= plan.transform.nphi <= 1.05 * one_pixel
     assert plan.transform.nphi > 100   # not 2*pi*qmax (a handful of bins)
+    exact = plan_run(small_run.path, **small_params, fast_nphi=False)
+    assert exact.transform.nphi == one_pixel
 
 
 def test_compressed_run_matches_uncompressed(tmp_path, small_params):

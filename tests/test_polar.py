@@ -215,9 +215,9 @@ def test_harmonic_recovered_up_to_nphi_over_4(method):
     """f(r) (1 + a cos(n phi + p)): the FFT of each polar row peaks at n with phase p."""
     shape, cx, cy = (128, 128), 63.7, 64.2
     geom = Geometry(cx, cy, PIX, 0.1, 1.0)
-    grid = band(geom, 46.0, 56.0)  # nphi = ceil(2 pi 56) = 352; period >= 3.3 px at n = 88
+    grid = band(geom, 46.0, 56.0, fast_nphi=False)  # nphi = ceil(2 pi 56) = 352; period >= 3.3 px at n = 88
     nphi = grid.phi.size
-    assert nphi == default_nphi(56.0)
+    assert nphi == default_nphi(56.0, fast=False)
     r, ph, _, _ = coords(shape, cx, cy)
     f = 10 + np.exp(-((r - 51) ** 2) / 50)
     op = build_operator(geom, grid, shape, None, method)
@@ -240,10 +240,10 @@ def test_band_edges_and_q_coordinate():
     np.testing.assert_allclose(np.diff(grid.radius), 1.0)
     assert grid.radius[0] == pytest.approx(20.5) and grid.radius[-1] == pytest.approx(59.5)
     np.testing.assert_allclose(grid.q, GEOM.radius_to_q(grid.radius))  # q at bin centres
-    assert grid.phi.size == grid.nphi_default == math.ceil(2 * math.pi * 60)
-    fast = band(r_in=20.0, r_out=60.0, fast_nphi=True)
-    assert fast.phi.size == scipy.fft.next_fast_len(grid.phi.size, real=True)
-    assert fast.nphi_default == grid.phi.size
+    exact = band(r_in=20.0, r_out=60.0, fast_nphi=False)
+    assert exact.phi.size == exact.nphi_default == math.ceil(2 * math.pi * 60)   # 377 = 13 x 29
+    assert grid.phi.size == scipy.fft.next_fast_len(exact.phi.size, real=True) == 384
+    assert grid.nphi_default == exact.phi.size
     assert band(nq=10).shape[0] == 10 and band(nq=10).dr == pytest.approx(4.0)
 
 

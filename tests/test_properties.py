@@ -92,8 +92,9 @@ def test_energy_wavelength_product(e):
 def test_default_nphi_is_one_pixel_of_arc(r, fast):
     n = default_nphi(r, fast=fast)
     assert 2 * math.pi * r / n <= 1.0 + 1e-12               # at most one pixel of arc
-    plain = default_nphi(r)
+    plain = default_nphi(r, fast=False)
     assert n >= plain
+    assert n <= 1.05 * plain + 8                            # "about" one pixel: a few per cent
     if plain > 8:
         assert 2 * math.pi * r / (plain - 1) > 1.0          # and no coarser than needed
 
