@@ -447,30 +447,57 @@ def mask_bragg_spots(polar: np.ndarray, polar_mask: np.ndarray, nsigma: float,
 class PairSums:
     """Sums over a set of pairs, per correlation bin (mergeable, subtractable).
 
+    Most pairs have data exactly in the bins where the plan's mask has valid
+    bin pairs (``mask_norm > 0``): those are only counted (``shared``), not
+    added bin by bin; ``own_count`` holds the per-bin counts of the other
+    pairs (a shot-specific masked bin), if any. ``count`` is the total.
+
     Attributes
     ----------
     n : int
         Pairs summed that have data in at least one bin.
     s1, s2 : ndarray float64 (nqp, nphi)
         Sum and sum of squares of the pairs' correlations where defined.
-    count : ndarray int64 (nqp, nphi)
-        Pairs with data in each bin.
+    own_count : ndarray int32 (nqp, nphi) or None
+        Pairs with data in each bin, among those not counted in ``shared``.
     boot_s1, boot_w : ndarray float64 (nboot, nqp, nphi) or None
         Poisson-bootstrap weighted sums and weight totals.
+    shared : int
+        Pairs whose bins with data are exactly ``shared_ok``.
+    shared_ok : ndarray bool (nqp, nphi) or None
+        The plan's bins with valid bin pairs (``mask_norm > 0``).
     """
 
     n: int
     s1: np.ndarray
     s2: np.ndarray
-    count: np.ndarray
+    own_count: np.ndarray | None = None
     boot_s1: np.ndarray | None = None
     boot_w: np.ndarray | None = None
+    shared: int = 0
+    shared_ok: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, shape: tuple[int, int], n_boot: int = 0) -> PairSums:
         b = (n_boot,) + tuple(shape)
-        return cls(0, np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=np.int64),
+        return cls(0, np.zeros(shape), np.zeros(shape), None,
                    np.zeros(b) if n_boot else None, np.zeros(b) if n_boot else None)
+
+    @property
+    def count(self) -> np.ndarray:
+        """Pairs with data in each bin, int64 (nqp, nphi)."""
+        c = np.zeros(self.s1.shape, dtype=np.int64)
+        if self.own_count is not None:
+            c += self.own_count
+        if self.shared:
+            c += self.shared * self.shared_ok  # type: ignore[operator]
+        return c
+
+    def add_count(self, ok: np.ndarray, rows: slice = slice(None)) -> None:
+        """Count the bins ``ok`` (bool, rows ``rows``) of one or more pairs, in place."""
+        if self.own_count is None:
+            self.own_count = np.zeros(self.s1.shape, dtype=np.int32)
+        self.own_count[rows] += ok
 
     def add(self, corr: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add per-pair correlations ``(k, nqp, nphi)`` (NaN = no data) in place."""
@@ -479,37 +506,49 @@ class PairSums:
         self.n += int(ok.any(axis=(1, 2)).sum()) if ok.size else 0
         self.s1 += x.sum(axis=0)
         self.s2 += np.einsum("ijk,ijk->jk", x, x)
-        self.count += ok.sum(axis=0)
+        self.add_count(ok.sum(axis=0, dtype=np.int32))
         if self.boot_s1 is not None:
             if weights is None:
                 raise ParameterError("bootstrap sums need the pairs' bootstrap weights")
             k = corr.shape[0]
             w = np.asarray(weights, dtype=np.float64).reshape(-1, k)
             self.boot_s1 += (w @ x.reshape(k, -1)).reshape(self.boot_s1.shape)
-            if k and np.array_equal(ok.all(axis=0), ok.any(axis=0)):
-                # every pair has data in the same bins (no shot-specific mask): an outer product
-                self.boot_w += w.sum(axis=1)[:, None, None] * ok[0]
-            else:
-                self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(
-                    self.boot_w.shape)
+            self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(  # type: ignore
+                self.boot_w.shape)  # type: ignore[union-attr]
 
-    def _combine(self, other: PairSums, sign: int) -> PairSums:
-        def comb(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-            if a is None or b is None:
-                if (a is None) != (b is None):
-                    raise ParameterError("cannot combine sums with and without bootstrap")
+    @staticmethod
+    def total(parts: Sequence[PairSums], signs: Sequence[int] | None = None) -> PairSums:
+        """The sum (or with ``signs`` -1, the difference) of several sums, one new array each."""
+        signs = [1] * len(parts) if signs is None else list(signs)
+
+        def comb(arrays: list[np.ndarray | None], dtype: Any = None) -> np.ndarray | None:
+            have = [(a, sg) for a, sg in zip(arrays, signs, strict=True) if a is not None]
+            if not have:
                 return None
-            return a + b if sign > 0 else a - b
+            out = np.zeros(have[0][0].shape, dtype=dtype or have[0][0].dtype)
+            for a, sg in have:
+                if sg > 0:
+                    out += a
+                else:
+                    out -= a
+            return out
 
-        return PairSums(self.n + sign * other.n, comb(self.s1, other.s1),  # type: ignore[arg-type]
-                        comb(self.s2, other.s2), comb(self.count, other.count),  # type: ignore
-                        comb(self.boot_s1, other.boot_s1), comb(self.boot_w, other.boot_w))
+        boots = [p.boot_s1 is not None for p in parts]
+        if any(boots) and not all(boots):
+            raise ParameterError("cannot combine sums with and without bootstrap")
+        ok = next((p.shared_ok for p in parts if p.shared_ok is not None), None)
+        return PairSums(
+            sum(sg * p.n for p, sg in zip(parts, signs, strict=True)),
+            comb([p.s1 for p in parts]), comb([p.s2 for p in parts]),  # type: ignore[arg-type]
+            comb([p.own_count for p in parts]),
+            comb([p.boot_s1 for p in parts]), comb([p.boot_w for p in parts]),
+            sum(sg * p.shared for p, sg in zip(parts, signs, strict=True)), ok)
 
     def __add__(self, other: PairSums) -> PairSums:
-        return self._combine(other, +1)
+        return PairSums.total([self, other])
 
     def __sub__(self, other: PairSums) -> PairSums:
-        return self._combine(other, -1)
+        return PairSums.total([self, other], [1, -1])
 
 
 def bootstrap_weights(keys: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
@@ -750,7 +789,7 @@ class _Accumulator:
         np.multiply(x, x, out=x)
         s2 += x
         if ok is not None:
-            s.count[blk] += ok
+            s.add_count(ok, blk)
             return bool(ok.any())
         return False
 
@@ -758,7 +797,8 @@ class _Accumulator:
         """Count the pairs that share the plan's lag counts."""
         s = self.sums
         if self.n_common:
-            s.count += self.n_common * self.ok
+            s.shared += self.n_common
+            s.shared_ok = self.ok
             if s.boot_w is not None:
                 s.boot_w += self.w_common[:, None, None] * self.ok  # type: ignore[index]
 
@@ -983,11 +1023,43 @@ class _Partial:
     held: HeldPairs
 
 
+def _home_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
+                 ib: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+    """Sort pairs by the tag chunk of their first shot; return (order, bounds, groups).
+
+    ``groups`` holds ``(chunk, start, end)`` over the sorted pairs.
+    """
+    bounds = np.cumsum((0,) + tuple(tag_chunks))
+    ca = np.searchsorted(bounds, ia, side="right") - 1
+    order = np.lexsort((ib, ia, ca))
+    sc = ca[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
+    ends = np.r_[starts[1:], sc.size]
+    return order, bounds, [(int(sc[s]), int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
+
+
+def _take_rows(block: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The tag rows ``rows`` of a block (a copy: the block itself can be freed)."""
+    return block[rows]
+
+
+class _StackedRows:
+    """Rows of several blocks addressed as one stack along the tag axis (no copy)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = list(parts)
+        self.bounds = np.cumsum([0] + [p.shape[0] for p in self.parts])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        c = int(np.searchsorted(self.bounds, i, side="right")) - 1
+        return self.parts[c][int(i) - int(self.bounds[c])]
+
+
 def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.ndarray,
                 start: int, n_boot: int, seed: int, keep: bool, hold: float | None,
                 hold_max: int, block_bytes: int, block_a: np.ndarray,
-                block_b: np.ndarray | None = None) -> Any:
-    block_b = block_a if block_b is None else block_b
+                *others: np.ndarray) -> Any:
+    block_b: Any = _StackedRows([block_a, *others]) if others else block_a
     w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
     sums, stat, kept, held = pair_sums(block_a, block_b, plan, ia=la, ib=lb, weights=w,
                                        keep=keep, hold_above=hold, hold_max=hold_max,
@@ -998,9 +1070,7 @@ def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.
 
 
 def _merge_partials(parts: list[_Partial]) -> _Partial:
-    sums = parts[0].sums
-    for p in parts[1:]:
-        sums = sums + p.sums
+    sums = PairSums.total([p.sums for p in parts])
     n_boot = 0 if sums.boot_s1 is None else sums.boot_s1.shape[0]
     return _Partial(sums, np.concatenate([p.stat for p in parts]),
                     HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot))
@@ -1171,7 +1241,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     if reject is not None and not reject > 0:
         raise ParameterError(f"outlier threshold must be > 0 robust sigmas (got {reject})")
     keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
-    order, bounds, groups = _pair_groups(polar.chunks[0], ia, ib)
+    order, bounds, groups = _home_groups(polar.chunks[0], ia, ib)
     sa, sb, sk = ia[order], ib[order], keys[order]
     inv: np.ndarray | None = np.argsort(order)
     if np.array_equal(order, np.arange(order.size)):
@@ -1189,10 +1259,24 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     plan_key = (internal, "plan")
     dsk: dict[Any, Any] = {plan_key: plan}
     part_keys, pair_keys = [], []
-    for g, (a, b, s, e) in enumerate(groups):
+    for g, (a, s, e) in enumerate(groups):
+        # the group runs on its home chunk's block; of other chunks it needs (and so
+        # moves between workers) only the rows of its pairs' second shots there
         la = sa[s:e] - bounds[a]
-        lb = sb[s:e] - bounds[b]
-        blocks = [(polar.name, a, 0, 0)] + ([] if a == b else [(polar.name, b, 0, 0)])
+        lb = np.empty(e - s, dtype=np.int64)
+        cb = np.searchsorted(bounds, sb[s:e], side="right") - 1
+        home = cb == a
+        lb[home] = sb[s:e][home] - bounds[a]
+        blocks: list[Any] = [(polar.name, a, 0, 0)]
+        offset = int(polar.chunks[0][a])
+        for c in np.unique(cb[~home]):
+            sel = cb == c
+            pos, li = np.unique(sb[s:e][sel] - bounds[c], return_inverse=True)
+            rk = (internal, "rows", g, int(c))
+            dsk[rk] = (_take_rows, (polar.name, int(c), 0, 0), pos)
+            blocks.append(rk)
+            lb[sel] = offset + li
+            offset += pos.size
         gk = (internal, "group", g)
         dsk[gk] = (_group_task, plan_key, la, lb, sk[s:e], s, n_boot, seed, keep_pairs,
                    HOLD_OUT_STAT if reject else None, hold_out_max, block_bytes, *blocks)
@@ -1268,7 +1352,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         layers[name] = pdsk
         dependencies = dict(hlg.dependencies)
         dependencies[name] = {internal}
-        chunks = (tuple(e - s for _, _, s, e in groups), (plan.nqp,), (plan.nphi,))
+        chunks = (tuple(e - s for _, s, e in groups), (plan.nqp,), (plan.nphi,))
         arr = da.Array(HighLevelGraph(layers, dependencies), name, chunks,
                        meta=np.empty((0, 0, 0), np.float32))
         res.pairs = arr if inv is None else arr[inv]

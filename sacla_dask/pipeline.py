@@ -128,9 +128,16 @@ def polar_chunk(windows: np.ndarray, op: PolarOperator,
     normalised once; :meth:`ProcessingPlan.polar` picks the three outputs.
     """
     tune_allocator()
-    raw = polar_block(windows, op)
-    norm, rmean = normalize_rows(raw, polar_mask)
-    return _mark_dead(norm, raw, polar_mask, rmean), rmean, nonfinite_block(raw)
+    raw, nonfinite_pixels = apply_polar(windows, op)
+    # NaN bins exist only in images where the operator read a non-finite pixel
+    nan_bins = np.zeros(raw.shape[0], dtype=np.int64)
+    for i in np.flatnonzero(nonfinite_pixels):
+        nan_bins[i] = int(np.count_nonzero(np.isnan(raw[i])))
+    rmean = normalize_rows(raw, polar_mask, out=raw)[1]  # in place: raw is ours
+    dead = ~image_ok_from_means(rmean, bool(polar_mask.any()))  # no finite good bin
+    if dead.any():
+        raw[dead] = np.where(polar_mask, np.float32(np.nan), np.float32(0))
+    return raw, rmean, nan_bins
 
 
 def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype: Any,

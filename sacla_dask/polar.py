@@ -729,7 +729,8 @@ def _redo_nonfinite(op: PolarOperator, x: np.ndarray, y: np.ndarray) -> int:
     return int(np.count_nonzero(bad & op.used_columns))
 
 
-def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray,
+                   out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Divide each polar row by its masked mean.
 
     One float64 row sum and one float32 multiply per image; rows holding a
@@ -743,6 +744,10 @@ def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray) -> tuple[np.ndarra
         Polar intensities; NaN marks bins hit by non-finite pixels.
     polar_mask : ndarray bool (nq, nphi)
         True = good bin.
+    out : ndarray float32 (ntag, nq, nphi), optional
+        Where to write the result; may be ``polar`` itself (in place: no
+        new block, which for a wide band saves a few hundred MB and their
+        page faults per task).
 
     Returns
     -------
@@ -777,10 +782,11 @@ def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray) -> tuple[np.ndarra
         mean[i, q] = row[good].sum(dtype=np.float64) / n if n else np.nan
     with np.errstate(invalid="ignore", divide="ignore"):
         scale = np.where(np.isfinite(mean) & (mean != 0), 1.0 / mean, 0.0).astype(np.float32)
+    fill = [pm[q] & ~np.isfinite(polar[i, q]) for i, q in redo]  # before polar may change
     with np.errstate(invalid="ignore"):  # inf * 0 in a row without a mean: reset below
-        out = np.multiply(polar, scale[..., None], dtype=np.float32)
-    for i, q in redo:
-        out[i, q][pm[q] & ~np.isfinite(polar[i, q])] = 1.0
+        out = np.multiply(polar, scale[..., None], out=out, dtype=np.float32)
+    for (i, q), f in zip(redo, fill, strict=True):
+        out[i, q][f] = 1.0
     if dirty or len(redo):
         out.reshape(k, nq * nphi)[:, masked] = 0
     return out, mean

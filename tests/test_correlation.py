@@ -305,14 +305,21 @@ def test_pair_statistics_builds_a_graph_without_computing():
 
 
 def test_tree_reduction_fan_in_and_groups():
-    """One task per (chunk a, chunk b) group; partial sums merged split_every at a time."""
+    """One task per chunk of first shots; of another chunk only the rows needed move.
+
+    Partial sums are merged split_every at a time.
+    """
     pm = np.ones((1, 4), bool)
     x = da.zeros((40, 1, 4), chunks=(4, -1, -1))
     ia = np.arange(39)
     res = pair_statistics(x, ia, ia + 1, make_plan(pm), split_every=3)
     dsk = dict(res.mean.__dask_graph__())
     groups = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "group"]
-    assert len(groups) == 10 + 9      # within each of 10 chunks, and 9 chunk boundaries
+    assert len(groups) == 10          # one per chunk holding first shots
+    rows = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "rows"]
+    assert len(rows) == 9             # the first tag of each next chunk, for the straddling pair
+    for k in rows:
+        assert dsk[k][2].tolist() == [0]
     merges = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "tree"]
     for k in merges:
         deps = dask.core.get_dependencies(dsk, k)

@@ -244,17 +244,17 @@ def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypat
     import sacla_dask.run as run_mod
 
     calls = {"polar": 0, "read": 0}
-    polar_block, read_block = pipeline.polar_block, run_mod._read_block
+    apply_polar, read_block = pipeline.apply_polar, run_mod._read_block
 
     def counted_polar(*a, **k):
         calls["polar"] += 1
-        return polar_block(*a, **k)
+        return apply_polar(*a, **k)
 
     def counted_read(*a, **k):
         calls["read"] += 1
         return read_block(*a, **k)
 
-    monkeypatch.setattr(pipeline, "polar_block", counted_polar)
+    monkeypatch.setattr(pipeline, "apply_polar", counted_polar)
     monkeypatch.setattr(run_mod, "_read_block", counted_read)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
     plan.dataset().compute(scheduler="sync")
