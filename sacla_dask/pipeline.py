@@ -27,6 +27,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.highlevelgraph import HighLevelGraph
 
 from . import store as _store
 from ._version import __version__
@@ -48,8 +49,10 @@ from .pairs import (
     shared_shots,
     similar_pairs,
 )
+from . import run as _run
 from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
-from .run import Run, mean_wavelength, open_run, parse_chunk_size
+from .polar import polar_into as apply_polar_into
+from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,34 @@ def polar_chunk(windows: np.ndarray, op: PolarOperator,
     """
     tune_allocator()
     raw, nonfinite_pixels = apply_polar(windows, op)
+    return _finish_polar(raw, nonfinite_pixels, polar_mask)
+
+
+def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slice],
+                         on_bad_tag: str, op: PolarOperator,
+                         polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`polar_chunk` reading the tags itself, one image at a time (the pipeline's task).
+
+    Each tag's window is read into one reused buffer and transformed at
+    once, so the task holds one image and the chunk's polar block instead
+    of a block of image windows (for the ring band 13 windows of ~10 MB
+    are replaced by one, with none of their page faults).
+    """
+    tune_allocator()
+    nq, nphi = op.shape
+    raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
+    nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
+    buf: list[np.ndarray] = []
+
+    def consume(i: int, win: np.ndarray) -> None:
+        nonfinite_pixels[i] = apply_polar_into(win, op, raw[i], buf)
+
+    _run._read_block(sources, window, on_bad_tag, consume=consume)  # type: ignore[arg-type]
+    return _finish_polar(raw, nonfinite_pixels, polar_mask)
+
+
+def _finish_polar(raw: np.ndarray, nonfinite_pixels: np.ndarray,
+                  polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # NaN bins exist only in images where the operator read a non-finite pixel
     nan_bins = np.zeros(raw.shape[0], dtype=np.int64)
     for i in np.flatnonzero(nonfinite_pixels):
@@ -430,18 +461,25 @@ class ProcessingPlan:
         nq, nphi = tr.shape
         op = dask.delayed(tr.operator, pure=True, traverse=False)
         pm = tr.polar_mask
-        # One task per chunk reads, transforms and normalises (polar_chunk);
-        # three cheap tasks pick its outputs. The fusion of the read into it
-        # is done here, not left to compute(): the store writes wrap these
-        # arrays in graphs that are only culled, never blockwise-fused, and
-        # an unfused read would hold (and might ship) each image block.
+        # One task per chunk reads, transforms and normalises; three cheap
+        # tasks pick its outputs. The read is part of the task, not a graph
+        # layer of its own: an unfused read would hold (and might ship)
+        # each block of image windows.
         pmk = dask.delayed(pm, pure=True, traverse=False)
         images = self.run.images(chunks=self.tags_per_chunk, window=tr.window)
-        parts = images.map_blocks(polar_chunk, op, pmk, chunks=(images.chunks[0], (nq,), (nphi,)),
-                                  dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
-                                  token="polar-chunk")
-        (parts,) = dask.optimize(parts)  # fuses the read into polar_chunk
         tchunks = images.chunks[0]
+        # (polar_chunk_from_run): it reads its tags one by one and transforms each
+        # at once, so the chunk's image windows are never held together
+        name = "polar-chunk-" + dask.base.tokenize(images.name, op, pmk)
+        sources = self.run.sources
+        bounds = np.cumsum((0,) + tchunks)
+        dsk: dict[Any, Any] = {}
+        for c in range(len(tchunks)):
+            dsk[(name, c, 0, 0)] = (polar_chunk_from_run, sources[bounds[c]:bounds[c + 1]],
+                                    tr.window, self.run.on_bad_tag, op.key, pmk.key)
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[op, pmk])
+        parts = da.Array(graph, name, (tchunks, (nq,), (nphi,)),
+                         meta=np.empty((0, 0, 0), np.float32))
         norm = _picked(parts, 0, (tchunks, (nq,), (nphi,)), np.float32, "polar-normalized")
         rmean = _picked(parts, 1, (tchunks, (nq,)), np.float64, "polar-row-mean")
         nonfinite = _picked(parts, 2, (tchunks,), np.int64, "nonfinite-bins")

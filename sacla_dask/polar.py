@@ -694,26 +694,40 @@ def apply_polar(windows: np.ndarray, op: PolarOperator) -> tuple[np.ndarray, np.
         )
     k = windows.shape[0]
     nq, nphi = op.shape
-    m = op.matrix
     out = np.empty((k, nq * nphi), dtype=np.float32)
     nonfinite = np.zeros(k, dtype=np.int64)
-    buf: np.ndarray | None = None
-    gather = op.gather
+    buf: list[np.ndarray] = []
     for i in range(k):
-        win = windows[i]
-        if buf is None and (op.tile is not None or win.dtype != np.float32
-                            or not win.flags.c_contiguous):
-            buf = np.empty(m.shape[1], dtype=np.float32)
-        x = op.columns(win, buf)
-        y = out[i]
-        if gather is None:
-            _matvec(m, x, y)
-        else:
-            np.take(x, gather[0], out=y, mode="clip")  # (clip: no buffering; all in range)
-            y[gather[1]] = 0
-        if not math.isfinite(float(y.sum())):
-            nonfinite[i] = _redo_nonfinite(op, x, y)
+        nonfinite[i] = polar_into(windows[i], op, out[i], buf)
     return out.reshape(k, nq, nphi), nonfinite
+
+
+def polar_into(window: np.ndarray, op: PolarOperator, out: np.ndarray,
+               buf: list[np.ndarray] | None = None) -> int:
+    """Resample one image window into ``out`` (float32, ``nq * nphi`` or ``(nq, nphi)``).
+
+    The kernel of :func:`apply_polar` for one image; ``buf``, a list kept
+    by the caller, holds a reusable pixel buffer across calls. Returns the
+    number of non-finite pixels the operator read (their bins are NaN).
+    """
+    m = op.matrix
+    if window.shape != op.window_shape:
+        raise ParameterError(f"image window shape {window.shape} does not match the "
+                             f"operator's {op.window_shape}")
+    need = op.tile is not None or window.dtype != np.float32 or not window.flags.c_contiguous
+    if need and buf is not None and not buf:
+        buf.append(np.empty(m.shape[1], dtype=np.float32))
+    x = op.columns(window, buf[0] if need and buf else None)
+    y = out.reshape(-1)
+    gather = op.gather
+    if gather is None:
+        _matvec(m, x, y)
+    else:
+        np.take(x, gather[0], out=y, mode="clip")  # (clip: no buffering; all in range)
+        y[gather[1]] = 0
+    if not math.isfinite(float(y.sum())):
+        return _redo_nonfinite(op, x, y)
+    return 0
 
 
 def _redo_nonfinite(op: PolarOperator, x: np.ndarray, y: np.ndarray) -> int:

@@ -47,7 +47,7 @@ import dataclasses
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import dask
@@ -286,18 +286,25 @@ def _read_block(
     window: tuple[slice, slice],
     on_bad_tag: OnBadTag,
     strategy: ReadStrategy = "auto",
-) -> np.ndarray:
+    consume: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray | None:
     """Read the window of each tag's image into one float32 block (the task kernel).
 
     Each file is opened once per block. A tag that cannot be read raises
     :class:`BadTagError` (``on_bad_tag="fail"``) or is filled with NaN and
     warned about (``"skip"``).
+
+    With ``consume``, no block is made: each tag is read into one reused
+    window buffer and handed to ``consume(i, window)`` (which must not keep
+    it) in the order of ``sources``; returns None. A task that transforms
+    the images at once so holds one image, not the block.
     """
     if strategy == "auto":
         strategy = READ_STRATEGY
     wy = window[0].stop - window[0].start
     wx = window[1].stop - window[1].start
-    out = np.empty((len(sources), wy, wx), dtype=np.float32)
+    out = None if consume else np.empty((len(sources), wy, wx), dtype=np.float32)
+    buf = np.empty((wy, wx), dtype=np.float32) if consume else None
     by_path: dict[str, list[int]] = {}
     for i, src in enumerate(sources):
         by_path.setdefault(src.path, []).append(i)
@@ -306,8 +313,9 @@ def _read_block(
             fid = fh.id
             for i in idx:
                 src = sources[i]
+                dest = buf if out is None else out[i]
                 try:
-                    _read_one(fid, src, window, out[i], strategy)
+                    _read_one(fid, src, window, dest, strategy)
                 except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
                     if on_bad_tag == "fail":
                         raise BadTagError(
@@ -317,7 +325,9 @@ def _read_block(
                     warnings.warn(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
                                   "its image is NaN and it is left out of every pair",
                                   stacklevel=2)
-                    out[i] = np.nan
+                    dest[...] = np.nan
+                if consume is not None:
+                    consume(i, dest)
     return out
 
 

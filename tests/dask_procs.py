@@ -37,15 +37,15 @@ def dask_setup(worker: Any) -> None:
 
     original = run._read_block
 
-    def read_block(sources: Any, window: Any, on_bad_tag: Any) -> Any:
+    def read_block(sources: Any, window: Any, on_bad_tag: Any, *args: Any, **kwargs: Any) -> Any:
         time.sleep(delay)
-        out = original(sources, window, on_bad_tag)
+        out = original(sources, window, on_bad_tag, *args, **kwargs)
         if log:
             with open(log, "a") as fh:  # one short line per write: atomic with O_APPEND
                 fh.write(f"{sources[0].tag} {len(sources)}\n")
         return out
 
-    # _TagReader looks the function up at call time
+    # _TagReader and the pipeline's polar task look the function up at call time
     run._read_block = read_block
 
 

@@ -239,29 +239,30 @@ def test_fused_polar_chunk_equals_the_separate_kernels():
 
 
 def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
-    """One read and one polar transform per tag chunk, lazily and in execute()."""
+    """One read per tag chunk and one polar transform per tag, lazily and in execute()."""
     import sacla_dask.pipeline as pipeline
     import sacla_dask.run as run_mod
 
     calls = {"polar": 0, "read": 0}
-    apply_polar, read_block = pipeline.apply_polar, run_mod._read_block
+    polar_into, read_block = pipeline.apply_polar_into, run_mod._read_block
 
     def counted_polar(*a, **k):
         calls["polar"] += 1
-        return apply_polar(*a, **k)
+        return polar_into(*a, **k)
 
     def counted_read(*a, **k):
         calls["read"] += 1
         return read_block(*a, **k)
 
-    monkeypatch.setattr(pipeline, "apply_polar", counted_polar)
+    monkeypatch.setattr(pipeline, "apply_polar_into", counted_polar)
     monkeypatch.setattr(run_mod, "_read_block", counted_read)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
     plan.dataset().compute(scheduler="sync")
-    assert calls == {"polar": plan.n_chunks, "read": plan.n_chunks}
+    assert plan.n_chunks > 1
+    assert calls == {"polar": plan.n_tags, "read": plan.n_chunks}
     calls.update(polar=0, read=0)
     import dask
 
     with dask.config.set(scheduler="sync"):
         plan.execute()
-    assert calls == {"polar": plan.n_chunks, "read": plan.n_chunks}
+    assert calls == {"polar": plan.n_tags, "read": plan.n_chunks}
