@@ -234,8 +234,9 @@ def _performance_report(path: str | None) -> Any:
               help="Confidence level of the bootstrap intervals.")
 @click.option("--keep-pairs", is_flag=True,
               help="Keep every pair's correlation in the store (corr_pairs, float32).")
-@click.option("--chunk-size", default="128MiB", show_default=True,
-              help="Image bytes per task (e.g. 256MiB) or a number of tags.")
+@click.option("--chunk-size", default="32MiB", show_default=True,
+              help="Polar-image bytes per task (e.g. 128MiB; at least 16 chunks) or a number "
+                   "of tags; also the unit of resumption.")
 @click.option("--no-store-polar", is_flag=True,
               help="Correlation only: do not keep the per-tag polar images.")
 @click.option("--compression", type=click.Choice(["lz4", "zstd", "none"]), default="lz4",

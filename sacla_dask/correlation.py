@@ -56,6 +56,8 @@ from .errors import ParameterError, SaclaDaskError
 #: bytes of a float64 block of correlation rows processed at once: small enough to
 #: stay in the CPU cache and below glibc's mmap threshold (no page faults)
 BLOCK_BYTES = 2 * 2**20
+#: bytes of partial sums a merge task of the reduction tree takes at once (at least 2)
+MERGE_BYTES = 256 * 2**20
 #: MAD -> standard deviation of a normal distribution
 MAD_TO_SIGMA = 1.4826
 #: with outlier rejection, pairs whose difference statistic exceeds this (normalised
@@ -1172,7 +1174,7 @@ class LazyPairStatistics:
 def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: CorrelationPlan,
                     *, reject: float | None = None, n_boot: int = 0, ci: float = 0.95,
                     seed: int = 0, keys: np.ndarray | None = None, keep_pairs: bool = False,
-                    reload: Any = None, split_every: int = 8,
+                    reload: Any = None, split_every: int | None = None,
                     block_bytes: int = BLOCK_BYTES,
                     hold_out_max: int = HOLD_OUT_MAX) -> LazyPairStatistics:
     """Statistics over pairs of the difference correlations, lazily, in one pass.
@@ -1224,14 +1226,21 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         ``polar`` in memory (the pipeline re-reads those shots' raw images).
         Default: the correction depends on every chunk of ``polar``, which
         dask then keeps until the end (fine for in-memory arrays).
-    split_every : int
-        Fan-in of the tree reduction.
+    split_every : int, optional
+        Fan-in of the tree reduction (default: 8, fewer for large partial
+        sums, so that a merge takes about ``MERGE_BYTES`` (256 MiB); at
+        least 2).
     hold_out_max : int
         Held-out pairs per group task (see above; 0 = always subtract).
     """
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
     polar = _check_polar(polar, ia, ib)
+    if split_every is None:
+        # merge a few partial sums at a time when they are large (a wide band's pair of
+        # float64 nq x nphi arrays is ~110 MB): a merge task holds its inputs
+        part = 16 * plan.nqp * plan.nphi * (1 + int(n_boot))
+        split_every = int(min(8, max(2, MERGE_BYTES // max(part, 1))))
     if split_every < 2:
         raise ParameterError(f"split_every must be >= 2 (got {split_every})")
     if n_boot < 0:

@@ -460,6 +460,6 @@ def test_task_count_grows_with_chunks_not_tags(run5050):
     per_chunk = (counts[101] - counts[50]) / 51
     assert 3 <= per_chunk <= 25
     assert abs(counts[50] - (counts[5] + per_chunk * 45)) < 0.1 * counts[50]
-    # byte-sized chunks: 64 window bytes per 8x8 image...
+    # byte-sized chunks: bytes of the polar block a task holds (float32 nq x nphi per tag)
     plan = plan_run(run, chunks="6400B", **geo)
-    assert plan.tags_per_chunk == 6400 // (4 * np.prod(plan.transform.operator.window_shape))
+    assert plan.tags_per_chunk == 6400 // (4 * np.prod(plan.transform.shape))
