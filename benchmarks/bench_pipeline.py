@@ -256,7 +256,8 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
     c = C.cpu_times(pids) - c0
     nq, nphi = plan.transform.shape
     wy, wx = plan.transform.operator.window_shape
-    chunk_bytes = plan.tags_per_chunk * wy * wx * 4
+    # the chunk a task holds: its block of polar images (it reads its tags one by one)
+    chunk_bytes = plan.tags_per_chunk * nq * nphi * 4
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     shutil.rmtree(out, ignore_errors=True)
     peaks = mon.peak_mib()
@@ -320,6 +321,21 @@ def _factor(n: int) -> str:
     if n > 1:
         f.append(n)
     return "x".join(map(str, f))
+
+
+def default_tags_per_chunk(path: str, n_tags: int, band: str, mask: np.ndarray) -> int:
+    """Tags per chunk that plan_run chooses by default for the first ``n_tags`` tags."""
+    from sacla_dask.pipeline import plan_run
+    from sacla_dask.run import open_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = open_run(path)
+        run = run.select(np.arange(len(run)) < n_tags)
+        qmin, qmax = band_q(band)
+        plan = plan_run(run, qmin=qmin, qmax=qmax, center=C.CENTER, pixel_size=C.PIXEL,
+                        distance=C.DISTANCE, wavelength=C.WAVELENGTH, mask=mask)
+        return int(plan.tags_per_chunk)
 
 
 def graph_tasks_5050(workdir: str, tags_per_chunk: dict[str, int],
@@ -547,19 +563,29 @@ def main(argv: list[str] | None = None) -> dict:
         for band, sp in (("ring", True),) + ((("wide", False),) if not a.quick else ()):
             if band not in bands:
                 continue
+            # the same tags per chunk for both lengths: the long run's default (a short
+            # run's default chunks are smaller, at least 16 of them, which would flatter it)
+            per = default_tags_per_chunk(path, rss_long, band, mask)
             for n in (rss_short, rss_long):
                 with cluster(max(workers)) as cl:
                     warm_up(cl, path, mask, a.workdir, [band], n=8 if a.quick else 16)
-                    r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out)
+                    r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out,
+                                 chunks=per)
                 res["rss"].append(r)
                 log(f"  {band} store_polar={sp}: {n} tags: peak RSS {r['peak_rss_mib']} MiB "
                     f"(chunk {r['chunk_mib']:.0f} MiB; {r['tasks']} tasks; {r['rate']:.1f} img/s)")
     if "graph" not in skip:
+        # what plan_run chooses by default for 5050 tags of each band's 2400x2400 grid
+        import inspect
+
+        from sacla_dask.pipeline import plan_run, tags_per_chunk
+
+        size = inspect.signature(plan_run).parameters["chunks"].default
         per = {}
         for r in pipe:
-            per.setdefault(r["band"], r["tags_per_chunk"])
+            per.setdefault(r["band"], tags_per_chunk(size, 5050, tuple(r["grid"])))
         if not per:
-            per = {"ring": 13}
+            per = {"ring": tags_per_chunk(size, 5050, (40, 5000))}
         log("\n[4b] tasks submitted by execute() for a 5050-tag run (64x64 images, same "
             f"tags per chunk: {per})")
         if a.quick:

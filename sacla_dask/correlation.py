@@ -80,8 +80,10 @@ class CorrelationPlan:
         others (if any) the requested cross pairs.
     mask_norm : ndarray float64 (nqp, nphi)
         Correlation ``M`` of the polar mask: valid bin pairs at each lag.
+    ok : ndarray bool (nqp, nphi)
+        ``M > 0`` (derived).
     inv_norm : ndarray float64 (nqp, nphi)
-        ``1 / M`` where ``M > 0``, NaN where no bin pair exists (derived).
+        ``1 / M`` where ``M > 0``, 0 where no bin pair exists (derived).
     polar_mask : ndarray bool (nq, nphi)
         True = good bin.
     nphi : int
@@ -92,12 +94,16 @@ class CorrelationPlan:
     mask_norm: np.ndarray
     polar_mask: np.ndarray
     nphi: int
-    #: ``1 / mask_norm`` where it is positive, NaN where there is no data (float64)
+    #: lags with valid bin pairs (``mask_norm > 0``)
+    ok: np.ndarray = dataclasses.field(init=False, repr=False)
+    #: ``1 / mask_norm`` where it is positive, 0 where there is no data (float64)
     inv_norm: np.ndarray = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        ok = self.mask_norm > 0
         with np.errstate(divide="ignore"):
-            inv = np.where(self.mask_norm > 0, 1.0 / self.mask_norm, np.nan)
+            inv = np.where(ok, 1.0 / self.mask_norm, 0.0)
+        object.__setattr__(self, "ok", ok)
         object.__setattr__(self, "inv_norm", inv)
 
     @property
@@ -291,11 +297,14 @@ def _correlate(d: np.ndarray, valid: np.ndarray, per_pair: bool,
         # below the 0.5 that rint forgives
         fm = scipy.fft.rfft(valid.astype(d.dtype), axis=-1)
         m = np.rint(scipy.fft.irfft(_lag_products(fm, plan), n=n, axis=-1))
+        ok = m > 0
         with np.errstate(divide="ignore"):
-            inv = np.where(m > 0, 1.0 / m.astype(np.float64), np.nan)
+            inv = np.where(ok, 1.0 / m.astype(np.float64), 0.0)
     else:
-        inv = plan.inv_norm[None]
-    return np.multiply(c, inv, dtype=np.float64)
+        ok, inv = plan.ok[None], plan.inv_norm[None]
+    out = np.multiply(c, inv, dtype=np.float64)
+    out[~np.broadcast_to(ok, out.shape)] = np.nan
+    return out
 
 
 def _stat(d: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -700,8 +709,8 @@ class _Accumulator:
         self.weights = weights
         nrow = plan.nq if plan.auto else plan.nqp
         self.blocks = _row_blocks(nrow, plan.nphi, block_bytes)
-        self.inv0 = np.nan_to_num(plan.inv_norm, nan=0.0)  # 0 where no bin pair
-        self.ok = plan.mask_norm > 0
+        self.inv0 = plan.inv_norm  # 0 where no bin pair
+        self.ok = plan.ok
         self.any_ok = bool(self.ok.any())
         self.n_common = 0
         self.w_common = None if weights is None else np.zeros(weights.shape[0])

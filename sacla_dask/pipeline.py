@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: a chunk size given in bytes never makes fewer tag chunks than this (if there are tags)
 MIN_CHUNKS = 16
+#: nor chunks of fewer tags than this (unless the run is short)
+MIN_CHUNK_TAGS = 4
 
 
 # -- block kernels (numpy in, numpy out) --------------------------------------
@@ -806,6 +808,23 @@ def _compute(objs: Sequence[Any], progress: bool = False) -> list[Any]:
     return list(dask.compute(*objs))
 
 
+def tags_per_chunk(chunks: int | str, n_tags: int, polar_shape: tuple[int, int]) -> int:
+    """Tags per task for ``chunks`` (tags, or bytes of polar images) in a run of ``n_tags``.
+
+    A size in bytes counts the float32 polar block a task holds (it reads
+    its tags one by one), then takes at least ``MIN_CHUNK_TAGS`` tags (a
+    chunk's float64 partial sums of the correlation weigh as much as 4
+    polar images: with fewer tags they would outweigh the data) and makes
+    at least ``MIN_CHUNKS`` chunks (a short run still spreads over workers).
+    """
+    nq, nphi = polar_shape
+    per = parse_chunk_size(chunks, nq * nphi * 4)
+    if isinstance(chunks, str):
+        per = max(per, MIN_CHUNK_TAGS)
+        per = max(1, min(per, math.ceil(max(n_tags, 1) / MIN_CHUNKS)))
+    return per
+
+
 def plan_run(
     run: Run | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -902,9 +921,10 @@ def plan_run(
         Keep every pair's correlation in the store (``corr_pairs``).
     chunks : int or str
         Tags per task, or bytes of polar images per task ("32MiB", the
-        default: 41 tags of the 40 x 5000 ring band, 1 of a 1000 x 6912
-        wide band), but then at least ``MIN_CHUNKS`` (16) chunks, so that
-        a short run still keeps several workers busy. A task reads its
+        default: 41 tags of the 40 x 5000 ring band), but then at least
+        ``MIN_CHUNK_TAGS`` (4) tags per chunk (a chunk's float64 partial
+        sums weigh as much as 4 polar images) and at least ``MIN_CHUNKS``
+        (16) chunks, so that a short run still keeps several workers busy. A task reads its
         tags one at a time, so it holds its block of polar images and one
         image window; the chunk is also the unit of resumption
         (``_chunk_done``).
@@ -977,10 +997,7 @@ def plan_run(
         absent = np.setdiff1d(pair_arr, run.tags)[:5].tolist()
         raise PairingError(f"none of the {len(pair_arr)} pairs{src} has both tags in the run "
                            f"(tags {run.tags[0]}..{run.tags[-1]}; not in it: e.g. {absent})")
-    nq, nphi = transform.shape
-    per = parse_chunk_size(chunks, nq * nphi * 4)  # the polar block a task holds
-    if isinstance(chunks, str):  # a size, not a count: also spread a short run over workers
-        per = max(1, min(per, math.ceil(len(run) / MIN_CHUNKS)))
+    per = tags_per_chunk(chunks, len(run), transform.shape)
     return ProcessingPlan(
         run=run, transform=transform, pairs=pair_arr, ia=ia, ib=ib,
         n_pairs_dropped=int((~kept).sum()), tags_per_chunk=per,

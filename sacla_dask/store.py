@@ -420,11 +420,17 @@ def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
     return da.Array(graph, out, fresh.chunks, meta=fresh._meta)
 
 
+def _open_for_writing(path: str, name: str) -> zarr.Array:
+    """An array of the store, writing every chunk given (no all-fill-value scan of it)."""
+    return zarr.open_array(store=path, path=name, mode="r+").with_config(
+        {"write_empty_chunks": True})
+
+
 def _write_chunk(path: str, index: int, start: int, stop: int, names: Sequence[str],
                  *blocks: np.ndarray) -> int:
     with writing(path):
         for name, block in zip(names, blocks, strict=True):
-            zarr.open_array(store=path, path=name, mode="r+")[start:stop] = block
+            _open_for_writing(path, name)[start:stop] = block
         # the flag last: a chunk flagged done has all its arrays written
         zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
     return stop - start
@@ -473,7 +479,7 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
 
 def _store_block(path: str, name: str, region: tuple[slice, ...], block: Any) -> None:
     with writing(path):
-        zarr.open_array(store=path, path=name, mode="r+")[region] = block
+        _open_for_writing(path, name)[region] = block
 
 
 def _nothing(_: Any) -> None:
