@@ -94,7 +94,7 @@ def test_default_nphi_is_one_pixel_of_arc(r, fast):
     assert 2 * math.pi * r / n <= 1.0 + 1e-12               # at most one pixel of arc
     plain = default_nphi(r, fast=False)
     assert n >= plain
-    assert n <= 1.05 * plain + 8                            # "about" one pixel: a few per cent
+    assert n <= 1.06 * plain + 8    # "about" one pixel: 5-smooth lengths lie <= 5.5 % apart
     if plain > 8:
         assert 2 * math.pi * r / (plain - 1) > 1.0          # and no coarser than needed
 
