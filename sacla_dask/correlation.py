@@ -26,10 +26,13 @@ mean, standard error, count and bootstrap percentile interval per bin.
 squared normalised difference) stands out robustly.
 
 :func:`summarize_pairs` is the eager numpy reference; :func:`pair_statistics`
-is the Dask wrapper: pairs are grouped by the tag chunks of their two shots
-(one task per group, so a pair straddling two chunks is computed like any
+is the Dask wrapper: pairs are grouped by the tag chunk of their first shot
+(one task per chunk; of another chunk, only the rows of the group's second
+shots there are moved, so a pair straddling two chunks is computed like any
 other), each group task returns its partial sums, which are tree-reduced:
-memory does not grow with the number of pairs. Outlier rejection needs the
+memory does not grow with the number of pairs. The kernel (:func:`pair_sums`)
+correlates in the images' precision (float32 for the pipeline's polar
+images) and sums in float64, a pair at a time in cache-sized blocks of rows. Outlier rejection needs the
 statistic of every pair before it knows which pairs to drop; rather than
 reading the data twice, the sums over *all* pairs are accumulated in the one
 pass, the (few) rejected pairs are recomputed afterwards and subtracted
@@ -1188,10 +1191,11 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
                     hold_out_max: int = HOLD_OUT_MAX) -> LazyPairStatistics:
     """Statistics over pairs of the difference correlations, lazily, in one pass.
 
-    One task per group of pairs sharing the same (chunk of a, chunk of b)
-    computes the group's :class:`PairSums` and per-pair statistics; the
-    sums are tree-reduced ``split_every`` at a time, so memory holds a few
-    partial sums, never all pairs.
+    One task per tag chunk holding first shots computes the
+    :class:`PairSums` and per-pair statistics of those pairs, from its
+    chunk's block and, for second shots in other chunks, small tasks taking
+    just those rows; the sums are tree-reduced ``split_every`` at a time,
+    so memory holds a few partial sums, never all pairs.
 
     Outlier rejection (``reject`` robust sigmas, :func:`robust_outliers`)
     cannot know which pairs to drop before every pair's statistic exists.
