@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="py-spy flame graphs of the workers and Dask performance reports "
                          "for the 2-worker runs (into _work/profiles/)")
     ap.add_argument("--skip", default="", help="sections to skip: raw,tutorial,pipeline,"
-                                               "codecs,rss,graph,fft")
+                                               "codecs,steady,rss,graph,fft")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run of ~1.5 minutes: 30 ring tags, 8 wide, one "
                          "repeat, ring RSS at 10 and 30 tags, no codec comparison (not the "
@@ -432,19 +432,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the run file: big enough for the timed tags and the long RSS run, if the disk allows
     free = shutil.disk_usage(a.workdir).free
-    have = C.find_run(a.workdir, max(a.tags, rss_long if "rss" not in skip else 0))
+    base = max(a.tags, 2 * a.tags if "steady" not in skip else 0)
+    have = C.find_run(a.workdir, max(base, rss_long if "rss" not in skip else 0))
     if have is None:
         room = int((free - 8 * 2**30) / (C.IMAGE_BYTES * 1.01))
         if "rss" not in skip and rss_long > room:
             log(f"disk: {free / 2**30:.0f} GiB free: the long RSS run shrinks from {rss_long} "
                 f"to {room} tags")
             rss_long = room
-        n_file = max(a.tags, rss_long if "rss" not in skip else 0)
+        n_file = max(base, rss_long if "rss" not in skip else 0)
         if n_file > room:
             raise SystemExit(f"not enough disk for {n_file} tags of 2400x2400 float32 "
                              f"({free / 2**30:.0f} GiB free)")
     else:
-        n_file = max(a.tags, rss_long if "rss" not in skip else 0)
+        n_file = max(base, rss_long if "rss" not in skip else 0)
     path = C.ensure_run(a.workdir, n_file, log=log)
     res["run_file"] = path
 
@@ -555,6 +556,38 @@ def main(argv: list[str] | None = None) -> dict:
                                 f"store {r['store_mib']:.0f} MiB "
                                 f"({r['worker_cpu_ms_per_img']:.1f} CPU ms/img)")
 
+    # -- 3b. steady state: the rate of a long run without the per-run fixed cost
+    if "steady" not in skip and "ring" in bands and len(full) >= 2 * a.tags:
+        n1 = a.tags
+        n2 = 2 * a.tags
+        log(f"\n[3b] steady state, ring band, warm: marginal rate between {n1} and {n2} tags "
+            "(the fixed cost per run cancels; the same tags per chunk for both)")
+        names2 = dataset_paths(run_number, full.tags[:n2])
+        raw_read(path, names2)  # warm the page cache for every tag used
+        res["raw_warm_steady"] = min((raw_read(path, names2) for _ in range(2)),
+                                     key=lambda r: r["seconds"])
+        log(f"  raw read_direct of the {n2} tags, warm: {res['raw_warm_steady']['rate']:.1f} "
+            "img/s")
+        per = default_tags_per_chunk(path, n2, "ring", mask)
+        res["steady"] = []
+        for nw in workers:
+            with cluster(nw) as cl:
+                warm_up(cl, path, mask, a.workdir, ["ring"], n=8 if a.quick else 16)
+                secs = {}
+                for n in (n1, n2):
+                    rr = [pipeline(cl, path, n, "ring", store_polar=True, mask=mask, out=out,
+                                   chunks=per) for _ in range(a.repeat)]
+                    secs[n] = min(r["seconds"] for r in rr)
+                rate = (n2 - n1) / (secs[n2] - secs[n1])
+                fixed = secs[n1] - n1 / rate
+                res["steady"].append({"workers": nw, "tags": [n1, n2], "tags_per_chunk": per,
+                                      "seconds": [secs[n1], secs[n2]], "rate": rate,
+                                      "fixed_seconds": fixed})
+                log(f"  {nw}w: {n1} tags {secs[n1]:.2f} s, {n2} tags {secs[n2]:.2f} s -> "
+                    f"{rate:.1f} img/s marginal ({per} tags/chunk); fixed cost per run "
+                    f"{fixed:.2f} s")
+        raw_read(path, names)
+
     # -- 4. memory in run length, graph size
     if "rss" not in skip:
         log(f"\n[4] worker peak RSS: {rss_short} vs {rss_long} tags (2 workers, a fresh "
@@ -661,6 +694,15 @@ def markdown(res: dict) -> str:
                  f"{r['worker_cpu_ms_per_img']:.1f}"] for r in res["codecs"]]
         out += ["Polar store codec (2 workers, store_polar=True):", "",
                 C.table(rows, ["band", "codec", "img/s", "store MiB", "worker CPU ms/img"]), ""]
+    if res.get("steady"):
+        raw_s = res.get("raw_warm_steady", {}).get("rate", float("nan"))
+        rows = [[x["workers"], f"{x['tags'][0]} -> {x['tags'][1]}", x["tags_per_chunk"],
+                 f"{x['seconds'][0]:.2f} / {x['seconds'][1]:.2f}", f"{x['rate']:.1f}",
+                 f"{x['rate'] / raw_s:.2f}", f"{x['fixed_seconds']:.2f}"] for x in res["steady"]]
+        out += [f"Steady state, ring band, store_polar, warm (raw read_direct of the same "
+                f"tags {raw_s:.1f} img/s):", "",
+                C.table(rows, ["workers", "tags", "tags/chunk", "seconds", "marginal img/s",
+                               "x raw", "fixed s per run"]), ""]
     if res.get("rss"):
         rows = [[r["band"], r["store_polar"], r["tags"], f"{r['chunk_mib']:.0f}",
                  "/".join(f"{x:.0f}" for x in r["peak_rss_mib"]),
@@ -749,6 +791,17 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                         note=f"{r2['rate']:.1f} vs {r1['rate']:.1f} img/s; CPU ms/img "
                              f"{r2['worker_cpu_ms_per_img']:.1f} vs "
                              f"{r1['worker_cpu_ms_per_img']:.1f}")
+    steady = {x["workers"]: x for x in res.get("steady", [])}
+    raw_s = res.get("raw_warm_steady", {}).get("rate")
+    if steady and raw_s:
+        x = steady[max(steady)]
+        add(f"ring {x['workers']}w steady state / raw warm", x["rate"] / raw_s,
+            TARGETS["ring_vs_raw_warm"], note=f"{x['rate']:.1f} vs {raw_s:.1f} img/s (marginal "
+            f"rate {x['tags'][0]} -> {x['tags'][1]} tags)")
+    if len(steady) > 1:
+        x2, x1 = steady[max(steady)], steady[min(steady)]
+        add(f"ring steady state: {x2['workers']}w / {x1['workers']}w", x2["rate"] / x1["rate"],
+            TARGETS["scaling_2w_1w"], note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
     rss = res.get("rss", [])
     for band in ("ring", "wide"):
         rr = [r for r in rss if r["band"] == band]
