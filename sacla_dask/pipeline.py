@@ -714,9 +714,7 @@ class ProcessingPlan:
             _say(progress, f"{out} is already complete (same parameters): nothing to compute")
             return _store.open_result(out)
         if state == "absent":
-            tmpl = ds if self.store_polar else ds.assign(
-                {_store.SCRATCH: (("tag", "q", "phi"), fresh[0])})
-            _store.write_template(out, tmpl, names, self.tags_per_chunk, self.compression,
+            _store.write_template(out, ds, names, self.tags_per_chunk, self.compression,
                                   params, sha)
             done = np.zeros(self.n_chunks, dtype=bool)
         else:
@@ -739,8 +737,10 @@ class ProcessingPlan:
         out = self.out
         fresh = self.polar()
         ds = self.dataset(polar=fresh)
-        names = ["polar" if self.store_polar else _store.SCRATCH, "row_mean", "nonfinite_bins"]
-        for name, arr in zip(names, fresh, strict=True):
+        # the per-tag arrays written chunk by chunk (and resumed); correlation only keeps
+        # no polar images at all: they can be larger than the raw input (a wide band)
+        names = (["polar"] if self.store_polar else []) + ["row_mean", "nonfinite_bins"]
+        for name, arr in zip(names, self._kept(fresh), strict=True):
             if name in ds and getattr(ds[name].data, "name", None) != arr.name:
                 raise RuntimeError(f"dataset variable {name!r} is not the polar() array")
         params, sha = _store.parameters(
@@ -750,11 +750,19 @@ class ProcessingPlan:
                                       fingerprint=sha, params=params, check_only=check_only)
         return state, ds, fresh, names, params, sha
 
+    def _kept(self, fresh: Sequence[da.Array]) -> list[da.Array]:
+        """The arrays of :meth:`polar` that the store keeps per tag chunk."""
+        return list(fresh) if self.store_polar else list(fresh[1:])
+
     def _write(self, out: str, ds: xr.Dataset, fresh: Any, names: list[str], done: np.ndarray,
                progress: bool) -> xr.Dataset:
         arrays = {n: _store.resume_array(out, n, a, done)
-                  for n, a in zip(names, fresh, strict=True)}
-        ds = self.dataset(polar=tuple(arrays.values()))  # type: ignore[arg-type]
+                  for n, a in zip(names, self._kept(fresh), strict=True)}
+        # correlation only: no polar images are stored, so a resumed run computes those of
+        # the finished chunks again (from the raw images) for the pairs; it keeps their
+        # written row means and counts
+        polar = arrays["polar"] if self.store_polar else fresh[0]
+        ds = self.dataset(polar=(polar, arrays["row_mean"], arrays["nonfinite_bins"]))
         writes = _store.chunk_writes(out, arrays, ~done)
         # everything else lazy (reductions over pairs, per-tag flags...) is
         # recomputed from the polar images and stored by the workers too

@@ -26,10 +26,12 @@ On resume (:func:`prepare_output` with the same fingerprint), finished
 chunks are read back from the store (:func:`resume_array`) instead of from
 the raw images, so only the missing chunks are computed; the reductions are
 then recomputed from the stored plus the fresh chunks (cheap next to reading
-the raw images). In correlation-only mode (no ``polar`` in the result) the
-normalised polar images go to a scratch array ``_resume_polar`` that
-:func:`finish` deletes, so that resuming means the same in both modes at
-the cost of holding the polar images on disk until the run completes.
+the raw images). In correlation-only mode (no ``polar`` in the result) no
+polar images are written, not even as scratch (a wide band's outweigh the
+raw data): a resumed run keeps the finished chunks' per-tag arrays but
+computes their polar images again for the pairs. (Stores of earlier
+versions may hold a scratch array ``_resume_polar``; :func:`finish`
+removes it.)
 
 Consolidated metadata is not part of the Zarr v3 specification; stores are
 written without it and read with ``consolidated=False``: one metadata read
@@ -66,7 +68,7 @@ COMPRESSIONS = ("none", "lz4", "zstd")
 DONE = "_chunk_done"
 #: dimension of :data:`DONE`
 DONE_DIM = "resume_chunk"
-#: normalised polar images kept for resuming a correlation-only run
+#: scratch polar images of correlation-only runs of earlier versions (removed by finish)
 SCRATCH = "_resume_polar"
 #: arrays that exist only while a store is being written
 BOOKKEEPING = (DONE, SCRATCH)

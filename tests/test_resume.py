@@ -96,7 +96,9 @@ def test_interrupted_run_resumes_missing_chunks_only(small_run, small_params, tm
     reads = RawReads(monkeypatch)
     with dask.config.set(scheduler="sync"):
         res = again.execute()
-    assert reads.n == n - k
+    # the polar images of finished chunks are read back from the store; correlation only
+    # stores none (they can outweigh the raw data), so its finished chunks are read again
+    assert reads.n == (n - k if store_polar else n)
     assert res.attrs["complete"] is True
     assert_same_result(res, ref)
     assert store.DONE not in zarr.open_group(out, mode="r")
