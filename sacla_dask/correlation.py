@@ -254,9 +254,7 @@ def make_plan(polar_mask: np.ndarray,
         c1, c2 = qp[:, 0], qp[:, 1]
     q1 = np.concatenate([np.arange(nq), c1]).astype(np.int64)
     q2 = np.concatenate([np.arange(nq), c2]).astype(np.int64)
-    fm = scipy.fft.rfft(pm.astype(np.float64), axis=-1)
-    norm = scipy.fft.irfft(np.conj(fm[q1]) * fm[q2], n=nphi, axis=-1)
-    norm = np.rint(norm)  # counts of valid bin pairs: integers up to round-off
+    norm = _lag_counts(pm, nphi, q1, q2)  # counts of valid bin pairs
     return CorrelationPlan(q1=q1, q2=q2, mask_norm=norm, polar_mask=pm, nphi=int(nphi))
 
 
@@ -279,13 +277,31 @@ def _difference(a: np.ndarray, b: np.ndarray,
     return d, valid, per_pair
 
 
-def _lag_products(f: np.ndarray, plan: CorrelationPlan) -> np.ndarray:
-    """``conj(F[q1]) F[q2]`` for the plan's row pairs (no copy for autocorrelations)."""
-    if plan.auto:
+def _lag_products(f: np.ndarray, q1: np.ndarray | None = None,
+                  q2: np.ndarray | None = None) -> np.ndarray:
+    """``conj(F[q1]) F[q2]`` over the q rows (axis -2); ``|F|^2`` of every row without q1/q2."""
+    if q1 is None or q2 is None:
         prod = np.conj(f)
-        prod *= f  # |F|^2
+        prod *= f
         return prod
-    return np.conj(f[:, plan.q1]) * f[:, plan.q2]
+    return np.conj(f[..., q1, :]) * f[..., q2, :]
+
+
+def _lag_counts(valid: np.ndarray, nphi: int, q1: np.ndarray | None = None,
+                q2: np.ndarray | None = None) -> np.ndarray:
+    """Valid bin pairs at each lag (float64 integers) of the rows of ``valid`` (bool).
+
+    Even float32 FFT round-off of these counts (<= nphi, ~1e-3) is far
+    below the 0.5 that ``rint`` forgives.
+    """
+    fv = scipy.fft.rfft(valid.astype(np.float32), axis=-1)
+    return np.rint(scipy.fft.irfft(_lag_products(fv, q1, q2), n=nphi, axis=-1)).astype(
+        np.float64)
+
+
+def _rows(plan: CorrelationPlan) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The plan's (q1, q2) rows, or (None, None) when it correlates each row with itself."""
+    return (None, None) if plan.auto else (plan.q1, plan.q2)
 
 
 def _correlate(d: np.ndarray, valid: np.ndarray, per_pair: bool,
@@ -293,16 +309,12 @@ def _correlate(d: np.ndarray, valid: np.ndarray, per_pair: bool,
     """Mask-normalised correlation of differences (float32 FFT, float64 result)."""
     n = plan.nphi
     f = scipy.fft.rfft(d, axis=-1)  # complex64 for float32 d
-    c = scipy.fft.irfft(_lag_products(f, plan), n=n, axis=-1)
+    c = scipy.fft.irfft(_lag_products(f, *_rows(plan)), n=n, axis=-1)
     del f
     if per_pair:
-        # counts of valid bin pairs (<= nphi): even float32 FFT round-off (~1e-3) is far
-        # below the 0.5 that rint forgives
-        fm = scipy.fft.rfft(valid.astype(d.dtype), axis=-1)
-        m = np.rint(scipy.fft.irfft(_lag_products(fm, plan), n=n, axis=-1))
+        m = _lag_counts(valid, n, *_rows(plan))
         ok = m > 0
-        with np.errstate(divide="ignore"):
-            inv = np.where(ok, 1.0 / m.astype(np.float64), 0.0)
+        inv = np.where(ok, 1.0 / np.maximum(m, 1.0), 0.0)
     else:
         ok, inv = plan.ok[None], plan.inv_norm[None]
     out = np.multiply(c, inv, dtype=np.float64)
@@ -535,11 +547,11 @@ class PairSums:
         """The sum (or with ``signs`` -1, the difference) of several sums, one new array each."""
         signs = [1] * len(parts) if signs is None else list(signs)
 
-        def comb(arrays: list[np.ndarray | None], dtype: Any = None) -> np.ndarray | None:
+        def comb(arrays: list[np.ndarray | None]) -> np.ndarray | None:
             have = [(a, sg) for a, sg in zip(arrays, signs, strict=True) if a is not None]
             if not have:
                 return None
-            out = np.zeros(have[0][0].shape, dtype=dtype or have[0][0].dtype)
+            out = np.zeros(have[0][0].shape, dtype=have[0][0].dtype)
             for a, sg in have:
                 if sg > 0:
                     out += a
@@ -717,18 +729,7 @@ class _Accumulator:
         self.any_ok = bool(self.ok.any())
         self.n_common = 0
         self.w_common = None if weights is None else np.zeros(weights.shape[0])
-        self.n_mask = np.count_nonzero(plan.polar_mask, axis=1)
         self.x = np.empty((self.blocks[0].stop - self.blocks[0].start, plan.nphi))
-
-    def _lag_counts(self, valid: np.ndarray, r1: np.ndarray | None,
-                    r2: np.ndarray | None) -> np.ndarray:
-        fv = scipy.fft.rfft(valid.astype(np.float32), axis=-1)
-        if r1 is None:
-            prod = np.conj(fv)
-            prod *= fv
-        else:
-            prod = np.conj(fv[r1]) * fv[r2]
-        return np.rint(scipy.fft.irfft(prod, n=self.plan.nphi, axis=-1)).astype(np.float64)
 
     def pair(self, a: np.ndarray, b: np.ndarray, k: int, kept: np.ndarray | None,
              held: np.ndarray | None = None) -> tuple[float, int]:
@@ -751,16 +752,13 @@ class _Accumulator:
                 d, valid = d[0], valid[0]
                 sq += float(np.square(d).sum(dtype=np.float64))
                 nv += int(np.count_nonzero(valid))
-                fb = scipy.fft.rfft(d, axis=-1)
-                prod = np.conj(fb)
-                prod *= fb
-                del fb
-                m = self._lag_counts(valid, None, None) if own_b else None
+                prod = _lag_products(scipy.fft.rfft(d, axis=-1))
+                m = _lag_counts(valid, plan.nphi) if own_b else None
                 own = own or own_b
             else:
-                prod = np.conj(f[plan.q1[blk]]) * f[plan.q2[blk]]
-                m = (self._lag_counts(fv_rows, plan.q1[blk], plan.q2[blk])
-                     if fv_rows is not None else None)
+                q1, q2 = plan.q1[blk], plan.q2[blk]
+                prod = _lag_products(f, q1, q2)
+                m = _lag_counts(fv_rows, plan.nphi, q1, q2) if fv_rows is not None else None
             c = scipy.fft.irfft(prod, n=plan.nphi, axis=-1)
             del prod
             has_data |= self._add_block(c, m, blk, k, kept, held)
@@ -781,8 +779,7 @@ class _Accumulator:
             inv, ok = self.inv0[blk], None
         else:
             ok = m > 0
-            with np.errstate(divide="ignore"):
-                inv = np.where(ok, 1.0 / np.maximum(m, 1.0), 0.0)
+            inv = np.where(ok, 1.0 / np.maximum(m, 1.0), 0.0)
         np.multiply(c, inv, out=x)
         okb = self.ok[blk] if ok is None else ok
         if kept is not None or held is not None:

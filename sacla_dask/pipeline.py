@@ -76,21 +76,16 @@ def normalized_block(raw: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
     good bin, so that every pair it is in has no data and stays out of the
     statistics; ``image_ok`` records it.
     """
-    return _mark_dead(normalize_rows(raw, polar_mask)[0], raw, polar_mask)
+    norm, rmean = normalize_rows(raw, polar_mask)
+    return _mark_dead(norm, rmean, polar_mask)
 
 
-def _mark_dead(out: np.ndarray, raw: np.ndarray, polar_mask: np.ndarray,
-               rmean: np.ndarray | None = None) -> np.ndarray:
-    """NaN in every good bin of the tags of ``raw`` with no finite good bin (in place).
-
-    ``rmean``, the row means, saves the scan when every tag has a finite one.
-    """
-    if rmean is not None and np.isfinite(rmean).any(axis=1).all():
-        return out
-    dead = ~image_ok_block(raw, polar_mask)
+def _mark_dead(norm: np.ndarray, rmean: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
+    """NaN in every good bin of the tags with no finite good bin (in place), from row means."""
+    dead = ~image_ok_from_means(rmean, bool(polar_mask.any()))
     if dead.any():
-        out[dead] = np.where(polar_mask, np.float32(np.nan), np.float32(0))
-    return out
+        norm[dead] = np.where(polar_mask, np.float32(np.nan), np.float32(0))
+    return norm
 
 
 def image_ok_block(polar: np.ndarray, polar_mask: np.ndarray) -> np.ndarray:
@@ -170,10 +165,7 @@ def _finish_polar(raw: np.ndarray, nonfinite_pixels: np.ndarray,
     for i in np.flatnonzero(nonfinite_pixels):
         nan_bins[i] = int(np.count_nonzero(np.isnan(raw[i])))
     rmean = normalize_rows(raw, polar_mask, out=raw)[1]  # in place: raw is ours
-    dead = ~image_ok_from_means(rmean, bool(polar_mask.any()))  # no finite good bin
-    if dead.any():
-        raw[dead] = np.where(polar_mask, np.float32(np.nan), np.float32(0))
-    return raw, rmean, nan_bins
+    return _mark_dead(raw, rmean, polar_mask), rmean, nan_bins
 
 
 def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype: Any,
