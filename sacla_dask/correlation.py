@@ -57,7 +57,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .errors import ParameterError, SaclaDaskError
 
 #: bytes of a float64 block of correlation rows processed at once: small enough to
-#: stay in the CPU cache and below glibc's mmap threshold (no page faults)
+#: stay in the CPU cache
 BLOCK_BYTES = 2 * 2**20
 #: bytes of partial sums a merge task of the reduction tree takes at once (at least 2)
 MERGE_BYTES = 256 * 2**20
@@ -570,6 +570,40 @@ class PairSums:
             comb([p.boot_s1 for p in parts]), comb([p.boot_w for p in parts]),
             sum(sg * p.shared for p, sg in zip(parts, signs, strict=True)), ok)
 
+    def absorb(self, others: Sequence[PairSums]) -> PairSums:
+        """Add ``others`` into this sum, in place (its arrays are reused; returns it).
+
+        For reductions whose partial sums have one consumer each: a merge
+        then allocates nothing (a wide band's pair of float64 sums is ~110
+        MB, and fresh memory costs page faults). A read-only array (one
+        that arrived in a message buffer) is copied first.
+        """
+        if any((o.boot_s1 is None) != (self.boot_s1 is None) for o in others):
+            raise ParameterError("cannot combine sums with and without bootstrap")
+
+        def own(a: np.ndarray | None) -> np.ndarray | None:
+            return a if a is None or a.flags.writeable else a.copy()
+
+        self.s1, self.s2 = own(self.s1), own(self.s2)  # type: ignore[assignment]
+        self.own_count = own(self.own_count)
+        self.boot_s1, self.boot_w = own(self.boot_s1), own(self.boot_w)
+        for o in others:
+            self.n += o.n
+            self.s1 += o.s1
+            self.s2 += o.s2
+            if o.own_count is not None:
+                if self.own_count is None:
+                    self.own_count = o.own_count.copy()
+                else:
+                    self.own_count += o.own_count
+            if o.boot_s1 is not None:
+                self.boot_s1 += o.boot_s1  # type: ignore[operator]
+                self.boot_w += o.boot_w  # type: ignore[operator]
+            self.shared += o.shared
+            if self.shared_ok is None:
+                self.shared_ok = o.shared_ok
+        return self
+
     def __add__(self, other: PairSums) -> PairSums:
         return PairSums.total([self, other])
 
@@ -642,8 +676,7 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
     """Correlate pairs one by one and accumulate their sums (the group kernel).
 
     Each pair is processed in blocks of rows of about ``block_bytes``
-    (float64) so that every temporary stays in the CPU cache and below
-    glibc's mmap threshold (no page faults), and is added into the sums in
+    (float64) so that every temporary stays in the CPU cache, and is added into the sums in
     place: the memory is that of the sums, whatever the number of pairs.
     The FFTs run in the images' precision (float32 for the pipeline's polar
     images), the sums in float64.
@@ -1081,7 +1114,8 @@ def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.
 
 
 def _merge_partials(parts: list[_Partial]) -> _Partial:
-    sums = PairSums.total([p.sums for p in parts])
+    # every partial of the tree has one consumer (this merge): add into the first's arrays
+    sums = parts[0].sums.absorb([p.sums for p in parts[1:]])
     n_boot = 0 if sums.boot_s1 is None else sums.boot_s1.shape[0]
     return _Partial(sums, np.concatenate([p.stat for p in parts]),
                     HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot))

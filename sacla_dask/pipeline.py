@@ -130,7 +130,7 @@ def polar_chunk(windows: np.ndarray, op: PolarOperator,
     The raw polar block lives only inside this call and the rows are
     normalised once; :meth:`ProcessingPlan.polar` picks the three outputs.
     """
-    tune_allocator()
+    _tune_worker_allocator()
     raw, nonfinite_pixels = apply_polar(windows, op)
     return _finish_polar(raw, nonfinite_pixels, polar_mask)
 
@@ -145,7 +145,7 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     of a block of image windows (for the ring band 13 windows of ~10 MB
     are replaced by one, with none of their page faults).
     """
-    tune_allocator()
+    _tune_worker_allocator()
     nq, nphi = op.shape
     raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
     nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
@@ -188,20 +188,39 @@ def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype:
 _ALLOCATOR_TUNED = False
 
 
-def tune_allocator(trim: int = 32 << 20, mmap: int = 4 << 20) -> bool:
-    """Let glibc reuse freed blocks instead of returning them to the OS (once per process).
+def _tune_worker_allocator() -> None:
+    """:func:`tune_allocator` in a Dask worker process (a user's own process is left alone)."""
+    if _ALLOCATOR_TUNED:
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    tune_allocator()
+
+
+def tune_allocator(trim: int = 2**31 - 1, mmap_max: int = 0) -> bool:
+    """Let glibc keep and reuse freed memory instead of returning it to the OS (once per process).
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
     also freezes glibc's mmap threshold at 128 KiB: every array over 128 KiB
-    (the FFT's per-row work buffers, the row temporaries of a polar block)
-    is then a fresh ``mmap`` whose pages fault in one by one. Measured on the
-    ring band: 13 000 page faults and twice the worker CPU time per image
-    (benchmarks/README.md). Allocations below ``mmap`` bytes come from the
-    heap and are reused; larger ones (image and polar blocks) stay mmaps,
-    returned to the OS when freed, which keeps a worker's memory flat (a
-    32 MiB threshold saved a little more CPU but let the heap grow with the
-    run). Up to ``trim`` bytes of free heap are kept. No-op off glibc or
-    when ``SACLA_DASK_MALLOC_TUNE=0``.
+    is then a fresh ``mmap`` whose pages the kernel must zero (and, on a VM
+    with free page reporting, the host must back again) on first touch,
+    and every free returns them. A worker allocates the same sizes task
+    after task (a chunk's polar block, its partial sums, message buffers),
+    so here they come from the heap and are reused: ``mmap_max = 0``
+    (``M_MMAP_MAX``) serves every allocation from the heap and ``trim``
+    bytes of free heap top are kept (``M_TRIM_THRESHOLD``). A worker's
+    resident memory is then the peak of what its tasks held at once,
+    reached in the first chunks and flat after (benchmarks/README.md:
+    memory in run length). Measured on the 2-core VM (free page reporting,
+    fresh memory ~0.75 ms per MB): ring band 161-198 -> 18-82 page faults
+    per image; wide band (8 tags per chunk) worker CPU 177-282 -> 164-175
+    ms per image; with glibc's mmap for blocks over 4 MiB (the previous
+    setting) a wide-band worker zeroed ~70-110 MB of fresh pages per image.
+    No-op off glibc or when ``SACLA_DASK_MALLOC_TUNE=0``.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -213,9 +232,9 @@ def tune_allocator(trim: int = 32 << 20, mmap: int = 4 << 20) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_max = -1, -4
         return bool(libc.mallopt(m_trim_threshold, int(trim))
-                    and libc.mallopt(m_mmap_threshold, int(mmap)))
+                    and libc.mallopt(m_mmap_max, int(mmap_max)))
     except (OSError, AttributeError):  # not glibc
         return False
 

@@ -400,6 +400,38 @@ def test_pair_sums_merge_and_remove():
         PairSums.zeros((1, 8)) + part1
 
 
+def test_pair_sums_absorb_in_place_equals_total():
+    """The reduction tree's in-place merge gives the sums of all pairs, reusing one part."""
+    rng = np.random.default_rng(16)
+    pm = np.ones((2, 16), bool)
+    pm[:, 3:5] = False
+    pol = random_polar(rng, 13, 2, 16, pm)
+    pol[6, 1, 9] = np.nan  # a shot-specific masked bin: per-bin counts in one part only
+    plan = make_plan(pm)
+    ia, ib = np.arange(12), np.arange(1, 13)
+    w = bootstrap_weights(np.stack([ia, ib], 1), 4)
+    whole, _, _, _ = pair_sums(pol, pol, plan, ia=ia, ib=ib, weights=w)
+    cuts = [(0, 3), (3, 8), (8, 12)]
+    parts = [pair_sums(pol, pol, plan, ia=ia[a:b], ib=ib[a:b], weights=w[:, a:b])[0]
+             for a, b in cuts]
+    assert parts[0].own_count is None and parts[1].own_count is not None
+    for p in parts[1:]:  # as if received in a message buffer
+        p.s1.flags.writeable = False
+    first_s1 = parts[0].s1
+    merged = parts[0].absorb(parts[1:])
+    assert merged is parts[0] and merged.s1 is first_s1  # no new array for the sums
+    assert merged.n == whole.n == 12 and merged.shared == whole.shared
+    for f in ("s1", "s2", "count", "boot_s1", "boot_w"):
+        np.testing.assert_allclose(getattr(merged, f), getattr(whole, f), rtol=1e-12)
+    ro = pair_sums(pol, pol, plan, ia=ia[:2], ib=ib[:2])[0]
+    ro.s1.flags.writeable = False
+    before = ro.s1.copy()
+    ro.absorb([pair_sums(pol, pol, plan, ia=ia[2:4], ib=ib[2:4])[0]])
+    assert ro.s1.flags.writeable and not np.array_equal(ro.s1, before)  # copied, then added
+    with pytest.raises(ParameterError, match="bootstrap"):
+        PairSums.zeros((2, 16)).absorb([parts[1]])
+
+
 # -- Bragg spots ----------------------------------------------------------------------
 def test_bragg_spots_are_masked_and_rows_renormalised():
     rng = np.random.default_rng(7)
