@@ -217,7 +217,7 @@ def band_q(band: str) -> tuple[float, float]:
 def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
              mask: np.ndarray, out: str, compression: str = "lz4", fast_nphi: bool = True,
              cold: str | None = None, profile: str | None = None,
-             chunks: int | str = "128MiB") -> dict:
+             chunks: int | str | None = None) -> dict:
     """open_run + plan_run + execute on the cluster ``cl``; wall, CPU, RSS, tasks."""
     from sacla_dask.pipeline import plan_run
     from sacla_dask.run import open_run
@@ -241,7 +241,8 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
         plan = plan_run(run, qmin=qmin, qmax=qmax, center=C.CENTER, pixel_size=C.PIXEL,
                         distance=C.DISTANCE, wavelength=C.WAVELENGTH, mask=mask, out=out,
                         store_polar=store_polar, compression=compression,
-                        fast_nphi=fast_nphi, chunks=chunks)
+                        fast_nphi=fast_nphi,
+                        **({} if chunks is None else {"chunks": chunks}))  # None: the default
         t1 = time.perf_counter()
         prof_ctx: Any = contextlib.nullcontext()
         spy_ctx: Any = contextlib.nullcontext([])

@@ -130,7 +130,7 @@ def polar_chunk(windows: np.ndarray, op: PolarOperator,
     The raw polar block lives only inside this call and the rows are
     normalised once; :meth:`ProcessingPlan.polar` picks the three outputs.
     """
-    _tune_worker_allocator()
+    _tune_worker_allocator(4 * int(np.prod(op.shape)))
     raw, nonfinite_pixels = apply_polar(windows, op)
     return _finish_polar(raw, nonfinite_pixels, polar_mask)
 
@@ -145,8 +145,8 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     of a block of image windows (for the ring band 13 windows of ~10 MB
     are replaced by one, with none of their page faults).
     """
-    _tune_worker_allocator()
     nq, nphi = op.shape
+    _tune_worker_allocator(4 * nq * nphi)
     raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
     nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
     buf: list[np.ndarray] = []
@@ -185,12 +185,19 @@ def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype:
     return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype))
 
 
-_ALLOCATOR_TUNED = False
+#: glibc policy set in this process by :func:`tune_allocator` (None: untouched)
+_ALLOCATOR_MODE: str | None = None
+#: polar image bytes from which workers keep freed memory for reuse (see tune_allocator)
+RETAIN_IMAGE_BYTES = 4 << 20
 
 
-def _tune_worker_allocator() -> None:
-    """:func:`tune_allocator` in a Dask worker process (a user's own process is left alone)."""
-    if _ALLOCATOR_TUNED:
+def _tune_worker_allocator(image_bytes: int) -> None:
+    """:func:`tune_allocator` for a task's polar image size, in a Dask worker only.
+
+    A user's own process (a notebook with the threaded scheduler) is left alone.
+    """
+    mode = "retain" if image_bytes >= RETAIN_IMAGE_BYTES else "release"
+    if _ALLOCATOR_MODE == mode:
         return
     try:
         from distributed import get_worker
@@ -198,43 +205,57 @@ def _tune_worker_allocator() -> None:
         get_worker()
     except (ImportError, ValueError):
         return
-    tune_allocator()
+    tune_allocator(mode)
 
 
-def tune_allocator(trim: int = 2**31 - 1, mmap_max: int = 0) -> bool:
-    """Let glibc keep and reuse freed memory instead of returning it to the OS (once per process).
+def tune_allocator(mode: str = "release") -> bool:
+    """Set glibc's policy for large blocks in this process (a Dask worker).
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
     also freezes glibc's mmap threshold at 128 KiB: every array over 128 KiB
-    is then a fresh ``mmap`` whose pages the kernel must zero (and, on a VM
-    with free page reporting, the host must back again) on first touch,
-    and every free returns them. A worker allocates the same sizes task
-    after task (a chunk's polar block, its partial sums, message buffers),
-    so here they come from the heap and are reused: ``mmap_max = 0``
-    (``M_MMAP_MAX``) serves every allocation from the heap and ``trim``
-    bytes of free heap top are kept (``M_TRIM_THRESHOLD``). A worker's
-    resident memory is then the peak of what its tasks held at once,
-    reached in the first chunks and flat after (benchmarks/README.md:
-    memory in run length). Measured on the 2-core VM (free page reporting,
-    fresh memory ~0.75 ms per MB): ring band 161-198 -> 18-82 page faults
-    per image; wide band (8 tags per chunk) worker CPU 177-282 -> 164-175
-    ms per image; with glibc's mmap for blocks over 4 MiB (the previous
-    setting) a wide-band worker zeroed ~70-110 MB of fresh pages per image.
-    No-op off glibc or when ``SACLA_DASK_MALLOC_TUNE=0``.
+    is a fresh ``mmap`` whose pages the kernel must zero (and, on a VM with
+    free page reporting such as the benchmark machine, the host must back
+    again: ~0.75 ms per MB there) on first touch. Two policies:
+
+    ``"release"`` (small polar images, e.g. the ring band)
+        Allocations under 4 MiB come from the heap and are reused (up to
+        32 MiB of free heap kept); larger ones (polar blocks) stay mmaps,
+        returned to the OS when freed. Fresh memory per image is ~1 MB and
+        a worker's memory follows what its tasks hold (ring band: 13 000
+        -> ~170 page faults per image against the nanny's setting).
+    ``"retain"`` (polar images of ``RETAIN_IMAGE_BYTES`` or more, e.g. the
+    wide band)
+        Every allocation comes from the heap (``M_MMAP_MAX = 0``) and free
+        memory is kept: a worker allocates the same large sizes task after
+        task (27.6 MB polar images, 110 MB partial sums, message buffers),
+        which would otherwise cost ~55 MB of fresh pages per image. Wide
+        band, 2 workers: 6.2-6.9 -> 10.1 img/s, 1 worker 4.5 -> 6.6 img/s;
+        worker peak RSS ~15 % higher (heap fragmentation), which is why the
+        ring band does not use it (its gain there was within noise, its
+        peak RSS 366 -> 455 MiB for 1000 tags). benchmarks/README.md.
+
+    Returns whether glibc accepted the settings (False off glibc or when
+    ``SACLA_DASK_MALLOC_TUNE=0``).
     """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    _ALLOCATOR_TUNED = True
+    global _ALLOCATOR_MODE
+    if mode not in ("release", "retain"):
+        raise ParameterError(f"allocator mode must be 'release' or 'retain' (got {mode!r})")
+    _ALLOCATOR_MODE = mode
     if os.environ.get("SACLA_DASK_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_trim_threshold, int(trim))
-                    and libc.mallopt(m_mmap_max, int(mmap_max)))
+        m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+        if mode == "retain":
+            return bool(libc.mallopt(m_trim_threshold, 2**31 - 1)
+                        and libc.mallopt(m_mmap_max, 0))
+        ok = bool(libc.mallopt(m_mmap_max, 65536)  # glibc's default
+                  and libc.mallopt(m_trim_threshold, 32 << 20)
+                  and libc.mallopt(m_mmap_threshold, 4 << 20))
+        libc.malloc_trim(0)  # what "retain" kept, if it was set before
+        return ok
     except (OSError, AttributeError):  # not glibc
         return False
 

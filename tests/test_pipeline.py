@@ -241,16 +241,17 @@ def test_fused_polar_chunk_equals_the_separate_kernels():
     assert ref.tolist() == [True, True, False, True]
     # glibc tuning happens in Dask workers only, never in the user's own process
     pipeline_mod = sys.modules["sacla_dask.pipeline"]
-    was = pipeline_mod._ALLOCATOR_TUNED
-    pipeline_mod._tune_worker_allocator()
-    assert pipeline_mod._ALLOCATOR_TUNED == was
-    assert callable(tune_allocator)
-    out = subprocess.run([sys.executable, "-c", "from sacla_dask.pipeline import tune_allocator "
-                          "as t; print(t(), t())"], capture_output=True, text=True, check=True)
-    first, again = out.stdout.split()
-    assert again == "True"  # once per process
+    was = pipeline_mod._ALLOCATOR_MODE
+    pipeline_mod._tune_worker_allocator(100 << 20)
+    assert pipeline_mod._ALLOCATOR_MODE == was
+    with pytest.raises(sd.ParameterError, match="allocator mode"):
+        tune_allocator("keep")
+    code = ("import numpy as np\n"
+            "from sacla_dask.pipeline import tune_allocator as t\n"
+            "print(t('retain'), t('release'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert first == ("True" if glibc else "False")
+    assert out.stdout.split() == [str(glibc)] * 2
 
 
 def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
