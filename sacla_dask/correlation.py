@@ -1069,14 +1069,20 @@ class _Partial:
 
 def _home_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
                  ib: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
-    """Sort pairs by the tag chunk of their first shot; return (order, bounds, groups).
+    """Sort pairs by their home chunk, that of their later shot; return (order, bounds, groups).
 
-    ``groups`` holds ``(chunk, start, end)`` over the sorted pairs.
+    ``groups`` holds ``(chunk, start, end)`` over the sorted pairs. The rows
+    a group needs from other chunks then lie in earlier chunks, which are
+    computed first: a group can run as soon as its home block exists, and
+    a block is freed as soon as its own group, its write and the row copies
+    taken from it are done (with the home at the earlier shot, each block
+    waited for the next chunk's, and blocks piled up on a worker that ran
+    ahead).
     """
     bounds = np.cumsum((0,) + tuple(tag_chunks))
-    ca = np.searchsorted(bounds, ia, side="right") - 1
-    order = np.lexsort((ib, ia, ca))
-    sc = ca[order]
+    home = np.searchsorted(bounds, np.maximum(ia, ib), side="right") - 1
+    order = np.lexsort((ib, ia, home))
+    sc = home[order]
     starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
     ends = np.r_[starts[1:], sc.size]
     return order, bounds, [(int(sc[s]), int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
@@ -1101,11 +1107,12 @@ class _StackedRows:
 
 def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.ndarray,
                 start: int, n_boot: int, seed: int, keep: bool, hold: float | None,
-                hold_max: int, block_bytes: int, block_a: np.ndarray,
+                hold_max: int, block_bytes: int, block: np.ndarray,
                 *others: np.ndarray) -> Any:
-    block_b: Any = _StackedRows([block_a, *others]) if others else block_a
+    """Sums over a group's pairs; ``la``/``lb`` index ``block`` then the ``others`` rows."""
+    rows: Any = _StackedRows([block, *others]) if others else block
     w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
-    sums, stat, kept, held = pair_sums(block_a, block_b, plan, ia=la, ib=lb, weights=w,
+    sums, stat, kept, held = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
                                        keep=keep, hold_above=hold, hold_max=hold_max,
                                        block_bytes=block_bytes)
     held.index = held.index + start  # position among all (sorted) pairs
@@ -1222,11 +1229,11 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
                     hold_out_max: int = HOLD_OUT_MAX) -> LazyPairStatistics:
     """Statistics over pairs of the difference correlations, lazily, in one pass.
 
-    One task per tag chunk holding first shots computes the
+    One task per tag chunk holding the pairs' later shots computes the
     :class:`PairSums` and per-pair statistics of those pairs, from its
-    chunk's block and, for second shots in other chunks, small tasks taking
-    just those rows; the sums are tree-reduced ``split_every`` at a time,
-    so memory holds a few partial sums, never all pairs.
+    chunk's block and, for shots in other (earlier) chunks, small tasks
+    taking just those rows; the sums are tree-reduced ``split_every`` at a
+    time, so memory holds a few partial sums, never all pairs.
 
     Outlier rejection (``reject`` robust sigmas, :func:`robust_outliers`)
     cannot know which pairs to drop before every pair's statistic exists.
@@ -1312,24 +1319,26 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     plan_key = (internal, "plan")
     dsk: dict[Any, Any] = {plan_key: plan}
     part_keys, pair_keys = [], []
-    for g, (a, s, e) in enumerate(groups):
-        # the group runs on its home chunk's block; of other chunks it needs (and so
-        # moves between workers) only the rows of its pairs' second shots there
-        la = sa[s:e] - bounds[a]
-        lb = np.empty(e - s, dtype=np.int64)
-        cb = np.searchsorted(bounds, sb[s:e], side="right") - 1
-        home = cb == a
-        lb[home] = sb[s:e][home] - bounds[a]
-        blocks: list[Any] = [(polar.name, a, 0, 0)]
-        offset = int(polar.chunks[0][a])
-        for c in np.unique(cb[~home]):
-            sel = cb == c
-            pos, li = np.unique(sb[s:e][sel] - bounds[c], return_inverse=True)
+    for g, (h, s, e) in enumerate(groups):
+        # the group runs on its home chunk's block (that of its pairs' later shots); of
+        # other (earlier) chunks it needs, and so moves between workers, only the rows
+        # of its pairs' shots there: ``la``/``lb`` index the home block, then those rows
+        pos_ab = np.concatenate([sa[s:e], sb[s:e]])
+        local = np.empty(pos_ab.size, dtype=np.int64)
+        cab = np.searchsorted(bounds, pos_ab, side="right") - 1
+        at_home = cab == h
+        local[at_home] = pos_ab[at_home] - bounds[h]
+        blocks: list[Any] = [(polar.name, h, 0, 0)]
+        offset = int(polar.chunks[0][h])
+        for c in np.unique(cab[~at_home]):
+            sel = cab == c
+            pos, li = np.unique(pos_ab[sel] - bounds[c], return_inverse=True)
             rk = (internal, "rows", g, int(c))
             dsk[rk] = (_take_rows, (polar.name, int(c), 0, 0), pos)
             blocks.append(rk)
-            lb[sel] = offset + li
+            local[sel] = offset + li
             offset += pos.size
+        la, lb = local[:e - s], local[e - s:]
         gk = (internal, "group", g)
         dsk[gk] = (_group_task, plan_key, la, lb, sk[s:e], s, n_boot, seed, keep_pairs,
                    HOLD_OUT_STAT if reject else None, hold_out_max, block_bytes, *blocks)

@@ -305,7 +305,7 @@ def test_pair_statistics_builds_a_graph_without_computing():
 
 
 def test_tree_reduction_fan_in_and_groups():
-    """One task per chunk of first shots; of another chunk only the rows needed move.
+    """One task per chunk of later shots; of an earlier chunk only the rows needed move.
 
     Partial sums are merged split_every at a time.
     """
@@ -315,11 +315,12 @@ def test_tree_reduction_fan_in_and_groups():
     res = pair_statistics(x, ia, ia + 1, make_plan(pm), split_every=3)
     dsk = dict(res.mean.__dask_graph__())
     groups = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "group"]
-    assert len(groups) == 10          # one per chunk holding first shots
+    assert len(groups) == 10          # one per chunk holding the pairs' later shots
     rows = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "rows"]
-    assert len(rows) == 9             # the first tag of each next chunk, for the straddling pair
+    assert len(rows) == 9             # the last tag of each previous chunk (straddling pair)
     for k in rows:
-        assert dsk[k][2].tolist() == [0]
+        assert dsk[k][2].tolist() == [3]
+        assert k[3] == k[2] - 1       # taken from the chunk before the group's own
     merges = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "tree"]
     for k in merges:
         deps = dask.core.get_dependencies(dsk, k)
