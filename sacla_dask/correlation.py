@@ -55,6 +55,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .errors import ParameterError, SaclaDaskError
+from .scheduling import chunk_first
 
 #: bytes of a float64 block of correlation rows processed at once: small enough to
 #: stay in the CPU cache
@@ -1375,7 +1376,21 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         dsk[rej_key] = (tuple, [np.zeros(ia.size, dtype=bool), float("inf")])
     fin = (internal, "final")
     dsk[fin] = (_finalize_task, total, float(ci))
-    hlg = HighLevelGraph.from_collections(internal, dsk, dependencies=deps)
+    # a group runs in its home chunk's turn, a row copy in its source chunk's (so that
+    # block is freed early); merges and the rest keep priority 0: they run as soon as
+    # they can and free partial sums early
+    home_of = {g: h for g, (h, _, _) in enumerate(groups)}
+
+    def home(key: Any) -> int:
+        if isinstance(key, tuple) and len(key) > 2:
+            if key[1] == "rows":
+                return int(key[3])
+            if key[1] in ("group", "partial"):
+                return home_of[key[2]]
+        return 0
+
+    with chunk_first(home):
+        hlg = HighLevelGraph.from_collections(internal, dsk, dependencies=deps)
 
     def out(label: str, task: Any, chunks: tuple[tuple[int, ...], ...], dtype: Any) -> da.Array:
         name = f"{label}-{token}"

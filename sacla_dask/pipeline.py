@@ -40,6 +40,7 @@ from .correlation import (
     parse_q_pairs,
 )
 from .errors import MaskError, ParameterError, PairingError
+from .scheduling import chunk_first
 from .geometry import Geometry
 from .pairs import (
     PAIRINGS,
@@ -181,7 +182,8 @@ def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype:
     rest = (0,) * (len(chunks) - 1)
     dsk = {(name, j) + rest: (operator.getitem, (parts.name, j, 0, 0), i)
            for j in range(len(chunks[0]))}
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[parts])
+    with chunk_first():
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[parts])
     return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype))
 
 
@@ -514,7 +516,8 @@ class ProcessingPlan:
         for c in range(len(tchunks)):
             dsk[(name, c, 0, 0)] = (polar_chunk_from_run, sources[bounds[c]:bounds[c + 1]],
                                     tr.window, self.run.on_bad_tag, op.key, pmk.key)
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[op, pmk])
+        with chunk_first():  # a worker finishes an older block's work before a newer read
+            graph = HighLevelGraph.from_collections(name, dsk, dependencies=[op, pmk])
         parts = da.Array(graph, name, (tchunks, (nq,), (nphi,)),
                          meta=np.empty((0, 0, 0), np.float32))
         norm = _picked(parts, 0, (tchunks, (nq,), (nphi,)), np.float32, "polar-normalized")
@@ -544,6 +547,10 @@ class ProcessingPlan:
                              keys=np.stack([tags[self.ia], tags[self.ib]], axis=1),
                              keep_pairs=self.keep_pairs,
                              reload=self._reloader(src) if self.reject_outliers else None)
+        with chunk_first():
+            image_ok = rmean.map_blocks(image_ok_from_means, bool(tr.polar_mask.any()),
+                                        drop_axis=1, dtype=bool, meta=np.empty((0,), bool),
+                                        token="image-ok")
         nf = nphi // 2 + 1
         fourier = st.mean.map_blocks(fourier_coefficients, chunks=((cplan.nqp,), (nf,)),
                                      dtype=np.complex128, meta=np.empty((0, 0), np.complex128))
@@ -564,9 +571,7 @@ class ProcessingPlan:
                                                            "before normalisation"}),
             # from the row means, not from norm: a consumer of norm that runs
             # late (its output is only needed at the end) keeps norm in memory
-            "image_ok": (("tag",), rmean.map_blocks(
-                image_ok_from_means, bool(tr.polar_mask.any()), drop_axis=1, dtype=bool,
-                meta=np.empty((0,), bool), token="image-ok"),
+            "image_ok": (("tag",), image_ok,
                 {"long_name": "image read and finite in the band (False: left out of every "
                               "pair)"}),
             "nonfinite_bins": (("tag",), nonfinite,

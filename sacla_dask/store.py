@@ -58,6 +58,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .errors import IncompleteStoreError, OutputError, ParameterError
+from .scheduling import chunk_first
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +419,8 @@ def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
             dsk[(out, i) + rest] = (_read_chunk, p, name, int(bounds[i]), int(bounds[i + 1]))
         else:
             dsk[(out, i) + rest] = (fresh.name, i) + rest
-    graph = HighLevelGraph.from_collections(out, dsk, dependencies=[fresh])
+    with chunk_first():
+        graph = HighLevelGraph.from_collections(out, dsk, dependencies=[fresh])
     return da.Array(graph, out, fresh.chunks, meta=fresh._meta)
 
 
@@ -475,7 +477,8 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
                                names, *blocks)
         keys.append((name, int(i)))
     dsk[final] = (_total, keys)
-    graph = HighLevelGraph.from_collections(final, dsk, dependencies=arrs)
+    with chunk_first():
+        graph = HighLevelGraph.from_collections(final, dsk, dependencies=arrs)
     return Delayed(final, graph)
 
 
@@ -519,7 +522,8 @@ def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -
             dsk[key] = (_store_block, p, name, region, (arr.name,) + tuple(idx))
             keys.append(key)
     dsk[final] = (_nothing, keys)
-    graph = HighLevelGraph.from_collections(final, dsk, dependencies=deps)
+    with chunk_first():
+        graph = HighLevelGraph.from_collections(final, dsk, dependencies=deps)
     return Delayed(final, graph)
 
 

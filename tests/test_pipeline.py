@@ -254,6 +254,44 @@ def test_fused_polar_chunk_equals_the_separate_kernels():
     assert out.stdout.split() == [str(glibc)] * 2
 
 
+def test_graph_prioritises_older_tag_chunks(small_run, small_params):
+    """Each chunk's read, picks, writes, group and row copies carry priority -chunk.
+
+    (sacla_dask.scheduling: a worker finishes what an older block feeds before it
+    reads a newer one; merges and finals keep priority 0.)
+    """
+    from sacla_dask.scheduling import block_index
+
+    assert block_index(("polar-chunk-x", 7, 0, 0)) == 7
+    assert block_index(("write-array-x", "image_ok", 3)) == 3
+    assert block_index("tag-chunks-written-x") == 0
+    plan = plan_run(small_run.path, chunks=7, **small_params)
+    ds = plan.dataset()
+    graph = ds["corr"].data.__dask_graph__()
+    prio = {}
+    for layer in graph.layers.values():
+        f = (layer.annotations or {}).get("priority")
+        for key in layer:
+            prio[key] = f(key) if callable(f) else (0 if f is None else f)
+    polar = {k: v for k, v in prio.items() if k[0].startswith("polar-chunk")}
+    assert len(polar) == plan.n_chunks > 2
+    assert all(v == -k[1] for k, v in polar.items())
+    norm = {k: v for k, v in prio.items() if k[0].startswith("polar-normalized")}
+    assert norm and all(v == -k[1] for k, v in norm.items())
+    groups = {k: v for k, v in prio.items() if k[0].startswith("pair-statistics")
+              and k[1] == "group"}
+    rows = {k: v for k, v in prio.items() if k[0].startswith("pair-statistics")
+            and k[1] == "rows"}
+    assert len(groups) == plan.n_chunks and rows
+    # consecutive pairs: group g lives in chunk g and copies the last row of chunk g - 1,
+    # in that chunk's turn
+    assert all(v == -k[2] for k, v in groups.items())
+    assert all(v == -k[3] == -(k[2] - 1) for k, v in rows.items())
+    merges = [v for k, v in prio.items() if k[0].startswith("pair-statistics")
+              and k[1] in ("tree", "final")]
+    assert merges and all(v == 0 for v in merges)
+
+
 def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
     """One read per tag chunk and one polar transform per tag, lazily and in execute()."""
     import sacla_dask.pipeline as pipeline
