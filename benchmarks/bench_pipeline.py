@@ -382,9 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--wide-tags", type=int, default=100,
                     help="tags timed for the wide band, which is compute-bound and ~50x "
                          "slower per image (default 100, at most --tags)")
-    ap.add_argument("--rss-tags", default="100,1000",
-                    help="short,long run lengths for the peak-RSS test (default 100,1000; "
-                         "the long one shrinks to what fits the disk)")
+    ap.add_argument("--rss-tags", default="100,300,1000",
+                    help="run lengths for the peak-RSS test, shortest and longest compared "
+                         "(default 100,300,1000: the middle one shows whether memory has "
+                         "levelled off once the run is several chunks long; the longest "
+                         "shrinks to what fits the disk)")
     ap.add_argument("--repeat", type=int, default=2, help="timed repeats, best kept (default 2)")
     ap.add_argument("--bands", default="ring,wide")
     ap.add_argument("--workers", default="1,2")
@@ -419,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
     skip = set(filter(None, a.skip.split(",")))
     bands = [b for b in a.bands.split(",") if b]
     workers = [int(w) for w in a.workers.split(",") if w]
-    rss_short, rss_long = (int(x) for x in a.rss_tags.split(","))
+    rss_lengths = sorted(int(x) for x in a.rss_tags.split(","))
+    rss_short, rss_long = rss_lengths[0], rss_lengths[-1]
     os.makedirs(a.workdir, exist_ok=True)
     prof_dir = os.path.join(a.workdir, "profiles")
     if a.profile:
@@ -591,8 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- 4. memory in run length, graph size
     if "rss" not in skip:
-        log(f"\n[4] worker peak RSS: {rss_short} vs {rss_long} tags (2 workers, a fresh "
-            "cluster each)")
+        log(f"\n[4] worker peak RSS: {', '.join(map(str, rss_lengths))} tags (2 workers, a "
+            "fresh cluster each)")
         res["rss"] = []
         for band, sp in (("ring", True),) + ((("wide", False),) if not a.quick else ()):
             if band not in bands:
@@ -600,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
             # the same tags per chunk for both lengths: the long run's default (a short
             # run's default chunks are smaller, at least 16 of them, which would flatter it)
             per = default_tags_per_chunk(path, rss_long, band, mask)
-            for n in (rss_short, rss_long):
+            for n in sorted(set(rss_lengths[:-1] + [rss_long])):
                 with cluster(max(workers)) as cl:
                     warm_up(cl, path, mask, a.workdir, [band], n=8 if a.quick else 16)
                     r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out,
@@ -805,9 +808,15 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
             TARGETS["scaling_2w_1w"], note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
     rss = res.get("rss", [])
     for band in ("ring", "wide"):
-        rr = [r for r in rss if r["band"] == band]
-        if len(rr) == 2:
-            s, lg = sorted(rr, key=lambda r: r["tags"])
+        rr = sorted([r for r in rss if r["band"] == band], key=lambda r: r["tags"])
+        if len(rr) >= 2:
+            s, lg = rr[0], rr[-1]
+            for mid in rr[1:-1]:  # levelled off? (both runs several chunks long)
+                add(f"{band} peak RSS {lg['tags']} / {mid['tags']} tags",
+                    max(lg["peak_rss_mib"]) / max(mid["peak_rss_mib"]), None,
+                    note=f"{max(lg['peak_rss_mib']):.0f} vs {max(mid['peak_rss_mib']):.0f} MiB; "
+                         f"{lg['tags'] // lg['tags_per_chunk']} vs "
+                         f"{mid['tags'] // mid['tags_per_chunk']} chunks")
             ratio = max(lg["peak_rss_mib"]) / max(s["peak_rss_mib"])
             med = max(lg["median_rss_mib"]) / max(s["median_rss_mib"])
             add(f"{band} peak RSS {lg['tags']} / {s['tags']} tags", ratio, TARGETS["rss_ratio"],

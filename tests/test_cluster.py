@@ -100,6 +100,12 @@ def test_local_cluster_is_the_default():
         assert [w["nthreads"] for w in info["workers"].values()] == [1]
         assert client.dashboard_link.startswith("http://127.0.0.1:")
         assert client.cluster is not None  # we started it, and close it on exit
+        # one glibc arena per worker process, set before it starts (unless the user's own)
+        from sacla_dask.cluster import WORKER_ENV
+
+        envs = client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
+        want = os.environ.get("MALLOC_ARENA_MAX", WORKER_ENV["MALLOC_ARENA_MAX"])
+        assert list(envs.values()) == [want]
     assert client.status == "closed"
 
 
