@@ -230,11 +230,13 @@ def tune_allocator(mode: str = "release") -> bool:
         Every allocation comes from the heap (``M_MMAP_MAX = 0``) and free
         memory is kept: a worker allocates the same large sizes task after
         task (27.6 MB polar images, 110 MB partial sums, message buffers),
-        which would otherwise cost ~55 MB of fresh pages per image. Wide
-        band, 2 workers: 6.2-6.9 -> 10.1 img/s, 1 worker 4.5 -> 6.6 img/s;
-        worker peak RSS ~15 % higher (heap fragmentation), which is why the
-        ring band does not use it (its gain there was within noise, its
-        peak RSS 366 -> 455 MiB for 1000 tags). benchmarks/README.md.
+        which would otherwise cost ~55 MB of fresh pages per image (wide
+        band, 2 workers, 128 tags, the same hour: 5.5-8.6 -> 10.1 img/s).
+        With one glibc arena (:data:`sacla_dask.cluster.WORKER_ENV`,
+        ``MALLOC_ARENA_MAX=1``) a wide-band worker then faults in ~4 pages
+        per image. The ring band does not use it: its gain there was within
+        noise and its peak RSS rose (366 -> 455 MiB for 1000 tags).
+        benchmarks/README.md.
 
     Returns whether glibc accepted the settings (False off glibc or when
     ``SACLA_DASK_MALLOC_TUNE=0``).
