@@ -725,7 +725,9 @@ def polar_into(window: np.ndarray, op: PolarOperator, out: np.ndarray,
     else:
         np.take(x, gather[0], out=y, mode="clip")  # (clip: no buffering; all in range)
         y[gather[1]] = 0
-    if not math.isfinite(float(y.sum())):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, caught below
+        total = float(y.sum())
+    if not math.isfinite(total):
         return _redo_nonfinite(op, x, y)
     return 0
 
