@@ -26,8 +26,8 @@ CLUSTER_KINDS = ("local", "jobqueue")
 #: set in each worker process before it starts (``distributed.nanny.pre-spawn-environ``):
 #: one glibc arena, so the task thread's large blocks come from the same heap as the
 #: rest and are reused rather than fragmenting per-thread arenas (wide band, 2 workers:
-#: 7.0 -> 8.0-8.5 img/s, fresh pages 33 -> 6-12 MB per image, peak RSS of 400 tags
-#: 1.22 -> 1.03x that of 100; benchmarks/README.md). Batch jobs export it in their
+#: 7.0 -> 8.0-8.5 img/s, fresh pages 33 -> 6-12 MB per image; the peak RSS still varies
+#: from run to run, benchmarks/README.md). Batch jobs export it in their
 #: prologue (deploy/); workers you start yourself should too.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
