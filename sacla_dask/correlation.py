@@ -545,62 +545,57 @@ class PairSums:
 
     @staticmethod
     def total(parts: Sequence[PairSums], signs: Sequence[int] | None = None) -> PairSums:
-        """The sum (or with ``signs`` -1, the difference) of several sums, one new array each."""
+        """The sum (or with ``signs`` -1, the difference) of several sums, in new arrays."""
         signs = [1] * len(parts) if signs is None else list(signs)
+        first, sg = parts[0], signs[0]
 
-        def comb(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-            have = [(a, sg) for a, sg in zip(arrays, signs, strict=True) if a is not None]
-            if not have:
-                return None
-            out = np.zeros(have[0][0].shape, dtype=have[0][0].dtype)
-            for a, sg in have:
-                if sg > 0:
-                    out += a
-                else:
-                    out -= a
-            return out
+        def start(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else (a.copy() if sg > 0 else -a)
 
-        boots = [p.boot_s1 is not None for p in parts]
-        if any(boots) and not all(boots):
-            raise ParameterError("cannot combine sums with and without bootstrap")
-        ok = next((p.shared_ok for p in parts if p.shared_ok is not None), None)
-        return PairSums(
-            sum(sg * p.n for p, sg in zip(parts, signs, strict=True)),
-            comb([p.s1 for p in parts]), comb([p.s2 for p in parts]),  # type: ignore[arg-type]
-            comb([p.own_count for p in parts]),
-            comb([p.boot_s1 for p in parts]), comb([p.boot_w for p in parts]),
-            sum(sg * p.shared for p, sg in zip(parts, signs, strict=True)), ok)
+        out = PairSums(sg * first.n, start(first.s1), start(first.s2),  # type: ignore[arg-type]
+                       start(first.own_count), start(first.boot_s1), start(first.boot_w),
+                       sg * first.shared, first.shared_ok)
+        return out.absorb(parts[1:], signs[1:])
 
-    def absorb(self, others: Sequence[PairSums]) -> PairSums:
-        """Add ``others`` into this sum, in place (its arrays are reused; returns it).
+    def absorb(self, others: Sequence[PairSums],
+               signs: Sequence[int] | None = None) -> PairSums:
+        """Add ``others`` (or with ``signs`` -1, subtract them) into this sum, in place.
 
-        For reductions whose partial sums have one consumer each: a merge
-        then allocates nothing (a wide band's pair of float64 sums is ~110
-        MB, and fresh memory costs page faults). A read-only array (one
-        that arrived in a message buffer) is copied first.
+        Its arrays are reused (returns it). For reductions whose partial
+        sums have one consumer each: a merge then allocates nothing (a wide
+        band's pair of float64 sums is ~110 MB, and fresh memory costs page
+        faults). A read-only array (one that arrived in a message buffer) is
+        copied first.
         """
+        signs = [1] * len(others) if signs is None else list(signs)
         if any((o.boot_s1 is None) != (self.boot_s1 is None) for o in others):
             raise ParameterError("cannot combine sums with and without bootstrap")
 
         def own(a: np.ndarray | None) -> np.ndarray | None:
             return a if a is None or a.flags.writeable else a.copy()
 
+        def add(a: np.ndarray, b: np.ndarray, sg: int) -> None:
+            if sg > 0:
+                a += b
+            else:
+                a -= b
+
         self.s1, self.s2 = own(self.s1), own(self.s2)  # type: ignore[assignment]
         self.own_count = own(self.own_count)
         self.boot_s1, self.boot_w = own(self.boot_s1), own(self.boot_w)
-        for o in others:
-            self.n += o.n
-            self.s1 += o.s1
-            self.s2 += o.s2
+        for o, sg in zip(others, signs, strict=True):
+            self.n += sg * o.n
+            add(self.s1, o.s1, sg)
+            add(self.s2, o.s2, sg)
             if o.own_count is not None:
                 if self.own_count is None:
-                    self.own_count = o.own_count.copy()
+                    self.own_count = o.own_count.copy() if sg > 0 else -o.own_count
                 else:
-                    self.own_count += o.own_count
+                    add(self.own_count, o.own_count, sg)
             if o.boot_s1 is not None:
-                self.boot_s1 += o.boot_s1  # type: ignore[operator]
-                self.boot_w += o.boot_w  # type: ignore[operator]
-            self.shared += o.shared
+                add(self.boot_s1, o.boot_s1, sg)  # type: ignore[arg-type]
+                add(self.boot_w, o.boot_w, sg)  # type: ignore[arg-type]
+            self.shared += sg * o.shared
             if self.shared_ok is None:
                 self.shared_ok = o.shared_ok
         return self

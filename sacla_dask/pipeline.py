@@ -40,7 +40,6 @@ from .correlation import (
     parse_q_pairs,
 )
 from .errors import MaskError, ParameterError, PairingError
-from .scheduling import chunk_first
 from .geometry import Geometry
 from .pairs import (
     PAIRINGS,
@@ -54,6 +53,7 @@ from . import run as _run
 from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
 from .polar import polar_into as apply_polar_into
 from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
+from .scheduling import chunk_first
 
 log = logging.getLogger(__name__)
 
