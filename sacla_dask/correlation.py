@@ -26,11 +26,11 @@ mean, standard error, count and bootstrap percentile interval per bin.
 squared normalised difference) stands out robustly.
 
 :func:`summarize_pairs` is the eager numpy reference; :func:`pair_statistics`
-is the Dask wrapper: pairs are grouped by the tag chunk of their first shot
-(one task per chunk; of another chunk, only the rows of the group's second
-shots there are moved, so a pair straddling two chunks is computed like any
-other), each group task returns its partial sums, which are tree-reduced:
-memory does not grow with the number of pairs. The kernel (:func:`pair_sums`)
+is the Dask wrapper: pairs are grouped by the tag chunk of their later shot
+(one task per chunk; of an earlier chunk, only the rows of the group's shots
+there are moved, so a pair straddling two chunks is computed like any
+other), each group task returns its partial sums, which are folded in chunk
+order into one running sum: memory does not grow with the number of pairs. The kernel (:func:`pair_sums`)
 correlates in the images' precision (float32 for the pipeline's polar
 images) and sums in float64, a pair at a time in cache-sized blocks of rows. Outlier rejection needs the
 statistic of every pair before it knows which pairs to drop; rather than
@@ -53,6 +53,7 @@ import numpy as np
 import scipy.fft
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
+from dask.sizeof import sizeof
 
 from .errors import ParameterError, SaclaDaskError
 from .scheduling import chunk_first
@@ -60,7 +61,7 @@ from .scheduling import chunk_first
 #: bytes of a float64 block of correlation rows processed at once: small enough to
 #: stay in the CPU cache
 BLOCK_BYTES = 2 * 2**20
-#: bytes of partial sums a merge task of the reduction tree takes at once (at least 2)
+#: bytes of partial sums a fold step takes at once (the running sum and at least one more)
 MERGE_BYTES = 256 * 2**20
 #: MAD -> standard deviation of a normal distribution
 MAD_TO_SIGMA = 1.4826
@@ -894,7 +895,7 @@ def finalize(sums: PairSums, ci: float = 0.95) -> dict[str, np.ndarray]:
 
     The standard error treats pairs as independent: with overlapping
     consecutive pairs (a shot in two pairs) it is an underestimate. Being
-    computed from sums of squares (so that partial sums merge in a tree),
+    computed from sums of squares (so that partial sums merge),
     its absolute round-off is about ``sqrt(eps) ~ 1e-8`` times the rms pair
     correlation: negligible unless the pairs are (nearly) identical.
     """
@@ -1051,7 +1052,7 @@ def _corr_group(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, block_a: 
 
 @dataclasses.dataclass
 class _Partial:
-    """What a group task passes up the reduction tree.
+    """What a group task passes to the fold of the sums.
 
     Sums over its pairs, and the small per-pair values (statistics in the
     sorted pair order, held-out pairs) carried along, so that every task's
@@ -1061,6 +1062,24 @@ class _Partial:
     sums: PairSums
     stat: np.ndarray
     held: HeldPairs
+
+
+@sizeof.register(PairSums)
+def _sizeof_pair_sums(s: PairSums) -> int:
+    arrays = (s.s1, s.s2, s.own_count, s.boot_s1, s.boot_w)
+    return 64 + sum(a.nbytes for a in arrays if a is not None)
+
+
+@sizeof.register(HeldPairs)
+def _sizeof_held(h: HeldPairs) -> int:
+    return 64 + h.index.nbytes + h.corr.nbytes + (0 if h.weights is None else h.weights.nbytes)
+
+
+@sizeof.register(_Partial)
+def _sizeof_partial(p: _Partial) -> int:
+    # Dask sizes task results to place tasks and to manage worker memory: without
+    # this a wide band's 110 MB partial sums counted as 56 bytes
+    return sizeof(p.sums) + p.stat.nbytes + sizeof(p.held)
 
 
 def _home_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
@@ -1117,8 +1136,12 @@ def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.
 
 
 def _merge_partials(parts: list[_Partial]) -> _Partial:
-    # every partial of the tree has one consumer (this merge): add into the first's arrays
-    sums = parts[0].sums.absorb([p.sums for p in parts[1:]])
+    # every partial has one consumer (this merge): add into the running sum's arrays (the
+    # first part), or for two parts into whichever is writable (a part that arrived from
+    # another worker may be a read-only message buffer; a + b == b + a, bit for bit)
+    base = 1 if len(parts) == 2 and not parts[0].sums.s1.flags.writeable else 0
+    sums = parts[base].sums.absorb([parts[1 - base].sums] if len(parts) == 2 else
+                                   [p.sums for p in parts[1:]])
     n_boot = 0 if sums.boot_s1 is None else sums.boot_s1.shape[0]
     return _Partial(sums, np.concatenate([p.stat for p in parts]),
                     HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot))
@@ -1228,8 +1251,9 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     One task per tag chunk holding the pairs' later shots computes the
     :class:`PairSums` and per-pair statistics of those pairs, from its
     chunk's block and, for shots in other (earlier) chunks, small tasks
-    taking just those rows; the sums are tree-reduced ``split_every`` at a
-    time, so memory holds a few partial sums, never all pairs.
+    taking just those rows; the group sums are folded into one running sum
+    ``split_every`` at a time, in chunk order, so memory holds a few partial
+    sums, never all pairs, however long the run.
 
     Outlier rejection (``reject`` robust sigmas, :func:`robust_outliers`)
     cannot know which pairs to drop before every pair's statistic exists.
@@ -1274,9 +1298,9 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         Default: the correction depends on every chunk of ``polar``, which
         dask then keeps until the end (fine for in-memory arrays).
     split_every : int, optional
-        Fan-in of the tree reduction (default: 8, fewer for large partial
-        sums, so that a merge takes about ``MERGE_BYTES`` (256 MiB); at
-        least 2).
+        Group sums added to the running sum per fold step (default: 8,
+        fewer for large partial sums, so that a step takes about
+        ``MERGE_BYTES`` (256 MiB); at least 1).
     hold_out_max : int
         Held-out pairs per group task (see above; 0 = always subtract).
     """
@@ -1284,12 +1308,12 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     ib = np.asarray(ib, dtype=np.int64)
     polar = _check_polar(polar, ia, ib)
     if split_every is None:
-        # merge a few partial sums at a time when they are large (a wide band's pair of
-        # float64 nq x nphi arrays is ~110 MB): a merge task holds its inputs
+        # fold few group sums at a time when they are large (a wide band's pair of float64
+        # nq x nphi arrays is ~110 MB): a fold step holds the running sum and its inputs
         part = 16 * plan.nqp * plan.nphi * (1 + int(n_boot))
-        split_every = int(min(8, max(2, MERGE_BYTES // max(part, 1))))
-    if split_every < 2:
-        raise ParameterError(f"split_every must be >= 2 (got {split_every})")
+        split_every = int(min(8, max(1, MERGE_BYTES // max(part, 1) - 1)))
+    if split_every < 1:
+        raise ParameterError(f"split_every must be >= 1 (got {split_every})")
     if n_boot < 0:
         raise ParameterError(f"bootstrap resamples must be >= 0 (got {n_boot})")
     if n_boot and not 0 < ci < 1:
@@ -1344,15 +1368,16 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
             pair_keys.append(gk)
         else:
             part_keys.append(gk)
-    level, depth = part_keys, 0
-    while len(level) > 1:
-        nxt = []
-        for i in range(0, len(level), split_every):
-            k = (internal, "tree", depth, i // split_every)
-            dsk[k] = (_merge_partials, list(level[i:i + split_every]))
-            nxt.append(k)
-        level, depth = nxt, depth + 1
-    root = total = level[0]
+    # the group sums are folded, in chunk order, into one running sum, ``split_every``
+    # at a time: the workers hold the running sum and the few newest group results,
+    # however long the run (a tree would hold a partial per level waiting for its
+    # sibling, log2(groups) of them: each 110 MB for a wide band)
+    acc = part_keys[0]
+    for j, i in enumerate(range(1, len(part_keys), split_every)):
+        k = (internal, "fold", j)
+        dsk[k] = (_merge_partials, [acc, *part_keys[i:i + split_every]])
+        acc = k
+    root = total = acc
     rej_key = (internal, "rejection")
     if reject:
         dsk[rej_key] = (_reject_task, root, float(reject))

@@ -304,10 +304,12 @@ def test_pair_statistics_builds_a_graph_without_computing():
     assert res.mean.shape == (2, 8) and res.pairs.shape == (9, 2, 8)
 
 
-def test_tree_reduction_fan_in_and_groups():
+def test_fold_fan_in_and_groups():
     """One task per chunk of later shots; of an earlier chunk only the rows needed move.
 
-    Partial sums are merged split_every at a time.
+    The group sums are folded in chunk order into one running sum, split_every
+    groups per step: a chain, so that no partial waits for a sibling (a tree
+    holds one per level).
     """
     pm = np.ones((1, 4), bool)
     x = da.zeros((40, 1, 4), chunks=(4, -1, -1))
@@ -321,12 +323,48 @@ def test_tree_reduction_fan_in_and_groups():
     for k in rows:
         assert dsk[k][2].tolist() == [3]
         assert k[3] == k[2] - 1       # taken from the chunk before the group's own
-    merges = [k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "tree"]
-    for k in merges:
+    folds = sorted(k for k in dsk if isinstance(k, tuple) and len(k) > 1 and k[1] == "fold")
+    assert len(folds) == 3            # groups 1-3, 4-6, 7-9 into the running sum
+    expect_prev = [k for k in groups if k[2] == 0]
+    for j, k in enumerate(folds):
         deps = dask.core.get_dependencies(dsk, k)
-        assert 1 <= len(deps) <= 3
+        prev = [d for d in deps if d[1] == "fold"] or [d for d in deps if d[2] == 0]
+        assert prev == expect_prev    # a chain: each step takes the previous one
+        assert sorted(d[2] for d in deps if d[1] == "group" and d[2] != 0) == \
+            list(range(1 + 3 * j, 4 + 3 * j))
+        expect_prev = [k]
     pairs_tasks = [k for k in dsk if isinstance(k, tuple) and "difference-correlation" in k[0]]
     assert not pairs_tasks
+
+
+def test_fold_of_one_at_a_time_equals_eager():
+    """split_every=1 (a wide band's default) gives the eager statistics."""
+    rng = np.random.default_rng(21)
+    pm = np.ones((2, 16), bool)
+    pol = random_polar(rng, 13, 2, 16, pm)
+    plan = make_plan(pm)
+    ia = np.arange(12)
+    x = da.from_array(pol, chunks=(3, -1, -1))
+    res = pair_statistics(x, ia, ia + 1, plan, split_every=1)
+    ref = summarize_pairs(pol, ia, ia + 1, plan)
+    assert_eq(res.mean, ref["mean"])
+    assert_eq(res.sem, ref["sem"])
+    with pytest.raises(ParameterError, match="split_every"):
+        pair_statistics(x, ia, ia + 1, plan, split_every=0)
+
+
+def test_partial_sums_report_their_size_to_dask():
+    """Dask places tasks and manages worker memory by result sizes: a partial is its arrays."""
+    from dask.sizeof import sizeof
+
+    from sacla_dask.correlation import HeldPairs, _Partial
+
+    s = PairSums.zeros((100, 50), n_boot=2)
+    held = HeldPairs(np.arange(3), np.zeros((3, 100, 50)))
+    part = _Partial(s, np.zeros(7), held)
+    arrays = 2 * 100 * 50 * 8 + 2 * 2 * 100 * 50 * 8
+    assert arrays <= sizeof(s) < arrays + 1000
+    assert sizeof(part) >= arrays + 7 * 8 + 3 * 100 * 50 * 8
 
 
 def test_pair_straddling_a_chunk_boundary_is_included():
@@ -699,3 +737,26 @@ def test_cli_process_with_correlation_options(small_run, small_params, tmp_path)
     bad = CliRunner().invoke(main, args[:-3] + ["--q-pairs", "0:99", "--dry-run"])
     assert bad.exit_code == 2 and "outside 0.." in bad.output
     assert os.path.isdir(out)
+
+
+def test_fold_step_adds_into_the_writable_part():
+    """A running sum received read-only from another worker is added into the new part."""
+    from sacla_dask.correlation import HeldPairs, _merge_partials, _Partial
+
+    rng = np.random.default_rng(22)
+    pm = np.ones((2, 16), bool)
+    pol = random_polar(rng, 7, 2, 16, pm)
+    plan = make_plan(pm)
+    ia = np.arange(6)
+    whole = pair_sums(pol, pol, plan, ia=ia, ib=ia + 1)[0]
+    parts = [_Partial(pair_sums(pol, pol, plan, ia=ia[a:b], ib=ia[a:b] + 1)[0],
+                      np.arange(a, b, dtype=float), HeldPairs.concat([], (2, 16), 0))
+             for a, b in ((0, 4), (4, 6))]
+    parts[0].sums.s1.flags.writeable = False
+    second_s1 = parts[1].sums.s1
+    merged = _merge_partials(parts)
+    assert merged.sums.s1 is second_s1                   # no copy of the read-only one
+    assert merged.stat.tolist() == list(range(6))        # per-pair values stay in order
+    np.testing.assert_allclose(merged.sums.s1, whole.s1, rtol=1e-12)
+    np.testing.assert_allclose(merged.sums.s2, whole.s2, rtol=1e-12)
+    assert merged.sums.n == whole.n == 6

@@ -288,7 +288,7 @@ def test_graph_prioritises_older_tag_chunks(small_run, small_params):
     assert all(v == -k[2] for k, v in groups.items())
     assert all(v == -k[3] == -(k[2] - 1) for k, v in rows.items())
     merges = [v for k, v in prio.items() if k[0].startswith("pair-statistics")
-              and k[1] in ("tree", "final")]
+              and k[1] in ("fold", "final")]
     assert merges and all(v == 0 for v in merges)
 
 
