@@ -14,13 +14,14 @@ one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import logging
 import math
 import operator
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
@@ -753,8 +754,8 @@ class ProcessingPlan:
             _say(progress, f"{out} is already complete (same parameters): nothing to compute")
             return _store.open_result(out)
         if state == "absent":
-            _store.write_template(out, ds, names, self.tags_per_chunk, self.compression,
-                                  params, sha)
+            _store.write_template(out, ds, names + list(self._derived()), self.tags_per_chunk,
+                                  self.compression, params, sha)
             done = np.zeros(self.n_chunks, dtype=bool)
         else:
             done = _store.done_chunks(out, self.n_chunks)
@@ -784,7 +785,10 @@ class ProcessingPlan:
                 raise RuntimeError(f"dataset variable {name!r} is not the polar() array")
         params, sha = _store.parameters(
             ds, compression=self.compression, store_polar=self.store_polar,
-            source_bytes=[os.path.getsize(p) for p in self.run.paths])
+            source_bytes=[os.path.getsize(p) for p in self.run.paths],
+            # 2: image_ok written with each tag chunk (an unfinished store of layout 1
+            # has it only at the end, so it cannot be resumed)
+            store_layout=2)
         state = _store.prepare_output(out, overwrite=overwrite, resume=resume,
                                       fingerprint=sha, params=params, check_only=check_only)
         return state, ds, fresh, names, params, sha
@@ -792,6 +796,12 @@ class ProcessingPlan:
     def _kept(self, fresh: Sequence[da.Array]) -> list[da.Array]:
         """The arrays of :meth:`polar` that the store keeps per tag chunk."""
         return list(fresh) if self.store_polar else list(fresh[1:])
+
+    def _derived(self) -> dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]]:
+        """Per-tag flags each chunk write computes from the chunk's row means (no task)."""
+        any_good = bool(self.transform.polar_mask.any())
+        return {"image_ok": (functools.partial(image_ok_from_means, any_good=any_good),
+                             "row_mean")}
 
     def _write(self, out: str, ds: xr.Dataset, fresh: Any, names: list[str], done: np.ndarray,
                progress: bool) -> xr.Dataset:
@@ -802,14 +812,14 @@ class ProcessingPlan:
         # written row means and counts
         polar = arrays["polar"] if self.store_polar else fresh[0]
         ds = self.dataset(polar=(polar, arrays["row_mean"], arrays["nonfinite_bins"]))
-        writes = _store.chunk_writes(out, arrays, ~done)
-        # everything else lazy (reductions over pairs, per-tag flags...) is
-        # recomputed from the polar images and stored by the workers too
+        derived = self._derived()
+        writes = _store.chunk_writes(out, arrays, ~done, derived)
+        # everything else lazy (reductions over pairs...) is recomputed from the polar
+        # images and stored by the workers too
         finals = {str(k): v.data for k, v in ds.variables.items()
-                  if isinstance(v.data, da.Array) and k not in names}
+                  if isinstance(v.data, da.Array) and k not in names and k not in derived}
         _compute([writes, _store.array_writes(out, finals)], progress=progress)
-        self._record_unreadable(
-            out, _store.read_array(out, "image_ok") if "image_ok" in finals else None)
+        self._record_unreadable(out, _store.read_array(out, "image_ok"))
         _store.finish(out)
         return _store.open_result(out)
 

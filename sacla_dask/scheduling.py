@@ -26,7 +26,7 @@ def block_index(key: Hashable) -> int:
     """The tag-chunk index of a task key: its first integer after the name (0 if none).
 
     ``("polar-chunk-<token>", 7, 0, 0)`` -> 7, ``("write-tag-chunk-<token>", 7)`` -> 7,
-    ``("write-array-<token>", "image_ok", 7)`` -> 7, ``"tag-chunks-written-<token>"`` -> 0.
+    ``("write-array-<token>", "bragg_bins", 7, 0)`` -> 7, ``"tag-chunks-written-<token>"`` -> 0.
     """
     if isinstance(key, tuple):
         for part in key[1:]:

@@ -41,12 +41,13 @@ per array, which is negligible for the handful of arrays in a result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dask
@@ -430,10 +431,22 @@ def _open_for_writing(path: str, name: str) -> zarr.Array:
         {"write_empty_chunks": True})
 
 
+@dataclasses.dataclass(frozen=True)
+class _Derived:
+    """A per-tag array the chunk write computes from another one's block."""
+
+    name: str
+    function: Callable[[np.ndarray], np.ndarray]
+    source: str
+
+
 def _write_chunk(path: str, index: int, start: int, stop: int, names: Sequence[str],
-                 *blocks: np.ndarray) -> int:
+                 derived: Sequence[_Derived], *blocks: np.ndarray) -> int:
     with writing(path):
-        for name, block in zip(names, blocks, strict=True):
+        out = dict(zip(names, blocks, strict=True))
+        for d in derived:
+            out[d.name] = d.function(out[d.source])
+        for name, block in out.items():
             _open_for_writing(path, name)[start:stop] = block
         # the flag last: a chunk flagged done has all its arrays written
         zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
@@ -445,7 +458,9 @@ def _total(counts: Sequence[int]) -> int:
 
 
 def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
-                 todo: np.ndarray) -> Delayed:
+                 todo: np.ndarray,
+                 derived: Mapping[str, tuple[Callable[[np.ndarray], np.ndarray], str]]
+                 | None = None) -> Delayed:
     """Lazy writes of the tag chunks ``todo`` of ``arrays`` into the store.
 
     One task per chunk writes that chunk of every array (region writes into
@@ -457,6 +472,9 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
     arrays : mapping of store array name -> dask array
         Per-tag arrays with the same tag chunks, one chunk on other axes.
     todo : bool array (n_chunks,)
+    derived : mapping of store array name -> (function, source name), optional
+        Per-tag arrays computed by the write task itself from the block of
+        the array ``source`` (a cheap per-tag flag: no task of its own).
     """
     p = os.fspath(path)
     names = list(arrays)
@@ -467,14 +485,18 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
             raise ValueError(f"{n}: chunks {a.chunks} are not the tag chunks {chunks}")
     todo = np.asarray(todo, dtype=bool)
     bounds = np.cumsum((0,) + chunks)
-    token = dask.base.tokenize(p, [a.name for a in arrs], todo)
+    extra = [_Derived(n, fn, src) for n, (fn, src) in (derived or {}).items()]
+    for d in extra:
+        if d.source not in arrays:
+            raise ValueError(f"{d.name}: source array {d.source!r} is not written")
+    token = dask.base.tokenize(p, [a.name for a in arrs], todo, extra)
     name, final = "write-tag-chunk-" + token, "tag-chunks-written-" + token
     dsk: dict[Any, Any] = {}
     keys = []
     for i in np.flatnonzero(todo):
         blocks = [(a.name, int(i)) + (0,) * (a.ndim - 1) for a in arrs]
         dsk[(name, int(i))] = (_write_chunk, p, int(i), int(bounds[i]), int(bounds[i + 1]),
-                               names, *blocks)
+                               names, extra, *blocks)
         keys.append((name, int(i)))
     dsk[final] = (_total, keys)
     with chunk_first():

@@ -102,6 +102,33 @@ def test_partial_writes_and_resume_array(tmp_path):
     assert store.resume_array(p, "polar", fresh, np.zeros(4, bool)) is fresh
 
 
+def _row_max(block):
+    return block.max(axis=1)
+
+
+def test_chunk_writes_compute_derived_arrays_in_the_write(tmp_path):
+    """A derived per-tag array is computed by each chunk's write task from its source
+    block: it lands in the store with the chunk, with no task of its own."""
+    ds = _lazy_result()
+    ds = ds.assign(row_max=(("tag",), ds.row_mean.data.max(axis=1)))
+    p = tmp_path / "r.zarr"
+    params, sha = store.parameters(ds)
+    store.write_template(p, ds, ["polar", "row_mean", "row_max"], 3, "lz4", params, sha)
+    arrays = {"polar": ds.polar.data, "row_mean": ds.row_mean.data}
+    todo = np.array([True, True, False, True])
+    writes = store.chunk_writes(p, arrays, todo, {"row_max": (_row_max, "row_mean")})
+    graph = dict(writes.__dask_graph__())
+    assert sum(1 for k in graph if isinstance(k, tuple) and "write-tag-chunk" in k[0]) == 3
+    assert not any("max" in str(k) for k in graph)     # no task computes row_max
+    assert dask.compute(writes)[0] == 7
+    got = zarr.open_array(store=str(p), path="row_max", mode="r")[...]
+    want = ds.row_mean.values.max(axis=1)
+    np.testing.assert_array_equal(got[todo.repeat(3)[:10]], want[todo.repeat(3)[:10]])
+    assert np.isnan(got[6:9]).all()                        # chunk 2 not written (fill NaN)
+    with pytest.raises(ValueError, match="source array 'nope'"):
+        store.chunk_writes(p, arrays, todo, {"row_max": (_row_max, "nope")})
+
+
 def test_chunk_writes_reject_misaligned_chunks(tmp_path):
     ds = _lazy_result()
     with pytest.raises(ValueError, match="not the tag chunks"):
