@@ -1064,6 +1064,11 @@ class _Partial:
     held: HeldPairs
 
 
+@sizeof.register(CorrelationPlan)
+def _sizeof_plan(p: CorrelationPlan) -> int:
+    return 64 + sum(a.nbytes for a in (p.q1, p.q2, p.mask_norm, p.polar_mask, p.ok, p.inv_norm))
+
+
 @sizeof.register(PairSums)
 def _sizeof_pair_sums(s: PairSums) -> int:
     arrays = (s.s1, s.s2, s.own_count, s.boot_s1, s.boot_w)

@@ -365,6 +365,9 @@ def test_partial_sums_report_their_size_to_dask():
     arrays = 2 * 100 * 50 * 8 + 2 * 2 * 100 * 50 * 8
     assert arrays <= sizeof(s) < arrays + 1000
     assert sizeof(part) >= arrays + 7 * 8 + 3 * 100 * 50 * 8
+    pm = np.ones((100, 50), bool)
+    plan = make_plan(pm)
+    assert sizeof(plan) >= plan.inv_norm.nbytes + plan.mask_norm.nbytes + pm.nbytes
 
 
 def test_pair_straddling_a_chunk_boundary_is_included():

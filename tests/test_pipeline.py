@@ -343,3 +343,12 @@ def test_execute_writes_image_ok_with_each_tag_chunk(small_run, small_params, tm
     assert not [k for k in seen if "image-ok" in k or "image_ok" in k]
     np.testing.assert_array_equal(ds["image_ok"].values, plan.dataset()["image_ok"].values)
     assert ds["image_ok"].values.all()
+
+
+def test_polar_operator_reports_its_size_to_dask(small_run, small_params):
+    """Dask sizes the operator each worker holds by its arrays, not as a bare object."""
+    from dask.sizeof import sizeof
+
+    op = plan_run(small_run.path, **small_params).transform.operator
+    m = op.matrix
+    assert sizeof(op) == op.nbytes >= m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
