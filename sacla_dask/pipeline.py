@@ -2,7 +2,7 @@
 
 This module owns the assembly of the lazy Dask graph (read the band's
 window of each image -> polar transform -> row normalisation -> pairwise
-difference correlations -> tree-reduced statistics), the inspectable
+difference correlations -> statistics folded over pairs), the inspectable
 :class:`ProcessingPlan` that a user sees before hours of compute, and its
 execution into a Zarr store with whatever Dask scheduler is active.
 

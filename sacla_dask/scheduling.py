@@ -8,7 +8,7 @@ held at once where one or two suffice). The layers built inside
 :func:`chunk_first` carry a ``priority`` annotation of minus their tag
 chunk index, so a worker finishes what an older block feeds before it
 starts a newer one, and root tasks (the reads) are handed out in chunk
-order. Tasks without one (the reduction tree's merges, the final
+order. Tasks without one (the fold steps of the pair sums, the final
 statistics) keep priority 0 and run as soon as they can, which frees
 partial sums early.
 """
