@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     bands = [b for b in a.bands.split(",") if b]
     workers = [int(w) for w in a.workers.split(",") if w]
     rss_lengths = sorted(int(x) for x in a.rss_tags.split(","))
-    rss_short, rss_long = rss_lengths[0], rss_lengths[-1]
+    rss_long = rss_lengths[-1]
     os.makedirs(a.workdir, exist_ok=True)
     prof_dir = os.path.join(a.workdir, "profiles")
     if a.profile:

@@ -117,7 +117,8 @@ def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
     q = truth.ring_q()
     click.echo(f"wrote {out}: run {truth.run}, {n_tags} tags ({n_dark} dark), images {shape}")
     click.echo(f"centre x={truth.center_x:.3f} y={truth.center_y:.3f} px; rings at "
-               + ", ".join(f"r={r:.1f} px (q={qq:.4f} 1/A)" for r, qq in zip(truth.ring_radii, q))
+               + ", ".join(f"r={r:.1f} px (q={qq:.4f} 1/A)"
+                           for r, qq in zip(truth.ring_radii, q, strict=True))
                + f"; wavelength {truth.wavelength:.5f} A")
 
 

@@ -30,9 +30,10 @@ is the Dask wrapper: pairs are grouped by the tag chunk of their later shot
 (one task per chunk; of an earlier chunk, only the rows of the group's shots
 there are moved, so a pair straddling two chunks is computed like any
 other), each group task returns its partial sums, which are folded in chunk
-order into one running sum: memory does not grow with the number of pairs. The kernel (:func:`pair_sums`)
-correlates in the images' precision (float32 for the pipeline's polar
-images) and sums in float64, a pair at a time in cache-sized blocks of rows. Outlier rejection needs the
+order into one running sum: memory does not grow with the number of pairs.
+The kernel (:func:`pair_sums`) correlates in the images' precision (float32
+for the pipeline's polar images) and sums in float64, a pair at a time in
+cache-sized blocks of rows. Outlier rejection needs the
 statistic of every pair before it knows which pairs to drop; rather than
 reading the data twice, the sums over *all* pairs are accumulated in the one
 pass, the (few) rejected pairs are recomputed afterwards and subtracted

@@ -31,6 +31,7 @@ import xarray as xr
 from dask.highlevelgraph import HighLevelGraph
 from dask.sizeof import sizeof
 
+from . import run as _run
 from . import store as _store
 from ._version import __version__
 from .correlation import (
@@ -41,7 +42,7 @@ from .correlation import (
     pair_statistics,
     parse_q_pairs,
 )
-from .errors import MaskError, ParameterError, PairingError
+from .errors import MaskError, PairingError, ParameterError
 from .geometry import Geometry
 from .pairs import (
     PAIRINGS,
@@ -51,7 +52,6 @@ from .pairs import (
     shared_shots,
     similar_pairs,
 )
-from . import run as _run
 from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
 from .polar import polar_into as apply_polar_into
 from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sacla_dask.correlation import (
+    CorrelationPlan,
     PairSums,
     bootstrap_weights,
     cross_matrix,
@@ -337,13 +338,16 @@ def test_fold_fan_in_and_groups():
     assert not pairs_tasks
 
 
+def _consecutive_pairs(seed: int, n_tags: int) -> tuple[np.ndarray, CorrelationPlan, np.ndarray]:
+    """Random polar images (n_tags, 2, 16), their plan and the first shots of consecutive pairs."""
+    pm = np.ones((2, 16), bool)
+    pol = random_polar(np.random.default_rng(seed), n_tags, 2, 16, pm)
+    return pol, make_plan(pm), np.arange(n_tags - 1)
+
+
 def test_fold_of_one_at_a_time_equals_eager():
     """split_every=1 (a wide band's default) gives the eager statistics."""
-    rng = np.random.default_rng(21)
-    pm = np.ones((2, 16), bool)
-    pol = random_polar(rng, 13, 2, 16, pm)
-    plan = make_plan(pm)
-    ia = np.arange(12)
+    pol, plan, ia = _consecutive_pairs(21, 13)
     x = da.from_array(pol, chunks=(3, -1, -1))
     res = pair_statistics(x, ia, ia + 1, plan, split_every=1)
     ref = summarize_pairs(pol, ia, ia + 1, plan)
@@ -746,11 +750,7 @@ def test_fold_step_adds_into_the_writable_part():
     """A running sum received read-only from another worker is added into the new part."""
     from sacla_dask.correlation import HeldPairs, _merge_partials, _Partial
 
-    rng = np.random.default_rng(22)
-    pm = np.ones((2, 16), bool)
-    pol = random_polar(rng, 7, 2, 16, pm)
-    plan = make_plan(pm)
-    ia = np.arange(6)
+    pol, plan, ia = _consecutive_pairs(22, 7)
     whole = pair_sums(pol, pol, plan, ia=ia, ib=ia + 1)[0]
     parts = [_Partial(pair_sums(pol, pol, plan, ia=ia[a:b], ib=ia[a:b] + 1)[0],
                       np.arange(a, b, dtype=float), HeldPairs.concat([], (2, 16), 0))

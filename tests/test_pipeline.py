@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-import scipy.fft
 import pytest
+import scipy.fft
 import xarray as xr
 from dask.array.utils import assert_eq
 
@@ -36,11 +36,11 @@ def tutorial_reference(images, tags, bright, geom, qmin, qmax, nphi, mask):
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     pmask = mask[iy, ix]
     polar = images[:, iy, ix] * pmask
-    norms = np.array([[row[m].mean() for row, m in zip(p, pmask)] for p in polar])
+    norms = np.array([[row[m].mean() for row, m in zip(p, pmask, strict=True)] for p in polar])
     polar = polar / norms[:, :, None]
     b = np.sort(tags[bright])
     pos = {t: i for i, t in enumerate(tags)}
-    diffs = np.array([polar[pos[a]] - polar[pos[c]] for a, c in zip(b[:-1], b[1:])])
+    diffs = np.array([polar[pos[a]] - polar[pos[c]] for a, c in zip(b[:-1], b[1:], strict=True)])
     f = np.fft.fft(diffs, axis=-1)
     ac = np.fft.ifft(np.abs(f) ** 2, axis=-1).real
     fm = np.fft.fft(pmask.astype(float), axis=-1)
@@ -153,7 +153,7 @@ def test_real_image_polar_transform_with_mask():
     np.testing.assert_array_equal(pm, mask[iy, ix])
     np.testing.assert_allclose(polar[pm], img[iy, ix][pm], rtol=1e-6)
     # the bright broad ring peaks near r = 51 px
-    prof = np.array([row[m].mean() for row, m in zip(polar, pm)])
+    prof = np.array([row[m].mean() for row, m in zip(polar, pm, strict=True)])
     assert abs(tr.radius[int(np.argmax(prof))] - 51) <= 3
 
 

@@ -215,7 +215,8 @@ def test_harmonic_recovered_up_to_nphi_over_4(method):
     """f(r) (1 + a cos(n phi + p)): the FFT of each polar row peaks at n with phase p."""
     shape, cx, cy = (128, 128), 63.7, 64.2
     geom = Geometry(cx, cy, PIX, 0.1, 1.0)
-    grid = band(geom, 46.0, 56.0, fast_nphi=False)  # nphi = ceil(2 pi 56) = 352; period >= 3.3 px at n = 88
+    # nphi = ceil(2 pi 56) = 352; period >= 3.3 px at n = 88
+    grid = band(geom, 46.0, 56.0, fast_nphi=False)
     nphi = grid.phi.size
     assert nphi == default_nphi(56.0, fast=False)
     r, ph, _, _ = coords(shape, cx, cy)
