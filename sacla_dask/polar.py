@@ -288,16 +288,24 @@ class PolarOperator:
     def nbytes(self) -> int:
         """Memory of the operator in bytes (what each worker holds once).
 
-        Counts the matrix, the polar mask and coverage, and for an
-        uncorrected ``nearest`` operator the pick index each worker derives
-        (8 bytes per bin).
+        Counts the matrix (unless this is a worker's copy of a pixel pick,
+        which holds no matrix: see :meth:`__getstate__`), the polar mask and
+        coverage, and for an uncorrected ``nearest`` operator the pick index
+        each worker derives (8 bytes per bin).
         """
-        m = self.matrix
-        n = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + self.polar_mask.nbytes
-        n += self.coverage.nbytes
+        n = self.polar_mask.nbytes + self.coverage.nbytes
+        m = self.__dict__.get("matrix")
+        if m is not None:
+            n += m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
         if self.method == "nearest" and self.corrections == "none":
             n += self.nbins * np.dtype(np.intp).itemsize
         return int(n)
+
+    @property
+    def n_columns(self) -> int:
+        """Pixels of the window, the matrix's columns (in the operator's column order)."""
+        wy, wx = self.window_shape
+        return wy * wx
 
     @property
     def gather(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -306,7 +314,8 @@ class PolarOperator:
         A ``nearest`` operator without corrections has one weight of 1 per
         good bin: applying it is ``x[index]`` (then 0 in the ``empty``
         bins), which reads 8 bytes per bin instead of the CSR's 12. Derived
-        from the matrix on first use on each worker, not pickled.
+        from the matrix on first use; pickled in its place (int32, see
+        :meth:`__getstate__`).
         """
         if "gather" not in self._cache:
             m = self.matrix
@@ -325,15 +334,55 @@ class PolarOperator:
         """Boolean (window pixels,) in column order: the pixels the operator reads."""
         used = self._cache.get("used")
         if used is None:
-            used = np.zeros(self.matrix.shape[1], dtype=bool)
-            used[self.matrix.indices] = True
+            used = np.zeros(self.n_columns, dtype=bool)
+            if "matrix" in self.__dict__:
+                used[self.matrix.indices] = True
+            else:  # a pick without its matrix
+                index, empty = self._cache["gather"]
+                full = np.ones(index.size, dtype=bool)
+                full[empty] = False
+                used[index[full]] = True
             self._cache["used"] = used
         return used
 
     def __getstate__(self) -> dict[str, Any]:
+        """What is pickled (to each worker): no cache, and a pick as its index.
+
+        A plain pixel pick (:attr:`gather`) travels as its int32 index (4
+        bytes per bin) instead of its CSR matrix (12 bytes per bin), and
+        the worker keeps only the pick: for the wide band 28 MB shipped
+        instead of 82 MB, and 82 MB less held on every worker. The matrix is
+        rebuilt, identical, on first use (only for an image with a
+        non-finite pixel in the band).
+        """
         state = dict(self.__dict__)
         state["_cache"] = {}
+        pick = self.gather if "matrix" in self.__dict__ else self._cache.get("gather")
+        if pick is not None and self.n_columns < 2**31:
+            state.pop("matrix", None)
+            state["_pick"] = (pick[0].astype(np.int32), pick[1])
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pick = state.pop("_pick", None)
+        self.__dict__.update(state)
+        if pick is not None:
+            self._cache["gather"] = (pick[0].astype(np.intp), pick[1])
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for a missing attribute: the matrix of a pick shipped without it
+        if name == "matrix" and "_cache" in self.__dict__ and self._cache.get("gather"):
+            index, empty = self._cache["gather"]
+            full = np.ones(index.size, dtype=bool)
+            full[empty] = False
+            indptr = np.zeros(index.size + 1, dtype=np.int32)
+            np.cumsum(full, out=indptr[1:])
+            indices = index[full].astype(np.int32)
+            m = sp.csr_matrix((np.ones(indices.size, dtype=np.float32), indices, indptr),
+                              shape=(index.size, self.n_columns))
+            self.__dict__["matrix"] = m
+            return m
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __dask_tokenize__(self) -> tuple[str, str]:
         # Tokenizing the matrix would hash hundreds of MB each time the
@@ -349,7 +398,7 @@ class PolarOperator:
         if self.tile is None and window.dtype == np.float32 and window.flags.c_contiguous:
             return window.reshape(-1)
         if buf is None:
-            buf = np.empty(self.matrix.shape[1], dtype=np.float32)
+            buf = np.empty(self.n_columns, dtype=np.float32)
         wy, wx = self.window_shape
         if self.tile is None:
             np.copyto(buf.reshape(wy, wx), window, casting="unsafe")
@@ -710,18 +759,17 @@ def polar_into(window: np.ndarray, op: PolarOperator, out: np.ndarray,
     by the caller, holds a reusable pixel buffer across calls. Returns the
     number of non-finite pixels the operator read (their bins are NaN).
     """
-    m = op.matrix
     if window.shape != op.window_shape:
         raise ParameterError(f"image window shape {window.shape} does not match the "
                              f"operator's {op.window_shape}")
     need = op.tile is not None or window.dtype != np.float32 or not window.flags.c_contiguous
     if need and buf is not None and not buf:
-        buf.append(np.empty(m.shape[1], dtype=np.float32))
+        buf.append(np.empty(op.n_columns, dtype=np.float32))
     x = op.columns(window, buf[0] if need and buf else None)
     y = out.reshape(-1)
     gather = op.gather
     if gather is None:
-        _matvec(m, x, y)
+        _matvec(op.matrix, x, y)
     else:
         np.take(x, gather[0], out=y, mode="clip")  # (clip: no buffering; all in range)
         y[gather[1]] = 0

@@ -347,6 +347,41 @@ def test_tiled_layout_equals_row_major(method):
     np.testing.assert_array_equal(tiled.polar_mask, plain.polar_mask)
 
 
+def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
+    """A nearest operator travels to workers as an int32 pick index, not its CSR matrix;
+    the copy computes the same images (a non-finite pixel rebuilds the identical matrix)."""
+    op = build_operator(GEOM, band(), SHAPE, panel_gaps(), "nearest")
+    m = op.matrix
+    csr_bytes = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+    blob = pickle.dumps(op)
+    back = pickle.loads(blob)
+    assert "matrix" not in back.__dict__                  # a worker holds the pick only
+    with_matrix = len(pickle.dumps({**op.__dict__, "_cache": {}}))
+    assert len(blob) < with_matrix - csr_bytes // 2       # 4 bytes per bin instead of 12
+    assert back.nbytes == op.nbytes - csr_bytes
+    np.testing.assert_array_equal(back.used_columns, op.used_columns)
+    relayed = pickle.loads(pickle.dumps(back))            # a worker's copy sent on
+    assert "matrix" not in relayed.__dict__ and relayed.gather is not None
+    img = smooth_image()
+    want, nf_want = apply_polar(img[op.window][None], op)
+    got, nf_got = apply_polar(img[op.window][None], back)
+    np.testing.assert_array_equal(got, want)
+    assert "matrix" not in back.__dict__ and nf_got[0] == nf_want[0] == 0
+    img[72, 120] = np.nan                                 # the redo path uses the matrix
+    want, nf_want = apply_polar(img[op.window][None], op)
+    got, nf_got = apply_polar(img[op.window][None], back)
+    np.testing.assert_array_equal(got, want)
+    assert nf_got[0] == nf_want[0] == 1
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(back.matrix, name), getattr(m, name))
+    assert back.matrix.shape == m.shape
+    again = pickle.loads(pickle.dumps(back))              # a copy of a copy: still a pick
+    assert "matrix" not in again.__dict__
+    np.testing.assert_array_equal(apply_polar(img[op.window][None], again)[0], want)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        back.nope  # noqa: B018
+
+
 def test_nearest_gather_equals_the_matrix_product():
     op = build_operator(GEOM, band(), SHAPE, panel_gaps(), "nearest")
     assert op.gather is not None
