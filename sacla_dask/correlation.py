@@ -84,8 +84,9 @@ class CorrelationPlan:
         Row indices of each correlated pair of rows. The first ``nq`` rows
         are the autocorrelations ``(q, q)`` for ``q = 0 .. nq-1``; the
         others (if any) the requested cross pairs.
-    mask_norm : ndarray float64 (nqp, nphi)
-        Correlation ``M`` of the polar mask: valid bin pairs at each lag.
+    mask_norm : ndarray float32 (nqp, nphi)
+        Correlation ``M`` of the polar mask: valid bin pairs at each lag
+        (integer counts, exact in float32 up to 2**24).
     ok : ndarray bool (nqp, nphi)
         ``M > 0`` (derived).
     inv_norm : ndarray float64 (nqp, nphi)
@@ -108,9 +109,20 @@ class CorrelationPlan:
     def __post_init__(self) -> None:
         ok = self.mask_norm > 0
         with np.errstate(divide="ignore"):
-            inv = np.where(ok, 1.0 / self.mask_norm, 0.0)
+            inv = np.where(ok, 1.0 / self.mask_norm.astype(np.float64), 0.0)
         object.__setattr__(self, "ok", ok)
         object.__setattr__(self, "inv_norm", inv)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the derived arrays are recomputed where the plan lands (a wide band's
+        # inverse is 55 MB per worker not shipped)
+        state = dict(self.__dict__)
+        del state["ok"], state["inv_norm"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
     @property
     def nq(self) -> int:
@@ -258,7 +270,8 @@ def make_plan(polar_mask: np.ndarray,
     q1 = np.concatenate([np.arange(nq), c1]).astype(np.int64)
     q2 = np.concatenate([np.arange(nq), c2]).astype(np.int64)
     norm = _lag_counts(pm, nphi, q1, q2)  # counts of valid bin pairs
-    return CorrelationPlan(q1=q1, q2=q2, mask_norm=norm, polar_mask=pm, nphi=int(nphi))
+    return CorrelationPlan(q1=q1, q2=q2, mask_norm=norm.astype(np.float32), polar_mask=pm,
+                           nphi=int(nphi))
 
 
 # -- kernels ------------------------------------------------------------------

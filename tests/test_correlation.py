@@ -357,6 +357,26 @@ def test_fold_of_one_at_a_time_equals_eager():
         pair_statistics(x, ia, ia + 1, plan, split_every=0)
 
 
+def test_plan_ships_without_its_derived_arrays():
+    """The plan pickles its mask correlation (float32 counts, exact) and not the arrays
+    derived from it: the worker's copy recomputes the same flags and float64 inverse."""
+    import pickle
+
+    pm = np.ones((3, 64), bool)
+    pm[:, 10:17] = False
+    pm[1, 40:41] = False
+    plan = make_plan(pm, "all")
+    assert plan.mask_norm.dtype == np.float32
+    np.testing.assert_array_equal(plan.mask_norm, np.rint(plan.mask_norm))
+    assert "inv_norm" not in plan.__getstate__() and "ok" not in plan.__getstate__()
+    back = pickle.loads(pickle.dumps(plan))
+    for name in ("q1", "q2", "mask_norm", "polar_mask", "ok", "inv_norm"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
+    assert back.inv_norm.dtype == np.float64 and back.nphi == plan.nphi
+    ok = plan.mask_norm > 0
+    np.testing.assert_array_equal(back.inv_norm[ok], 1.0 / plan.mask_norm[ok].astype(float))
+
+
 def test_partial_sums_report_their_size_to_dask():
     """Dask places tasks and manages worker memory by result sizes: a partial is its arrays."""
     from dask.sizeof import sizeof
