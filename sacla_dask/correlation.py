@@ -1159,8 +1159,7 @@ def _merge_partials(parts: list[_Partial]) -> _Partial:
     # first part), or for two parts into whichever is writable (a part that arrived from
     # another worker may be a read-only message buffer; a + b == b + a, bit for bit)
     base = 1 if len(parts) == 2 and not parts[0].sums.s1.flags.writeable else 0
-    sums = parts[base].sums.absorb([parts[1 - base].sums] if len(parts) == 2 else
-                                   [p.sums for p in parts[1:]])
+    sums = parts[base].sums.absorb([p.sums for i, p in enumerate(parts) if i != base])
     n_boot = 0 if sums.boot_s1 is None else sums.boot_s1.shape[0]
     return _Partial(sums, np.concatenate([p.stat for p in parts]),
                     HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot))

@@ -140,7 +140,7 @@ def polar_chunk(windows: np.ndarray, op: PolarOperator,
     The raw polar block lives only inside this call and the rows are
     normalised once; :meth:`ProcessingPlan.polar` picks the three outputs.
     """
-    _tune_worker_allocator(4 * int(np.prod(op.shape)))
+    _tune_worker_allocator(op.shape)
     raw, nonfinite_pixels = apply_polar(windows, op)
     return _finish_polar(raw, nonfinite_pixels, polar_mask)
 
@@ -155,8 +155,8 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     of a block of image windows (for the ring band 13 windows of ~10 MB
     are replaced by one, with none of their page faults).
     """
+    _tune_worker_allocator(op.shape)
     nq, nphi = op.shape
-    _tune_worker_allocator(4 * nq * nphi)
     raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
     nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
     buf: list[np.ndarray] = []
@@ -202,12 +202,14 @@ _ALLOCATOR_MODE: str | None = None
 RETAIN_IMAGE_BYTES = 4 << 20
 
 
-def _tune_worker_allocator(image_bytes: int) -> None:
-    """:func:`tune_allocator` for a task's polar image size, in a Dask worker only.
+def _tune_worker_allocator(polar_shape: tuple[int, int]) -> None:
+    """:func:`tune_allocator` for a task's float32 polar image ``(nq, nphi)``, in a Dask
+    worker only.
 
     A user's own process (a notebook with the threaded scheduler) is left alone.
     """
-    mode = "retain" if image_bytes >= RETAIN_IMAGE_BYTES else "release"
+    nq, nphi = polar_shape
+    mode = "retain" if 4 * nq * nphi >= RETAIN_IMAGE_BYTES else "release"
     if _ALLOCATOR_MODE == mode:
         return
     try:
@@ -559,8 +561,8 @@ class ProcessingPlan:
                              keep_pairs=self.keep_pairs,
                              reload=self._reloader(src) if self.reject_outliers else None)
         with chunk_first():
-            image_ok = rmean.map_blocks(image_ok_from_means, bool(tr.polar_mask.any()),
-                                        drop_axis=1, dtype=bool, meta=np.empty((0,), bool),
+            image_ok = rmean.map_blocks(self._derived()["image_ok"][0], drop_axis=1,
+                                        dtype=bool, meta=np.empty((0,), bool),
                                         token="image-ok")
         nf = nphi // 2 + 1
         fourier = st.mean.map_blocks(fourier_coefficients, chunks=((cplan.nqp,), (nf,)),
@@ -806,7 +808,8 @@ class ProcessingPlan:
         return list(fresh) if self.store_polar else list(fresh[1:])
 
     def _derived(self) -> dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]]:
-        """Per-tag flags each chunk write computes from the chunk's row means (no task)."""
+        """Per-tag flags from a chunk's row means: the lazy dataset's kernel, and what each
+        chunk write computes itself (no task of their own in :meth:`execute`)."""
         any_good = bool(self.transform.polar_mask.any())
         return {"image_ok": (functools.partial(image_ok_from_means, any_good=any_good),
                              "row_mean")}

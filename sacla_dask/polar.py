@@ -338,12 +338,16 @@ class PolarOperator:
             if "matrix" in self.__dict__:
                 used[self.matrix.indices] = True
             else:  # a pick without its matrix
-                index, empty = self._cache["gather"]
-                full = np.ones(index.size, dtype=bool)
-                full[empty] = False
-                used[index[full]] = True
+                used[self._pick_columns()[1]] = True
             self._cache["used"] = used
         return used
+
+    def _pick_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """Of a pick (:attr:`gather`): which bins read a pixel, and that pixel's column."""
+        index, empty = self._cache["gather"]
+        full = np.ones(index.size, dtype=bool)
+        full[empty] = False
+        return full, index[full]
 
     def __getstate__(self) -> dict[str, Any]:
         """What is pickled (to each worker): no cache, and a pick as its index.
@@ -372,14 +376,12 @@ class PolarOperator:
     def __getattr__(self, name: str) -> Any:
         # only reached for a missing attribute: the matrix of a pick shipped without it
         if name == "matrix" and "_cache" in self.__dict__ and self._cache.get("gather"):
-            index, empty = self._cache["gather"]
-            full = np.ones(index.size, dtype=bool)
-            full[empty] = False
-            indptr = np.zeros(index.size + 1, dtype=np.int32)
+            full, columns = self._pick_columns()
+            indptr = np.zeros(full.size + 1, dtype=np.int32)
             np.cumsum(full, out=indptr[1:])
-            indices = index[full].astype(np.int32)
+            indices = columns.astype(np.int32)
             m = sp.csr_matrix((np.ones(indices.size, dtype=np.float32), indices, indptr),
-                              shape=(index.size, self.n_columns))
+                              shape=(full.size, self.n_columns))
             self.__dict__["matrix"] = m
             return m
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

@@ -242,7 +242,7 @@ def test_fused_polar_chunk_equals_the_separate_kernels():
     # glibc tuning happens in Dask workers only, never in the user's own process
     pipeline_mod = sys.modules["sacla_dask.pipeline"]
     was = pipeline_mod._ALLOCATOR_MODE
-    pipeline_mod._tune_worker_allocator(100 << 20)
+    pipeline_mod._tune_worker_allocator((1000, 30000))
     assert pipeline_mod._ALLOCATOR_MODE == was
     with pytest.raises(sd.ParameterError, match="allocator mode"):
         tune_allocator("keep")
