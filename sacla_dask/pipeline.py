@@ -52,7 +52,14 @@ from .pairs import (
     shared_shots,
     similar_pairs,
 )
-from .polar import PolarOperator, PolarTransform, apply_polar, check_mask, normalize_rows
+from .polar import (
+    PolarOperator,
+    PolarTransform,
+    apply_polar,
+    check_mask,
+    normalize_rows,
+    polar_from_columns,
+)
 from .polar import polar_into as apply_polar_into
 from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
 from .scheduling import chunk_first
@@ -154,11 +161,23 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     once, so the task holds one image and the chunk's polar block instead
     of a block of image windows (for the ring band 13 windows of ~10 MB
     are replaced by one, with none of their page faults).
+
+    With a compact operator (:meth:`PolarOperator.compact`, what the
+    pipeline ships) only the pixels it reads are read
+    (:func:`sacla_dask.run.read_pixels`): for the ring band ~0.8 MB of an
+    image instead of its ~10 MB window.
     """
     _tune_worker_allocator(op.shape)
     nq, nphi = op.shape
     raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
     nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
+    if op.pixels is not None:
+        def take(i: int, x: np.ndarray) -> None:
+            nonfinite_pixels[i] = polar_from_columns(x, op, raw[i])
+
+        _run.read_pixels(sources, window, op.pixels, op.row_offsets, on_bad_tag,  # type: ignore[arg-type]
+                         take)
+        return _finish_polar(raw, nonfinite_pixels, polar_mask)
     buf: list[np.ndarray] = []
 
     def consume(i: int, win: np.ndarray) -> None:
@@ -511,7 +530,8 @@ class ProcessingPlan:
         """Lazy (normalised polar, row means, non-finite bin counts) over tags."""
         tr = self.transform
         nq, nphi = tr.shape
-        op = dask.delayed(tr.operator, pure=True, traverse=False)
+        # compact: the workers read, and hold weights for, only the band's pixels
+        op = dask.delayed(tr.operator.compact(), pure=True, traverse=False)
         pm = tr.polar_mask
         # One task per chunk reads, transforms and normalises; three cheap
         # tasks pick its outputs. The read is part of the task, not a graph

@@ -250,9 +250,10 @@ class PolarOperator:
         ``(nq, nphi)``.
     polar_mask : ndarray of bool (nq, nphi)
         True where the bin has enough good-pixel coverage.
-    coverage : ndarray of float32 (nq, nphi)
+    coverage : ndarray of float32 (nq, nphi), or None
         Fraction of the bin's weight (interpolation weight, or area for
-        ``splitting``) that falls on good pixels of the image.
+        ``splitting``) that falls on good pixels of the image (None in a
+        compact operator, which only applies the weights).
     method : str
         ``nearest``, ``bilinear`` or ``splitting``.
     tile : (int, int) or None
@@ -262,17 +263,23 @@ class PolarOperator:
         ``"solid_angle"``, ``"polarization(f)"`` or both).
     token : str
         Deterministic name of the operator's inputs (for Dask's graph key).
+    pixels : ndarray of int32 or None
+        Set in a *compact* operator (:meth:`compact`): its columns are only
+        the pixels it reads, column ``j`` being window pixel ``pixels[j]``
+        (row-major flat index in the window). None: the columns are all the
+        window's pixels.
     """
 
     matrix: sp.csr_matrix
     window: tuple[slice, slice]
     shape: tuple[int, int]
     polar_mask: np.ndarray
-    coverage: np.ndarray
+    coverage: np.ndarray | None
     method: str
     tile: tuple[int, int] | None = None
     corrections: str = "none"
     token: str = ""
+    pixels: np.ndarray | None = None
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -290,22 +297,100 @@ class PolarOperator:
 
         Counts the matrix (unless this is a worker's copy of a pixel pick,
         which holds no matrix: see :meth:`__getstate__`), the polar mask and
-        coverage, and for an uncorrected ``nearest`` operator the pick index
-        each worker derives (8 bytes per bin).
+        coverage, for an uncorrected ``nearest`` operator the pick index
+        each worker derives (8 bytes per bin), and for a compact operator
+        its pixel list and the file positions a reader derives from it (8
+        bytes per pixel, :meth:`row_offsets`).
         """
-        n = self.polar_mask.nbytes + self.coverage.nbytes
+        n = self.polar_mask.nbytes
+        if self.coverage is not None:
+            n += self.coverage.nbytes
         m = self.__dict__.get("matrix")
         if m is not None:
             n += m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
         if self.method == "nearest" and self.corrections == "none":
             n += self.nbins * np.dtype(np.intp).itemsize
+        if self.pixels is not None:
+            n += self.pixels.nbytes + self.pixels.size * np.dtype(np.intp).itemsize
         return int(n)
 
     @property
     def n_columns(self) -> int:
-        """Pixels of the window, the matrix's columns (in the operator's column order)."""
+        """The matrix's columns: the window's pixels, or the pixels of a compact operator."""
+        if self.pixels is not None:
+            return int(self.pixels.size)
         wy, wx = self.window_shape
         return wy * wx
+
+    def compact(self) -> PolarOperator:
+        """This operator with columns for only the pixels it reads (cached).
+
+        A ring band reads ~200 000 of its window's 2.5 million pixels; the
+        compact operator's columns are those pixels (in this operator's
+        column order, so a tiled operator keeps its cache-friendly order),
+        listed in :attr:`pixels`, and a reader can fetch just them
+        (:func:`sacla_dask.run.read_pixels`) instead of the whole window.
+        Same weights, bins and polar mask; no coverage. Applying it to the
+        pixels gives bit for bit what this operator gives on the window.
+        """
+        if self.pixels is not None:
+            return self
+        cached = self._cache.get("compact")
+        if cached is not None:
+            return cached
+        cols = np.flatnonzero(self.used_columns)
+        idx_dtype = np.int32 if self.n_columns < 2**31 - 1 else np.int64
+        newcol = np.zeros(self.n_columns, dtype=idx_dtype)
+        newcol[cols] = np.arange(cols.size, dtype=idx_dtype)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("matrix", "_cache")}
+        state.update(coverage=None, tile=None, token=f"{self.token}-compact",
+                     pixels=self._window_pixels(cols).astype(idx_dtype), _cache={})
+        new = object.__new__(PolarOperator)
+        new.__dict__.update(state)
+        pick = self.gather
+        if pick is not None:
+            full, columns = self._pick_columns()
+            index = np.zeros(self.nbins, dtype=np.intp)
+            index[full] = newcol[columns]
+            new._cache["gather"] = (index, pick[1])
+        else:
+            m = self.matrix
+            new.__dict__["matrix"] = sp.csr_matrix((m.data, newcol[m.indices], m.indptr),
+                                                   shape=(self.nbins, cols.size))
+        self._cache["compact"] = new
+        return new
+
+    def _window_pixels(self, cols: np.ndarray) -> np.ndarray:
+        """Row-major flat window index of each column in ``cols`` (undoes the tile order)."""
+        cols = np.asarray(cols, dtype=np.int64)
+        if self.tile is None:
+            return cols
+        wy, wx = self.window_shape
+        ty, tx = self.tile
+        tile_no, within = np.divmod(cols, ty * tx)
+        ty_no, tx_no = np.divmod(tile_no, wx // tx)
+        u = ty_no * ty + within // tx
+        v = tx_no * tx + within % tx
+        return u * wx + v
+
+    def row_offsets(self, nx: int) -> np.ndarray:
+        """Of a compact operator: each pixel's flat index from the start of the window's
+        first image row, in an image ``nx`` pixels wide (cached; intp).
+
+        ``image.reshape(-1)[window_rows.start * nx + row_offsets(nx)]`` are
+        the operator's columns: what :func:`sacla_dask.run.read_pixels` takes
+        from a file.
+        """
+        if self.pixels is None:
+            raise ParameterError("row_offsets: not a compact operator (see compact())")
+        key = ("row_offsets", int(nx))
+        off = self._cache.get(key)
+        if off is None:
+            wx = self.window_shape[1]
+            u, v = np.divmod(self.pixels.astype(np.intp), wx)
+            off = u * nx + (v + self.window[1].start)
+            self._cache[key] = off
+        return off
 
     @property
     def gather(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -394,15 +479,23 @@ class PolarOperator:
     def columns(self, window: np.ndarray, buf: np.ndarray | None = None) -> np.ndarray:
         """One image window as the float32 vector the matrix multiplies (column order).
 
-        ``buf`` (float32, window pixels) is reused when a copy is needed
-        (tiled order, another dtype, or a non-contiguous window).
+        ``buf`` (float32, :attr:`n_columns`) is reused when a copy is needed
+        (tiled order, a compact operator, another dtype, or a non-contiguous
+        window).
         """
-        if self.tile is None and window.dtype == np.float32 and window.flags.c_contiguous:
+        if (self.tile is None and self.pixels is None and window.dtype == np.float32
+                and window.flags.c_contiguous):
             return window.reshape(-1)
         if buf is None:
             buf = np.empty(self.n_columns, dtype=np.float32)
         wy, wx = self.window_shape
-        if self.tile is None:
+        if self.pixels is not None:
+            flat = np.ravel(window)
+            if flat.dtype == np.float32:
+                np.take(flat, self.pixels, out=buf, mode="clip")
+            else:
+                np.copyto(buf, flat[self.pixels], casting="unsafe")
+        elif self.tile is None:
             np.copyto(buf.reshape(wy, wx), window, casting="unsafe")
         else:
             ty, tx = self.tile
@@ -764,10 +857,21 @@ def polar_into(window: np.ndarray, op: PolarOperator, out: np.ndarray,
     if window.shape != op.window_shape:
         raise ParameterError(f"image window shape {window.shape} does not match the "
                              f"operator's {op.window_shape}")
-    need = op.tile is not None or window.dtype != np.float32 or not window.flags.c_contiguous
+    need = (op.tile is not None or op.pixels is not None or window.dtype != np.float32
+            or not window.flags.c_contiguous)
     if need and buf is not None and not buf:
         buf.append(np.empty(op.n_columns, dtype=np.float32))
-    x = op.columns(window, buf[0] if need and buf else None)
+    return polar_from_columns(op.columns(window, buf[0] if need and buf else None), op, out)
+
+
+def polar_from_columns(x: np.ndarray, op: PolarOperator, out: np.ndarray) -> int:
+    """Resample one image given as the operator's column vector ``x`` into ``out``.
+
+    ``x`` (float32, :attr:`PolarOperator.n_columns`) is what
+    :meth:`PolarOperator.columns` makes of a window, or, for a compact
+    operator, the pixels :func:`sacla_dask.run.read_pixels` fetched. Returns
+    the number of non-finite pixels the operator read (their bins are NaN).
+    """
     y = out.reshape(-1)
     gather = op.gather
     if gather is None:

@@ -44,6 +44,7 @@ every pair.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import re
 import warnings
@@ -330,6 +331,150 @@ def _read_block(
                     consume(i, dest)
     return out
 
+
+def _mapped_region(dsid: h5py.h5d.DatasetID, file_size: int) -> tuple[int, np.dtype] | None:
+    """``(byte offset, dtype)`` of a dataset whose pixels can be read from the file directly.
+
+    That is a contiguous, unfiltered dataset of a native-endian number type
+    stored inside the file (what DataConvert writes uncompressed); None for
+    any other (chunked, compressed, external, virtual...), which HDF5 reads.
+    Raises OSError if its bytes run past the end of the file (a truncated
+    copy), instead of letting a memory map fault on them.
+    """
+    if dsid.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+        return None
+    offset = dsid.get_offset()
+    dtype = np.dtype(dsid.dtype)
+    if offset is None or not dtype.isnative or dtype.kind not in "fiu":
+        return None
+    nbytes = int(np.prod(dsid.shape, dtype=np.int64)) * dtype.itemsize
+    if dsid.get_storage_size() != nbytes:
+        return None
+    if offset + nbytes > file_size:
+        raise OSError(f"its {nbytes} bytes at offset {offset} run past the end of the file "
+                      f"({file_size} bytes): the file is truncated")
+    return int(offset), dtype
+
+
+def read_pixels(
+    sources: Sequence[TagSource],
+    window: tuple[slice, slice],
+    pixels: np.ndarray,
+    row_offsets: Callable[[int], np.ndarray],
+    on_bad_tag: OnBadTag,
+    consume: Callable[[int, np.ndarray], None],
+    direct: bool | None = None,
+) -> None:
+    """Read only the given pixels of each tag's window (the ring band's reader).
+
+    For each tag, in order, the window pixels ``pixels`` (row-major flat
+    indices in ``window``) are read into one reused float32 vector handed
+    to ``consume(i, x)`` (which must not keep it). A contiguous unfiltered
+    dataset (:func:`_mapped_region`) is memory-mapped, one image's rows at
+    a time, and only the pages holding those pixels are touched, taking
+    ``row_offsets(nx)`` (the pixels' flat positions from the window's first
+    row in an image ``nx`` wide, see
+    :meth:`sacla_dask.polar.PolarOperator.row_offsets`); the kernel is
+    asked to read the next image ahead (``posix_fadvise``) meanwhile. Any
+    other dataset (``direct=False``, or chunked / compressed) is read by
+    HDF5 as a window and the pixels taken from it. ``direct=None`` means
+    :data:`DIRECT_READ`. Errors as in :func:`_read_block`.
+    """
+    if direct is None:
+        direct = DIRECT_READ
+    (y0, y1), x0 = (window[0].start, window[0].stop), window[1].start
+    wy, wx = y1 - y0, window[1].stop - x0
+    x = np.empty(pixels.size, dtype=np.float32)
+    win: list[np.ndarray] = []  # a window buffer, made if HDF5 has to read one
+
+    def fail(src: TagSource, exc: BaseException) -> None:
+        if on_bad_tag == "fail":
+            raise BadTagError(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
+                              "use on_bad_tag='skip' (--on-bad-tag skip) to go on without it"
+                              ) from None
+        warnings.warn(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); its image is NaN "
+                      "and it is left out of every pair", stacklevel=3)
+        x[...] = np.nan
+
+    by_path: dict[str, list[int]] = {}
+    for i, src in enumerate(sources):
+        by_path.setdefault(src.path, []).append(i)
+    for path, idx in by_path.items():
+        with _open_h5(path) as fh:
+            fd = os.open(path, os.O_RDONLY) if direct else -1
+            try:
+                size = os.fstat(fd).st_size if direct else 0
+                # each tag: ("map", offset, dtype, nx), ("hdf5",) or ("bad", error)
+                where: list[tuple[Any, ...]] = []
+                for i in idx:
+                    try:
+                        dsid = h5py.h5d.open(fh.id, sources[i].dataset.encode())
+                        if y1 > dsid.shape[0] or window[1].stop > dsid.shape[1]:
+                            raise ValueError(f"image shape {dsid.shape} does not hold the "
+                                             f"window {window}")
+                        region = _mapped_region(dsid, size) if direct else None
+                        where.append(("hdf5",) if region is None
+                                     else ("map", *region, dsid.shape[1]))
+                    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+                        where.append(("bad", exc))
+                for k, i in enumerate(idx):
+                    src, w = sources[i], where[k]
+                    nxt = next((v for v in where[k + 1:] if v[0] == "map"), None)
+                    if nxt is not None and hasattr(os, "posix_fadvise"):
+                        first = nxt[1] + y0 * nxt[3] * nxt[2].itemsize
+                        os.posix_fadvise(fd, first, wy * nxt[3] * nxt[2].itemsize,
+                                         os.POSIX_FADV_WILLNEED)
+                    try:
+                        if w[0] == "bad":
+                            raise w[1]
+                        if w[0] == "map":
+                            _take_mapped(fd, w[1], w[2], w[3], y0, y1, row_offsets(w[3]), x)
+                        else:
+                            if not win:
+                                win.append(np.empty((wy, wx), dtype=np.float32))
+                            _read_one(fh.id, src, window, win[0], READ_STRATEGY)
+                            np.take(win[0].reshape(-1), pixels, out=x, mode="clip")
+                    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+                        fail(src, exc)
+                    consume(i, x)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+
+def _take_mapped(fd: int, offset: int, dtype: np.dtype, nx: int, y0: int, y1: int,
+                 index: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] =`` rows ``y0:y1`` of the image at ``offset``, flat, at ``index`` (via mmap).
+
+    Only these rows are mapped, and only while they are read: the file's
+    pages never linger in the worker's resident memory.
+    """
+    first = offset + y0 * nx * dtype.itemsize
+    start = first - first % mmap.ALLOCATIONGRANULARITY
+    length = first - start + (y1 - y0) * nx * dtype.itemsize
+    count, skip = (y1 - y0) * nx, first - start
+    m = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
+    try:
+        # (the array over the map is never named: a profiler's snapshot of this
+        # frame's locals, such as Dask's, would keep it and the map alive)
+        if dtype == np.float32:
+            np.take(np.frombuffer(m, dtype=dtype, count=count, offset=skip), index, out=out,
+                    mode="clip")
+        else:
+            np.copyto(out, np.frombuffer(m, dtype=dtype, count=count, offset=skip)[index],
+                      casting="unsafe")
+    finally:
+        try:
+            m.close()
+        except BufferError:  # pragma: no cover - still viewed: unmapped when collected
+            pass
+
+
+#: Whether :func:`read_pixels` memory-maps contiguous uncompressed datasets
+#: (True unless the environment sets ``SACLA_DASK_DIRECT_READ=0``, e.g. on a
+#: file system where memory maps misbehave: HDF5 then reads every window).
+DIRECT_READ: bool = os.environ.get("SACLA_DASK_DIRECT_READ", "1").strip().lower() not in (
+    "0", "no", "false", "off")
 
 #: Default way to read a window of a contiguous dataset: "hyperslab" (2-D
 #: selection) or "rows" (full rows, then columns). Chosen from

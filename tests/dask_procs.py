@@ -35,18 +35,20 @@ def dask_setup(worker: Any) -> None:
         return
     import sacla_dask.run as run
 
-    original = run._read_block
+    def logged(original: Any) -> Any:
+        def read(sources: Any, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(delay)
+            out = original(sources, *args, **kwargs)
+            if log:
+                with open(log, "a") as fh:  # one short line per write: atomic with O_APPEND
+                    fh.write(f"{sources[0].tag} {len(sources)}\n")
+            return out
 
-    def read_block(sources: Any, window: Any, on_bad_tag: Any, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(delay)
-        out = original(sources, window, on_bad_tag, *args, **kwargs)
-        if log:
-            with open(log, "a") as fh:  # one short line per write: atomic with O_APPEND
-                fh.write(f"{sources[0].tag} {len(sources)}\n")
-        return out
+        return read
 
-    # _TagReader and the pipeline's polar task look the function up at call time
-    run._read_block = read_block
+    # _TagReader and the pipeline's polar task look the functions up at call time
+    run._read_block = logged(run._read_block)
+    run.read_pixels = logged(run.read_pixels)
 
 
 def reads_logged(path: Path) -> int:

@@ -166,8 +166,8 @@ def test_plan_repr_and_nothing_read(small_run, small_params, monkeypatch):
     from sacla_dask import run as runmod
 
     calls = []
-    orig = runmod._read_block
-    monkeypatch.setattr(runmod, "_read_block", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = runmod.read_pixels
+    monkeypatch.setattr(runmod, "read_pixels", lambda *a, **k: calls.append(1) or orig(*a, **k))
     plan = plan_run(small_run.path, **small_params)
     ds = plan.dataset()
     text = repr(plan)
@@ -298,18 +298,18 @@ def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypat
     import sacla_dask.run as run_mod
 
     calls = {"polar": 0, "read": 0}
-    polar_into, read_block = pipeline.apply_polar_into, run_mod._read_block
+    polar, read = pipeline.polar_from_columns, run_mod.read_pixels
 
     def counted_polar(*a, **k):
         calls["polar"] += 1
-        return polar_into(*a, **k)
+        return polar(*a, **k)
 
     def counted_read(*a, **k):
         calls["read"] += 1
-        return read_block(*a, **k)
+        return read(*a, **k)
 
-    monkeypatch.setattr(pipeline, "apply_polar_into", counted_polar)
-    monkeypatch.setattr(run_mod, "_read_block", counted_read)
+    monkeypatch.setattr(pipeline, "polar_from_columns", counted_polar)
+    monkeypatch.setattr(run_mod, "read_pixels", counted_read)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
     plan.dataset().compute(scheduler="sync")
     assert plan.n_chunks > 1

@@ -44,6 +44,7 @@ from sacla_dask.polar import (
     build_operator,
     correction_factors,
     make_grid,
+    polar_from_columns,
 )
 
 SHAPE = (150, 170)
@@ -380,6 +381,59 @@ def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
     np.testing.assert_array_equal(apply_polar(img[op.window][None], again)[0], want)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         back.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("method,tile,corr", [
+    ("nearest", False, {}), ("nearest", False, {"solid_angle": True}),
+    ("bilinear", False, {}), ("bilinear", True, {}), ("splitting", True, {"polarization": 0.9}),
+])
+def test_compact_operator_reads_only_its_pixels_and_equals_the_window_one(method, tile, corr):
+    """The compact operator (what the pipeline ships) gives bit for bit the full one's
+    polar image, NaN bins and non-finite counts, from only the pixels it lists; the pixel
+    list is exactly the set of pixels that carry weight, whatever the column order."""
+    good = panel_gaps()
+    op = build_operator(GEOM, band(r_in=5.0), SHAPE, good, method, tile=tile, **corr)
+    c = op.compact()
+    assert c.pixels is not None and c.tile is None and c.coverage is None
+    assert op.compact() is c and c.compact() is c                 # cached, idempotent
+    assert c.n_columns == c.pixels.size < op.n_columns
+    # independent: a pixel carries weight iff a unit image there changes some bin
+    (y0, y1), (x0, x1) = [(s.start, s.stop) for s in op.window]
+    probe = np.zeros(SHAPE, np.float32)
+    weighted = []
+    for y in range(y0, y1, 3):
+        for x in range(x0, x1, 3):
+            probe[y, x] = 1
+            if polar_of(probe, op).any():
+                weighted.append((y - y0) * (x1 - x0) + (x - x0))
+            probe[y, x] = 0
+    listed = set(c.pixels.tolist())
+    sampled = {(y - y0) * (x1 - x0) + (x - x0) for y in range(y0, y1, 3)
+               for x in range(x0, x1, 3)}
+    assert listed & sampled == set(weighted)
+    rng = np.random.default_rng(3)
+    img = (smooth_image() + rng.normal(0, 1, SHAPE)).astype(np.float32)
+    img[72, 120] = np.nan                                         # in the band
+    img[2, 2] = np.inf                                            # outside it
+    for o in (c, pickle.loads(pickle.dumps(c))):                  # as a worker gets it
+        want, nf_want = apply_polar(img[op.window][None], op)
+        got, nf_got = apply_polar(img[op.window][None], o)        # gathered from the window
+        np.testing.assert_array_equal(got, want)
+        assert nf_got[0] == nf_want[0] == 1
+        x = img.reshape(-1)[y0 * SHAPE[1] + o.row_offsets(SHAPE[1])]  # as a file read gives
+        out = np.empty(op.shape, np.float32)
+        assert polar_from_columns(x, o, out) == 1
+        np.testing.assert_array_equal(out, want[0])
+    assert pickle.loads(pickle.dumps(c)).pixels.dtype == np.int32
+
+
+def test_compact_operator_is_smaller_on_a_ring():
+    op = build_operator(GEOM, band(r_in=40.0, r_out=44.0), SHAPE, None, "nearest")
+    c = op.compact()
+    assert c.pixels.size < op.n_columns / 5                       # a thin ring of a window
+    assert len(pickle.dumps(c)) < len(pickle.dumps(op))
+    with pytest.raises(ParameterError, match="not a compact operator"):
+        op.row_offsets(SHAPE[1])
 
 
 def test_nearest_gather_equals_the_matrix_product():

@@ -27,29 +27,31 @@ from sacla_dask.errors import IncompleteStoreError, OutputError
 from sacla_dask.pipeline import plan_run
 
 CHUNK = 4  # tags per chunk: 40 tags -> 10 chunks
-_READ_BLOCK = sacla_dask.run._read_block
+_READERS = {name: getattr(sacla_dask.run, name) for name in ("_read_block", "read_pixels")}
 
 
 class RawReads:
     """Counts blocks of raw images read (in this process); interrupts after ``fail_after``.
 
-    Wraps :func:`sacla_dask.run._read_block`, which every task reading a
-    chunk of images calls once: this counts chunk computations from the raw
-    data whatever the graph's key names.
+    Wraps :func:`sacla_dask.run._read_block` and :func:`sacla_dask.run.read_pixels`, one
+    of which every task reading a chunk of images calls once: this counts chunk
+    computations from the raw data whatever the graph's key names.
     """
 
     def __init__(self, monkeypatch, fail_after: int | None = None) -> None:
         self.n = 0
         self.fail_after = fail_after
-        original = _READ_BLOCK
+        for name, original in _READERS.items():
+            monkeypatch.setattr(sacla_dask.run, name, self._counted(original))
 
-        def read_block(*args, **kwargs):
+    def _counted(self, original):
+        def read(*args, **kwargs):
             if self.fail_after is not None and self.n >= self.fail_after:
                 raise KeyboardInterrupt("injected interruption")
             self.n += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(sacla_dask.run, "_read_block", read_block)
+        return read
 
 
 def reference(plan) -> xr.Dataset:

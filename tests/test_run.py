@@ -424,6 +424,127 @@ def test_window_reads_only_its_rows(tmp_path, monkeypatch):
     assert abs((cfull - cpart) - untouched) < 0.02 * untouched
 
 
+# -- reading only a band's pixels ------------------------------------------------------
+def pixels_of(sources, window, pixels, nx, direct=None, on_bad_tag="fail"):
+    """read_pixels into a (tag, pixel) array; row offsets computed here, independently."""
+    wx = window[1].stop - window[1].start
+    offsets = (pixels // wx) * nx + pixels % wx + window[1].start
+    got = np.full((len(sources), pixels.size), -1.0, np.float32)
+
+    def take(i, x):
+        got[i] = x
+
+    run_mod.read_pixels(sources, window, pixels, lambda n: offsets, on_bad_tag, take,
+                        direct=direct)
+    return got
+
+
+@pytest.mark.parametrize("kind,mapped", [("float32", True), ("int16", True),
+                                         ("big-endian", False), ("gzip", False)])
+def test_read_pixels_equals_h5py(tmp_path, monkeypatch, kind, mapped):
+    """Only the listed pixels of the window are read, in the listed order: from a memory
+    map of a contiguous native dataset, else through HDF5; the same values either way."""
+    t = write_synthetic_run(tmp_path / "p.h5", n_tags=5, compression="gzip" if
+                            kind == "gzip" else "none", **{**KW, "noise": True})
+    if kind in ("int16", "big-endian"):
+        with h5py.File(t.path, "r+") as fh:
+            for tag in t.tags:
+                g = fh[f"run_{t.run}/{DETECTOR}/tag_{tag}"]
+                data = g["detector_data"][()].astype("<i2" if kind == "int16" else ">f4")
+                del g["detector_data"]
+                g["detector_data"] = data
+    run = open_run(t.path)
+    window = (slice(5, 30), slice(9, 27))
+    rng = np.random.default_rng(1)
+    pixels = rng.permutation(25 * 18)[:60].astype(np.int32)     # any order
+    ref = h5_images(t.path, t.run, t.tags, window).reshape(len(t.tags), -1)[:, pixels]
+    maps = []
+    take_mapped = run_mod._take_mapped
+    monkeypatch.setattr(run_mod, "_take_mapped", lambda *a: maps.append(1) or take_mapped(*a))
+    np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1]), ref)
+    assert len(maps) == (len(t.tags) if mapped else 0)
+    maps.clear()
+    np.testing.assert_array_equal(
+        pixels_of(run.sources, window, pixels, SHAPE[1], direct=False), ref)
+    assert not maps
+
+
+def test_mapped_read_leaves_nothing_mapped_even_when_profiled(tmp_path):
+    """Each image's rows are mapped only while read: no file page stays in the process,
+    even when a profiler keeps snapshots of the reading frame's locals (Dask's does)."""
+    import gc
+    import sys
+
+    t = write_synthetic_run(tmp_path / "m.h5", n_tags=4, **{**KW, "noise": True})
+    run = open_run(t.path)
+    window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
+    pixels = np.arange(0, SHAPE[0] * SHAPE[1], 7)
+    snapshots = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name == "_take_mapped":
+            snapshots.append(dict(frame.f_locals))
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        got = pixels_of(run.sources, window, pixels, SHAPE[1])
+    finally:
+        sys.settrace(None)
+    assert snapshots
+    np.testing.assert_array_equal(
+        got, h5_images(t.path, t.run, t.tags).reshape(len(t.tags), -1)[:, pixels])
+    snapshots.clear()
+    gc.collect()
+    with open("/proc/self/maps") as fh:
+        assert str(t.path) not in fh.read()
+
+
+def test_dataset_past_the_end_of_the_file_is_not_mapped(tmp_path):
+    """A truncated copy is refused by HDF5 when opened; should a dataset still point past
+    the end of its file, it is an error naming the file and tag, never a memory fault."""
+    t = write_synthetic_run(tmp_path / "e.h5", n_tags=3, **KW)
+    with h5py.File(t.path, "r") as fh:
+        dsid = fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[1]}/detector_data"].id
+        offset = dsid.get_offset()
+        assert run_mod._mapped_region(dsid, offset + 4 * SHAPE[0] * SHAPE[1]) is not None
+        with pytest.raises(OSError, match="run past the end of the file.*truncated"):
+            run_mod._mapped_region(dsid, offset + 100)
+    run = open_run(t.path)
+    real = run_mod._mapped_region
+
+    def short(dsid, size):
+        return real(dsid, size if dsid.get_offset() != offset else offset + 100)
+
+    window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
+    pixels = np.arange(10)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "_mapped_region", short)
+        with pytest.raises(BadTagError, match=rf"e\.h5': tag {t.tags[1]} cannot be read.*"
+                                              "truncated"):
+            pixels_of(run.sources, window, pixels, SHAPE[1])
+        with pytest.warns(UserWarning, match=rf"tag {t.tags[1]} cannot be read"):
+            got = pixels_of(run.sources, window, pixels, SHAPE[1], on_bad_tag="skip")
+    assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
+    truncate_file(t.path, 0.7)
+    with pytest.raises(RunFileError, match=r"e\.h5.*truncated"):
+        pixels_of(run.sources, window, pixels, SHAPE[1])
+
+
+def test_pipeline_same_result_mapped_or_through_hdf5(tmp_path, monkeypatch):
+    t = write_synthetic_run(tmp_path / "s.h5", n_tags=12, n_dark=2, **{**KW, "noise": True})
+    g = t.geometry
+    kw = dict(qmin=float(g.radius_to_q(4.0)), qmax=float(g.radius_to_q(15.0)),
+              center=(t.center_x, t.center_y), pixel_size=t.pixel_size, distance=t.distance,
+              chunks=5, store_polar=True)
+    with dask.config.set(scheduler="sync"):
+        mapped = plan_run(t.path, out=tmp_path / "a.zarr", **kw).execute()
+        monkeypatch.setattr(run_mod, "DIRECT_READ", False)
+        through = plan_run(t.path, out=tmp_path / "b.zarr", **kw).execute()
+    for name in ("polar", "row_mean", "corr", "corr_sem", "image_ok"):
+        np.testing.assert_array_equal(mapped[name].values, through[name].values)
+
+
 @pytest.fixture(scope="module")
 def run5050(tmp_path_factory):
     """The tutorial's full run size: 5050 tags (50 dark), tiny 8x8 images."""
