@@ -187,6 +187,27 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     return _finish_polar(raw, nonfinite_pixels, polar_mask)
 
 
+#: A band whose pixels are at most this fraction of its bounding-box window is read
+#: pixel by pixel (:meth:`PolarOperator.compact`, :func:`sacla_dask.run.read_pixels`).
+COMPACT_MAX_FRACTION = 0.5
+
+
+def worker_operator(op: PolarOperator) -> PolarOperator:
+    """The operator the pipeline ships to its workers for ``op``.
+
+    A thin band (the ring: ~7 % of its window) is compacted: the workers
+    read and hold weights for only its pixels (ring band, 2 workers: 187-197
+    -> 211-235 img/s, same-hour A/B in benchmarks/README.md). A band that
+    fills most of its window (the wide band: 75 %) gains little from it and
+    keeps the window read, with which its workers' peak memory measured
+    100-200 MiB lower.
+    """
+    if op.pixels is None and (np.count_nonzero(op.used_columns)
+                              <= COMPACT_MAX_FRACTION * op.n_columns):
+        return op.compact()
+    return op
+
+
 def _finish_polar(raw: np.ndarray, nonfinite_pixels: np.ndarray,
                   polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # NaN bins exist only in images where the operator read a non-finite pixel
@@ -530,8 +551,7 @@ class ProcessingPlan:
         """Lazy (normalised polar, row means, non-finite bin counts) over tags."""
         tr = self.transform
         nq, nphi = tr.shape
-        # compact: the workers read, and hold weights for, only the band's pixels
-        op = dask.delayed(tr.operator.compact(), pure=True, traverse=False)
+        op = dask.delayed(worker_operator(tr.operator), pure=True, traverse=False)
         pm = tr.polar_mask
         # One task per chunk reads, transforms and normalises; three cheap
         # tasks pick its outputs. The read is part of the task, not a graph

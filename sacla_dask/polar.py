@@ -386,9 +386,15 @@ class PolarOperator:
         key = ("row_offsets", int(nx))
         off = self._cache.get(key)
         if off is None:
-            wx = self.window_shape[1]
-            u, v = np.divmod(self.pixels.astype(np.intp), wx)
-            off = u * nx + (v + self.window[1].start)
+            # (u * wx + v) -> u * nx + v + x0, in place and in pieces: a worker computes
+            # this once, and a wide band's full-size temporaries (~150 MB) would stay in
+            # its heap for good under the "retain" allocator policy
+            wx, x0 = self.window_shape[1], self.window[1].start
+            off = self.pixels.astype(np.intp)
+            step = 1 << 20
+            for s in range(0, off.size, step):
+                seg = off[s:s + step]
+                seg += (seg // wx) * (nx - wx) + x0
             self._cache[key] = off
         return off
 

@@ -532,13 +532,24 @@ def test_dataset_past_the_end_of_the_file_is_not_mapped(tmp_path):
 
 
 def test_pipeline_same_result_mapped_or_through_hdf5(tmp_path, monkeypatch):
+    """A thin band is read pixel by pixel (a wide one as a window): the same store
+    whether its pixels come from a memory map or through HDF5."""
+    from sacla_dask.pipeline import worker_operator
+
     t = write_synthetic_run(tmp_path / "s.h5", n_tags=12, n_dark=2, **{**KW, "noise": True})
     g = t.geometry
-    kw = dict(qmin=float(g.radius_to_q(4.0)), qmax=float(g.radius_to_q(15.0)),
+    kw = dict(qmin=float(g.radius_to_q(10.0)), qmax=float(g.radius_to_q(14.0)),
               center=(t.center_x, t.center_y), pixel_size=t.pixel_size, distance=t.distance,
               chunks=5, store_polar=True)
+    assert worker_operator(plan_run(t.path, **kw).transform.operator).pixels is not None
+    wide = plan_run(t.path, **{**kw, "qmin": float(g.radius_to_q(2.0))}).transform.operator
+    assert worker_operator(wide) is wide
+    maps = []
+    take_mapped = run_mod._take_mapped
+    monkeypatch.setattr(run_mod, "_take_mapped", lambda *a: maps.append(1) or take_mapped(*a))
     with dask.config.set(scheduler="sync"):
         mapped = plan_run(t.path, out=tmp_path / "a.zarr", **kw).execute()
+        assert len(maps) == 12                               # every tag, bright or dark
         monkeypatch.setattr(run_mod, "DIRECT_READ", False)
         through = plan_run(t.path, out=tmp_path / "b.zarr", **kw).execute()
     for name in ("polar", "row_mean", "corr", "corr_sem", "image_ok"):
