@@ -31,6 +31,12 @@ layout a window saves memory and copying but not decompression or disk
 bytes. Each image is read with a single HDF5 call, so every chunk is
 decompressed once and the chunk cache size does not matter.
 
+A thin band (the pipeline's ring) can be read pixel by pixel instead
+(:func:`read_pixels`): from a contiguous, uncompressed dataset, only the
+listed pixels are taken from a memory map of the image's rows (the pages
+touched, not the window's ~10 MB, and no copy of them); from any other
+layout, through HDF5's window read.
+
 Bad tags. A tag group without ``detector_data``, or a dataset of the wrong
 shape or type, is found when the run is opened; a tag whose bytes cannot
 be decoded (a corrupt compressed chunk) only when it is read. With
@@ -282,6 +288,20 @@ def _read_one(fid: h5py.h5f.FileID, src: TagSource, window: tuple[slice, slice],
     dsid.read(h5py.h5s.create_simple(out.shape), fspace, out)
 
 
+#: what reading a tag's bytes may raise (h5py, a memory map, a bad dataset)
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+
+
+def _unreadable(src: TagSource, exc: BaseException, on_bad_tag: OnBadTag) -> None:
+    """A tag whose image cannot be read: BadTagError, or (``"skip"``) a warning."""
+    if on_bad_tag == "fail":
+        raise BadTagError(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
+                          "use on_bad_tag='skip' (--on-bad-tag skip) to go on without it"
+                          ) from None
+    warnings.warn(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); its image is NaN "
+                  "and it is left out of every pair", stacklevel=3)
+
+
 def _read_block(
     sources: Sequence[TagSource],
     window: tuple[slice, slice],
@@ -317,15 +337,8 @@ def _read_block(
                 dest = buf if out is None else out[i]
                 try:
                     _read_one(fid, src, window, dest, strategy)
-                except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-                    if on_bad_tag == "fail":
-                        raise BadTagError(
-                            f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
-                            "use on_bad_tag='skip' (--on-bad-tag skip) to go on without it"
-                        ) from None
-                    warnings.warn(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
-                                  "its image is NaN and it is left out of every pair",
-                                  stacklevel=2)
+                except _READ_ERRORS as exc:
+                    _unreadable(src, exc, on_bad_tag)
                     dest[...] = np.nan
                 if consume is not None:
                     consume(i, dest)
@@ -387,15 +400,6 @@ def read_pixels(
     x = np.empty(pixels.size, dtype=np.float32)
     win: list[np.ndarray] = []  # a window buffer, made if HDF5 has to read one
 
-    def fail(src: TagSource, exc: BaseException) -> None:
-        if on_bad_tag == "fail":
-            raise BadTagError(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); "
-                              "use on_bad_tag='skip' (--on-bad-tag skip) to go on without it"
-                              ) from None
-        warnings.warn(f"{src.path!r}: tag {src.tag} cannot be read ({exc}); its image is NaN "
-                      "and it is left out of every pair", stacklevel=3)
-        x[...] = np.nan
-
     by_path: dict[str, list[int]] = {}
     for i, src in enumerate(sources):
         by_path.setdefault(src.path, []).append(i)
@@ -415,7 +419,7 @@ def read_pixels(
                         region = _mapped_region(dsid, size) if direct else None
                         where.append(("hdf5",) if region is None
                                      else ("map", *region, dsid.shape[1]))
-                    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+                    except _READ_ERRORS as exc:
                         where.append(("bad", exc))
                 for k, i in enumerate(idx):
                     src, w = sources[i], where[k]
@@ -434,8 +438,9 @@ def read_pixels(
                                 win.append(np.empty((wy, wx), dtype=np.float32))
                             _read_one(fh.id, src, window, win[0], READ_STRATEGY)
                             np.take(win[0].reshape(-1), pixels, out=x, mode="clip")
-                    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-                        fail(src, exc)
+                    except _READ_ERRORS as exc:
+                        _unreadable(src, exc, on_bad_tag)
+                        x[...] = np.nan
                     consume(i, x)
             finally:
                 if fd >= 0:
