@@ -645,22 +645,24 @@ def main(argv: list[str] | None = None) -> dict:
         for nw in workers:
             with cluster(nw) as cl:
                 warm_up(cl, path, mask, a.workdir, ["ring"], n=8 if a.quick else 16)
-                # interleaved (n1, n2, n1, n2, ...) and best of each: on a host whose
-                # speed drifts, one slow spell must not fall on one length only
-                secs = {n1: math.inf, n2: math.inf}
-                for _ in range(max(3, a.repeat)):
-                    for n in (n1, n2):
-                        r = pipeline(cl, path, n, "ring", store_polar=True, mask=mask, out=out,
-                                     chunks=per)
-                        secs[n] = min(secs[n], r["seconds"])
-                rate = (n2 - n1) / (secs[n2] - secs[n1])
-                fixed = secs[n1] - n1 / rate
-                res["steady"].append({"workers": nw, "tags": [n1, n2], "tags_per_chunk": per,
-                                      "seconds": [secs[n1], secs[n2]], "rate": rate,
-                                      "fixed_seconds": fixed})
-                log(f"  {nw}w: {n1} tags {secs[n1]:.2f} s, {n2} tags {secs[n2]:.2f} s -> "
-                    f"{rate:.1f} img/s marginal ({per} tags/chunk); fixed cost per run "
-                    f"{fixed:.2f} s")
+                for sp in (False, True):
+                    # interleaved (n1, n2, n1, n2, ...) and best of each: on a host whose
+                    # speed drifts, one slow spell must not fall on one length only
+                    secs = {n1: math.inf, n2: math.inf}
+                    for _ in range(max(3, a.repeat)):
+                        for n in (n1, n2):
+                            r = pipeline(cl, path, n, "ring", store_polar=sp, mask=mask,
+                                         out=out, chunks=per)
+                            secs[n] = min(secs[n], r["seconds"])
+                    rate = (n2 - n1) / (secs[n2] - secs[n1])
+                    fixed = secs[n1] - n1 / rate
+                    res["steady"].append({"workers": nw, "store_polar": sp, "tags": [n1, n2],
+                                          "tags_per_chunk": per,
+                                          "seconds": [secs[n1], secs[n2]], "rate": rate,
+                                          "fixed_seconds": fixed})
+                    log(f"  {nw}w store_polar={sp}: {n1} tags {secs[n1]:.2f} s, {n2} tags "
+                        f"{secs[n2]:.2f} s -> {rate:.1f} img/s marginal ({per} tags/chunk); "
+                        f"fixed cost per run {fixed:.2f} s")
         raw_read(path, names)
 
     # -- 4. memory in run length, graph size
@@ -672,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
             if band not in bands:
                 continue
             # the same tags per chunk for both lengths: the long run's default (a short
-            # run's default chunks are smaller, at least 16 of them, which would flatter it)
+            # run's default chunks are smaller, at least MIN_CHUNKS of them, which would flatter it)
             per = default_tags_per_chunk(path, rss_long, band, mask)
             for n in sorted(set(rss_lengths[:-1] + [rss_long])):
                 with cluster(max(workers)) as cl:
@@ -776,13 +778,14 @@ def markdown(res: dict) -> str:
                 C.table(rows, ["band", "codec", "img/s", "store MiB", "worker CPU ms/img"]), ""]
     if res.get("steady"):
         raw_s = res.get("raw_warm_steady", {}).get("rate", float("nan"))
-        rows = [[x["workers"], f"{x['tags'][0]} -> {x['tags'][1]}", x["tags_per_chunk"],
-                 f"{x['seconds'][0]:.2f} / {x['seconds'][1]:.2f}", f"{x['rate']:.1f}",
-                 f"{x['rate'] / raw_s:.2f}", f"{x['fixed_seconds']:.2f}"] for x in res["steady"]]
-        out += [f"Steady state, ring band, store_polar, warm (raw read_direct of the same "
+        rows = [[x["workers"], x.get("store_polar", True), f"{x['tags'][0]} -> {x['tags'][1]}",
+                 x["tags_per_chunk"], f"{x['seconds'][0]:.2f} / {x['seconds'][1]:.2f}",
+                 f"{x['rate']:.1f}", f"{x['rate'] / raw_s:.2f}", f"{x['fixed_seconds']:.2f}"]
+                for x in res["steady"]]
+        out += [f"Steady state, ring band, warm (raw read_direct of the same "
                 f"tags {raw_s:.1f} img/s):", "",
-                C.table(rows, ["workers", "tags", "tags/chunk", "seconds", "marginal img/s",
-                               "x raw", "fixed s per run"]), ""]
+                C.table(rows, ["workers", "store_polar", "tags", "tags/chunk", "seconds",
+                               "marginal img/s", "x raw", "fixed s per run"]), ""]
     if res.get("rss"):
         rows = [[r["band"], r["store_polar"], r["tags"], f"{r['chunk_mib']:.0f}",
                  "/".join(f"{x:.0f}" for x in r["peak_rss_mib"]),
@@ -876,17 +879,21 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                         note=f"{r2['rate']:.1f} vs {r1['rate']:.1f} img/s; CPU ms/img "
                              f"{r2['worker_cpu_ms_per_img']:.1f} vs "
                              f"{r1['worker_cpu_ms_per_img']:.1f}")
-    steady = {x["workers"]: x for x in res.get("steady", [])}
     raw_s = res.get("raw_warm_steady", {}).get("rate")
-    if steady and raw_s:
-        x = steady[max(steady)]
-        add(f"ring {x['workers']}w steady state / raw warm", x["rate"] / raw_s,
-            TARGETS["ring_vs_raw_warm"], note=f"{x['rate']:.1f} vs {raw_s:.1f} img/s (marginal "
-            f"rate {x['tags'][0]} -> {x['tags'][1]} tags)")
-    if len(steady) > 1:
-        x2, x1 = steady[max(steady)], steady[min(steady)]
-        add(f"ring steady state: {x2['workers']}w / {x1['workers']}w", x2["rate"] / x1["rate"],
-            TARGETS["scaling_2w_1w"], note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
+    for sp in (True, False):
+        steady = {x["workers"]: x for x in res.get("steady", [])
+                  if x.get("store_polar", True) == sp}
+        if steady and raw_s:
+            x = steady[max(steady)]
+            add(f"ring {x['workers']}w steady state store_polar={sp} / raw warm",
+                x["rate"] / raw_s, TARGETS["ring_vs_raw_warm"],
+                note=f"{x['rate']:.1f} vs {raw_s:.1f} img/s (marginal rate {x['tags'][0]} -> "
+                     f"{x['tags'][1]} tags)")
+        if len(steady) > 1:
+            x2, x1 = steady[max(steady)], steady[min(steady)]
+            add(f"ring steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
+                x2["rate"] / x1["rate"], TARGETS["scaling_2w_1w"],
+                note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
     rss = res.get("rss", [])
     for band in ("ring", "wide"):
         rr = sorted([r for r in rss if r["band"] == band], key=lambda r: r["tags"])

@@ -236,7 +236,7 @@ def _performance_report(path: str | None) -> Any:
 @click.option("--keep-pairs", is_flag=True,
               help="Keep every pair's correlation in the store (corr_pairs, float32).")
 @click.option("--chunk-size", default="32MiB", show_default=True,
-              help="Polar-image bytes per task (e.g. 128MiB; at least 16 chunks) or a number "
+              help="Polar-image bytes per task (e.g. 128MiB; at least 8 chunks) or a number "
                    "of tags; also the unit of resumption.")
 @click.option("--no-store-polar", is_flag=True,
               help="Correlation only: do not keep the per-tag polar images.")

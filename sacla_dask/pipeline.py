@@ -66,8 +66,11 @@ from .scheduling import chunk_first
 
 log = logging.getLogger(__name__)
 
-#: a chunk size given in bytes never makes fewer tag chunks than this (if there are tags)
-MIN_CHUNKS = 16
+#: a chunk size given in bytes never makes fewer tag chunks than this (if there are tags):
+#: enough for a few workers to overlap reading, correlating and writing; a short run
+#: cut finer pays a fixed ~40 ms per chunk (its writes, tasks, transfers) for nothing
+#: (200 ring tags, 2 workers: 16 chunks 165 img/s, 8 chunks 186 img/s)
+MIN_CHUNKS = 8
 #: nor chunks of fewer tags than this (unless the run is short)
 MIN_CHUNK_TAGS = 4
 
