@@ -458,6 +458,10 @@ def _take_mapped(fd: int, offset: int, dtype: np.dtype, nx: int, y0: int, y1: in
     start = first - first % mmap.ALLOCATIONGRANULARITY
     length = first - start + (y1 - y0) * nx * dtype.itemsize
     count, skip = (y1 - y0) * nx, first - start
+    size = os.fstat(fd).st_size  # again per image: a map past the end would be a SIGBUS
+    if start + length > size:
+        raise OSError(f"the image's bytes run past the end of the file ({size} bytes): it "
+                      "was truncated while being read")
     m = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
     try:
         # (the array over the map is never named: a profiler's snapshot of this

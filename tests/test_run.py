@@ -9,6 +9,7 @@ plain h5py reads of the same datasets.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import warnings
 
@@ -595,3 +596,25 @@ def test_task_count_grows_with_chunks_not_tags(run5050):
     # byte-sized chunks: bytes of the polar block a task holds (float32 nq x nphi per tag)
     plan = plan_run(run, chunks="6400B", **geo)
     assert plan.tags_per_chunk == 6400 // (4 * np.prod(plan.transform.shape))
+
+
+def test_file_truncated_while_read_is_an_error_not_a_crash(tmp_path, monkeypatch):
+    """A file cut short after its tags were located is caught before an image is mapped
+    (a memory-mapped read past the end of a file kills the process with SIGBUS)."""
+    t = write_synthetic_run(tmp_path / "cut.h5", n_tags=4, **{**KW, "noise": True})
+    run = open_run(t.path)
+    with h5py.File(t.path, "r") as fh:
+        offset = fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[2]}/detector_data"].id.get_offset()
+    take_mapped, seen = run_mod._take_mapped, []
+
+    def cut_before_the_third(fd, *args):
+        seen.append(1)
+        if len(seen) == 3:
+            os.truncate(t.path, offset + 8)
+        return take_mapped(fd, *args)
+
+    monkeypatch.setattr(run_mod, "_take_mapped", cut_before_the_third)
+    window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
+    with pytest.raises(BadTagError, match=rf"cut\.h5': tag {t.tags[2]} cannot be read.*"
+                                          "truncated while being read"):
+        pixels_of(run.sources, window, np.arange(SHAPE[0] * SHAPE[1]), SHAPE[1])
