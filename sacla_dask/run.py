@@ -349,7 +349,7 @@ def _mapped_region(dsid: h5py.h5d.DatasetID, file_size: int) -> tuple[int, np.dt
     """``(byte offset, dtype)`` of a dataset whose pixels can be read from the file directly.
 
     That is a contiguous, unfiltered dataset of a native-endian number type
-    stored inside the file (what DataConvert writes uncompressed); None for
+    stored inside the file (an uncompressed export); None for
     any other (chunked, compressed, external, virtual...), which HDF5 reads.
     Raises OSError if its bytes run past the end of the file (a truncated
     copy), instead of letting a memory map fault on them.
@@ -426,8 +426,11 @@ def read_pixels(
                     nxt = next((v for v in where[k + 1:] if v[0] == "map"), None)
                     if nxt is not None and hasattr(os, "posix_fadvise"):
                         first = nxt[1] + y0 * nxt[3] * nxt[2].itemsize
-                        os.posix_fadvise(fd, first, wy * nxt[3] * nxt[2].itemsize,
-                                         os.POSIX_FADV_WILLNEED)
+                        try:  # a hint: a file system that refuses it reads on demand
+                            os.posix_fadvise(fd, first, wy * nxt[3] * nxt[2].itemsize,
+                                             os.POSIX_FADV_WILLNEED)
+                        except OSError:
+                            pass
                     try:
                         if w[0] == "bad":
                             raise w[1]
