@@ -90,6 +90,10 @@ def raw_read(path: str, names: list[str], window: tuple[slice, slice] | None = N
             "mb_per_s": len(names) * buf.nbytes / dt / 1e6}
 
 
+#: the steady state's long run, in multiples of --tags (runs 9-11: 2)
+STEADY_SPAN = 3
+
+
 def raw_pixels(path: str, names: list[str], radii: tuple[float, float]) -> dict:
     """Plain numpy: each image's pixels with radius in ``radii`` (about ``C.CENTER``),
     taken from a memory map of the file at the dataset's offset; img/s.
@@ -490,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the run file: big enough for the timed tags and the long RSS run, if the disk allows
     free = shutil.disk_usage(a.workdir).free
-    base = max(a.tags, 2 * a.tags if "steady" not in skip else 0)
+    base = max(a.tags, STEADY_SPAN * a.tags if "steady" not in skip else 0)
     have = C.find_run(a.workdir, max(base, rss_long if "rss" not in skip else 0))
     if have is None:
         room = int((free - 8 * 2**30) / (C.IMAGE_BYTES * 1.01))
@@ -628,9 +632,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 f"({r['worker_cpu_ms_per_img']:.1f} CPU ms/img)")
 
     # -- 3b. steady state: the rate of a long run without the per-run fixed cost
-    if "steady" not in skip and "ring" in bands and len(full) >= 2 * a.tags:
+    # the long run: STEADY_SPAN x N tags if the file has them and half the RAM holds them
+    # (warm page cache); a longer span makes the marginal rate less sensitive to noise
+    n_steady = min(STEADY_SPAN * a.tags, len(full),
+                   int(0.5 * m["ram_gib"] * 2**30 / C.IMAGE_BYTES))
+    if "steady" not in skip and "ring" in bands and n_steady >= 2 * a.tags:
         n1 = a.tags
-        n2 = 2 * a.tags
+        n2 = n_steady
         log(f"\n[3b] steady state, ring band, warm: marginal rate between {n1} and {n2} tags "
             "(the fixed cost per run cancels; the same tags per chunk for both; best of "
             f"{max(3, a.repeat)} interleaved runs each)")
