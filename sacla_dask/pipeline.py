@@ -180,13 +180,13 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
 
         _run.read_pixels(sources, window, op.pixels, op.row_offsets, on_bad_tag,  # type: ignore[arg-type]
                          take)
-        return _finish_polar(raw, nonfinite_pixels, polar_mask)
-    buf: list[np.ndarray] = []
+    else:
+        buf: list[np.ndarray] = []
 
-    def consume(i: int, win: np.ndarray) -> None:
-        nonfinite_pixels[i] = apply_polar_into(win, op, raw[i], buf)
+        def consume(i: int, win: np.ndarray) -> None:
+            nonfinite_pixels[i] = apply_polar_into(win, op, raw[i], buf)
 
-    _run._read_block(sources, window, on_bad_tag, consume=consume)  # type: ignore[arg-type]
+        _run._read_block(sources, window, on_bad_tag, consume=consume)  # type: ignore[arg-type]
     return _finish_polar(raw, nonfinite_pixels, polar_mask)
 
 

@@ -302,6 +302,14 @@ def _unreadable(src: TagSource, exc: BaseException, on_bad_tag: OnBadTag) -> Non
                   "and it is left out of every pair", stacklevel=3)
 
 
+def _by_file(sources: Sequence[TagSource]) -> dict[str, list[int]]:
+    """Positions of ``sources`` grouped by file, in order (each file is opened once)."""
+    by_path: dict[str, list[int]] = {}
+    for i, src in enumerate(sources):
+        by_path.setdefault(src.path, []).append(i)
+    return by_path
+
+
 def _read_block(
     sources: Sequence[TagSource],
     window: tuple[slice, slice],
@@ -326,10 +334,7 @@ def _read_block(
     wx = window[1].stop - window[1].start
     out = None if consume else np.empty((len(sources), wy, wx), dtype=np.float32)
     buf = np.empty((wy, wx), dtype=np.float32) if consume else None
-    by_path: dict[str, list[int]] = {}
-    for i, src in enumerate(sources):
-        by_path.setdefault(src.path, []).append(i)
-    for path, idx in by_path.items():
+    for path, idx in _by_file(sources).items():
         with _open_h5(path) as fh:
             fid = fh.id
             for i in idx:
@@ -345,8 +350,22 @@ def _read_block(
     return out
 
 
-def _mapped_region(dsid: h5py.h5d.DatasetID, file_size: int) -> tuple[int, np.dtype] | None:
-    """``(byte offset, dtype)`` of a dataset whose pixels can be read from the file directly.
+@dataclasses.dataclass(frozen=True)
+class _Mapped:
+    """A contiguous image in its file: byte ``offset``, pixel ``dtype``, ``nx`` columns."""
+
+    offset: int
+    dtype: np.dtype
+    nx: int
+
+    def rows(self, y0: int, y1: int) -> tuple[int, int]:
+        """``(first byte, bytes)`` of the image's rows ``y0:y1`` in the file."""
+        row = self.nx * self.dtype.itemsize
+        return self.offset + y0 * row, (y1 - y0) * row
+
+
+def _mapped_region(dsid: h5py.h5d.DatasetID, file_size: int) -> _Mapped | None:
+    """Where a dataset's pixels can be read from the file directly (:class:`_Mapped`).
 
     That is a contiguous, unfiltered dataset of a native-endian number type
     stored inside the file (an uncompressed export); None for
@@ -366,7 +385,7 @@ def _mapped_region(dsid: h5py.h5d.DatasetID, file_size: int) -> tuple[int, np.dt
     if offset + nbytes > file_size:
         raise OSError(f"its {nbytes} bytes at offset {offset} run past the end of the file "
                       f"({file_size} bytes): the file is truncated")
-    return int(offset), dtype
+    return _Mapped(int(offset), dtype, int(dsid.shape[1]))
 
 
 def read_pixels(
@@ -400,42 +419,36 @@ def read_pixels(
     x = np.empty(pixels.size, dtype=np.float32)
     win: list[np.ndarray] = []  # a window buffer, made if HDF5 has to read one
 
-    by_path: dict[str, list[int]] = {}
-    for i, src in enumerate(sources):
-        by_path.setdefault(src.path, []).append(i)
-    for path, idx in by_path.items():
+    for path, idx in _by_file(sources).items():
         with _open_h5(path) as fh:
             fd = os.open(path, os.O_RDONLY) if direct else -1
             try:
                 size = os.fstat(fd).st_size if direct else 0
-                # each tag: ("map", offset, dtype, nx), ("hdf5",) or ("bad", error)
-                where: list[tuple[Any, ...]] = []
+                # each tag: where its image is in the file, None (HDF5 reads it) or the
+                # error met looking it up
+                where: list[_Mapped | BaseException | None] = []
                 for i in idx:
                     try:
                         dsid = h5py.h5d.open(fh.id, sources[i].dataset.encode())
                         if y1 > dsid.shape[0] or window[1].stop > dsid.shape[1]:
                             raise ValueError(f"image shape {dsid.shape} does not hold the "
                                              f"window {window}")
-                        region = _mapped_region(dsid, size) if direct else None
-                        where.append(("hdf5",) if region is None
-                                     else ("map", *region, dsid.shape[1]))
+                        where.append(_mapped_region(dsid, size) if direct else None)
                     except _READ_ERRORS as exc:
-                        where.append(("bad", exc))
+                        where.append(exc)
                 for k, i in enumerate(idx):
                     src, w = sources[i], where[k]
-                    nxt = next((v for v in where[k + 1:] if v[0] == "map"), None)
+                    nxt = next((v for v in where[k + 1:] if isinstance(v, _Mapped)), None)
                     if nxt is not None and hasattr(os, "posix_fadvise"):
-                        first = nxt[1] + y0 * nxt[3] * nxt[2].itemsize
                         try:  # a hint: a file system that refuses it reads on demand
-                            os.posix_fadvise(fd, first, wy * nxt[3] * nxt[2].itemsize,
-                                             os.POSIX_FADV_WILLNEED)
+                            os.posix_fadvise(fd, *nxt.rows(y0, y1), os.POSIX_FADV_WILLNEED)
                         except OSError:
                             pass
                     try:
-                        if w[0] == "bad":
-                            raise w[1]
-                        if w[0] == "map":
-                            _take_mapped(fd, w[1], w[2], w[3], y0, y1, row_offsets(w[3]), x)
+                        if isinstance(w, BaseException):
+                            raise w
+                        if isinstance(w, _Mapped):
+                            _take_mapped(fd, w, y0, y1, row_offsets(w.nx), x)
                         else:
                             if not win:
                                 win.append(np.empty((wy, wx), dtype=np.float32))
@@ -450,17 +463,17 @@ def read_pixels(
                     os.close(fd)
 
 
-def _take_mapped(fd: int, offset: int, dtype: np.dtype, nx: int, y0: int, y1: int,
-                 index: np.ndarray, out: np.ndarray) -> None:
-    """``out[:] =`` rows ``y0:y1`` of the image at ``offset``, flat, at ``index`` (via mmap).
+def _take_mapped(fd: int, image: _Mapped, y0: int, y1: int, index: np.ndarray,
+                 out: np.ndarray) -> None:
+    """``out[:] =`` rows ``y0:y1`` of ``image``, flat, at ``index`` (via mmap).
 
     Only these rows are mapped, and only while they are read: the file's
     pages never linger in the worker's resident memory.
     """
-    first = offset + y0 * nx * dtype.itemsize
+    first, nbytes = image.rows(y0, y1)
     start = first - first % mmap.ALLOCATIONGRANULARITY
-    length = first - start + (y1 - y0) * nx * dtype.itemsize
-    count, skip = (y1 - y0) * nx, first - start
+    length = first - start + nbytes
+    dtype, count, skip = image.dtype, (y1 - y0) * image.nx, first - start
     size = os.fstat(fd).st_size  # again per image: a map past the end would be a SIGBUS
     if start + length > size:
         raise OSError(f"the image's bytes run past the end of the file ({size} bytes): it "
