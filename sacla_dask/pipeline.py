@@ -1035,7 +1035,7 @@ def plan_run(
         default: 41 tags of the 40 x 5000 ring band), but then at least
         ``MIN_CHUNK_TAGS`` (4) tags per chunk (a chunk's float64 partial
         sums weigh as much as 4 polar images) and at least ``MIN_CHUNKS``
-        (16) chunks, so that a short run still keeps several workers busy. A task reads its
+        (8) chunks, so that a short run still keeps several workers busy. A task reads its
         tags one at a time, so it holds its block of polar images and one
         image window; the chunk is also the unit of resumption
         (``_chunk_done``).

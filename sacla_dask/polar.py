@@ -96,9 +96,9 @@ def check_mask(mask: np.ndarray | None, shape: tuple[int, int], name: str = "mas
         return np.ascontiguousarray(m)
     if not np.issubdtype(m.dtype, np.number):
         raise MaskError(f"{name} must be boolean or 0/1 numbers (got dtype {m.dtype})")
-    vals = np.unique(m)
-    if not np.all(np.isin(vals, (0, 1))):
-        shown = vals[~np.isin(vals, (0, 1))][:5]
+    bad = (m != 0) & (m != 1)  # (NaN included); np.unique would sort 6 M pixels: 20 ms
+    if bad.any():
+        shown = np.unique(m[bad])[:5]
         raise MaskError(
             f"{name} must hold only 0 (masked) and 1 (good); found other values such as "
             f"{shown.tolist()}"
