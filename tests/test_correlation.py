@@ -119,6 +119,29 @@ def test_mask_norm_counts_valid_bin_pairs():
     np.testing.assert_array_equal(plan.mask_norm[2], [0, 0, 1, 1, 1, 0, 0, 0])
 
 
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf])
+def test_difference_is_zero_outside_bins_valid_in_both_shots(bad):
+    """The pair difference against a plain masked reference, with and without
+    non-finite bins (finite images take a faster path), masked bins not zero."""
+    from sacla_dask.correlation import _difference
+
+    rng = np.random.default_rng(3)
+    pm = rng.random((3, 16)) > 0.3
+    a = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    b = rng.normal(size=(2, 3, 16)).astype(np.float32)  # masked bins hold data too
+    if bad is not None:
+        a[1, 0, 2] = bad
+        b[1, 2, 5] = bad
+        pm[0, 2] = pm[2, 5] = True
+    ref_valid = np.isfinite(a) & np.isfinite(b) & pm
+    ref = np.where(ref_valid, a.astype(np.float64) - b, 0.0)
+    d, valid, per_pair = _difference(a, b, pm)
+    assert d.dtype == np.float32
+    np.testing.assert_array_equal(valid, ref_valid)
+    np.testing.assert_array_equal(d, ref.astype(np.float32))
+    assert per_pair == (bad is not None)
+
+
 def test_bins_without_valid_pair_have_count_zero_and_nan_mean():
     pm = np.ones((2, 8), bool)
     pm[1] = False
