@@ -90,6 +90,30 @@ def raw_read(path: str, names: list[str], window: tuple[slice, slice] | None = N
             "mb_per_s": len(names) * buf.nbytes / dt / 1e6}
 
 
+def disk_write(workdir: str, mib: int = 1024) -> dict:
+    """Sustained write rate of the disk under ``workdir``: ``mib`` MiB, then fdatasync; MB/s.
+
+    What bounds a long run that stores its polar images once the page
+    cache's dirty limit is reached (a ring image's polar block is ~0.5 MB
+    compressed).
+    """
+    path = os.path.join(workdir, "disk-write-test.bin")
+    block = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    os.sync()
+    t = time.perf_counter()
+    try:
+        with open(path, "wb") as fh:
+            for _ in range(max(1, mib // 8)):
+                fh.write(block)
+            fh.flush()
+            os.fdatasync(fh.fileno())
+        dt = time.perf_counter() - t
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    return {"seconds": dt, "mb_per_s": max(1, mib // 8) * len(block) / dt / 1e6}
+
+
 #: the steady state's long run, in multiples of --tags (runs 9-11: 2)
 STEADY_SPAN = 3
 
@@ -282,6 +306,9 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
 
     if os.path.exists(out):
         shutil.rmtree(out)
+    # no earlier run's writes still being flushed: a run pays for its own writes only
+    # (since run 15; before, a store run could wait on the previous runs' writeback)
+    os.sync()
     evicted = C.evict([path], cold) if cold else None
     pids = cl["pids"]
     counter = cl["counter"]
@@ -554,6 +581,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{res['raw_warm_2p']['rate']:.1f} img/s, ring window "
             f"{res['raw_warm_ring_window_2p']['rate']:.1f} img/s (what two workers' reads "
             "can get together)")
+        res["disk_write"] = disk_write(a.workdir)
+        log(f"  disk write, sustained (1 GiB + fdatasync, {a.workdir}): "
+            f"{res['disk_write']['mb_per_s']:.0f} MB/s")
         if a.cold != "none":
             method = C.evict([path], a.cold)
             res["raw_cold"] = dict(raw_read(path, names), method=method)
@@ -657,17 +687,20 @@ def main(argv: list[str] | None = None) -> dict:
                     # interleaved (n1, n2, n1, n2, ...) and best of each: on a host whose
                     # speed drifts, one slow spell must not fall on one length only
                     secs = {n1: math.inf, n2: math.inf}
+                    store_mib = 0.0
                     for _ in range(max(3, a.repeat)):
                         for n in (n1, n2):
                             r = pipeline(cl, path, n, "ring", store_polar=sp, mask=mask,
                                          out=out, chunks=per)
                             secs[n] = min(secs[n], r["seconds"])
+                            store_mib = r["store_mib"] if n == n2 else store_mib
                     rate = (n2 - n1) / (secs[n2] - secs[n1])
                     fixed = secs[n1] - n1 / rate
                     res["steady"].append({"workers": nw, "store_polar": sp, "tags": [n1, n2],
                                           "tags_per_chunk": per,
                                           "seconds": [secs[n1], secs[n2]], "rate": rate,
-                                          "fixed_seconds": fixed})
+                                          "fixed_seconds": fixed,
+                                          "store_mb_per_tag": store_mib * 2**20 / 1e6 / n2})
                     log(f"  {nw}w store_polar={sp}: {n1} tags {secs[n1]:.2f} s, {n2} tags "
                         f"{secs[n2]:.2f} s -> {rate:.1f} img/s marginal ({per} tags/chunk); "
                         f"fixed cost per run {fixed:.2f} s")
@@ -897,6 +930,14 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                 x["rate"] / raw_s, TARGETS["ring_vs_raw_warm"],
                 note=f"{x['rate']:.1f} vs {raw_s:.1f} img/s (marginal rate {x['tags'][0]} -> "
                      f"{x['tags'][1]} tags)")
+        disk = res.get("disk_write", {}).get("mb_per_s")
+        if steady and sp and disk and steady[max(steady)].get("store_mb_per_tag"):
+            x = steady[max(steady)]
+            mb = x["store_mb_per_tag"]
+            add(f"ring {x['workers']}w steady state store_polar=True: store write rate / disk",
+                x["rate"] * mb / disk, None,
+                note=f"{x['rate'] * mb:.0f} vs {disk:.0f} MB/s ({mb:.2f} MB per tag: the disk "
+                     f"alone bounds a long run at {disk / mb:.0f} img/s)")
         if len(steady) > 1:
             x2, x1 = steady[max(steady)], steady[min(steady)]
             add(f"ring steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
