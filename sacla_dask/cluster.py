@@ -31,6 +31,21 @@ CLUSTER_KINDS = ("local", "jobqueue")
 #: prologue (deploy/); workers you start yourself should too.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
+#: root tasks (a tag chunk's read) a scheduler this module starts hands a worker per
+#: thread (``distributed.scheduler.worker-saturation``; Dask's default is 1.1, which
+#: with one-thread workers queues a second read behind the running one, so a finished
+#: block's write and correlation wait behind the next read). 1.0: same speed, peak RSS
+#: ring 1000 tags 333-363 -> 297-314 MiB, wide 1157-1264 -> 997-1059 MiB (2 workers,
+#: benchmarks/README.md). Dask config ``sacla_dask.worker-saturation`` overrides it;
+#: a scheduler you start yourself keeps its own setting (deploy/README.md).
+WORKER_SATURATION = 1.0
+
+
+def _scheduler_config() -> dict[str, Any]:
+    """Dask config for a scheduler this module starts (LocalCluster, dask-jobqueue)."""
+    sat = dask.config.get("sacla_dask.worker-saturation", WORKER_SATURATION)
+    return {"distributed.scheduler.worker-saturation": sat}
+
 
 def _default_workers() -> int:
     try:
@@ -145,7 +160,8 @@ def dask_client(
     if cluster == "jobqueue":
         from .hpc import jobqueue_cluster
 
-        jq = jobqueue_cluster()
+        with dask.config.set(_scheduler_config()):  # its scheduler runs here
+            jq = jobqueue_cluster()
         n_jobs = jobs or 1
         jq.scale(jobs=n_jobs)
         log.info("submitted %d batch job(s):\n%s", n_jobs, jq.job_script())
@@ -163,7 +179,7 @@ def dask_client(
         raise ParameterError(f"--workers must be >= 1 (got {workers})")
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
     env.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **_scheduler_config()}):
         lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           memory_limit=memory_limit, dashboard_address="127.0.0.1:0")
     client = Client(lc)

@@ -106,7 +106,20 @@ def test_local_cluster_is_the_default():
         envs = client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
         want = os.environ.get("MALLOC_ARENA_MAX", WORKER_ENV["MALLOC_ARENA_MAX"])
         assert list(envs.values()) == [want]
+        # one chunk read per worker thread at a time (not Dask's 1.1)
+        sat = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
+        assert sat == 1.0
     assert client.status == "closed"
+
+
+def test_worker_saturation_follows_the_config():
+    """``sacla_dask.worker-saturation`` in dask's config overrides the package's 1.0,
+    and nothing of it leaks into the caller's config."""
+    before = dask.config.get("distributed.scheduler.worker-saturation")
+    with dask.config.set({"sacla_dask.worker-saturation": 1.5}), dask_client(workers=1) as client:
+        sat = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
+        assert sat == 1.5
+    assert dask.config.get("distributed.scheduler.worker-saturation") == before
 
 
 # -- a running scheduler -----------------------------------------------------------
