@@ -795,6 +795,7 @@ class _Accumulator:
             f = scipy.fft.rfft(d, axis=-1)
             fv_rows = valid if own else None
         has_data = False
+        shared_blocks = []  # blocks of rows whose valid bins were the mask's (auto)
         for blk in self.blocks:
             if plan.auto:
                 d, valid, own_b = _difference(a[None, blk], b[None, blk], pm[blk])
@@ -804,6 +805,8 @@ class _Accumulator:
                 prod = _lag_products(scipy.fft.rfft(d, axis=-1))
                 m = _lag_counts(valid, plan.nphi) if own_b else None
                 own = own or own_b
+                if not own_b:
+                    shared_blocks.append(blk)
             else:
                 q1, q2 = plan.q1[blk], plan.q2[blk]
                 prod = _lag_products(f, q1, q2)
@@ -811,6 +814,11 @@ class _Accumulator:
             c = scipy.fft.irfft(prod, n=plan.nphi, axis=-1)
             del prod
             has_data |= self._add_block(c, m, blk, k, kept, held)
+        if own and held is None:
+            # a pair with a bin of its own masked in some block of rows is counted bin by
+            # bin, so also in its other blocks, whose lag counts are the plan's
+            for blk in shared_blocks:
+                has_data |= self._count_shared(blk, k)
         if not own:
             has_data = self.any_ok
             if held is None:
@@ -852,6 +860,14 @@ class _Accumulator:
             s.add_count(ok, blk)
             return bool(ok.any())
         return False
+
+    def _count_shared(self, blk: slice, k: int) -> bool:
+        """Count pair ``k`` in the bins of rows ``blk`` where the plan has data."""
+        ok = self.ok[blk]
+        self.sums.add_count(ok, blk)
+        if self.sums.boot_w is not None:
+            self.sums.boot_w[:, blk] += self.weights[:, k][:, None, None] * ok  # type: ignore
+        return bool(ok.any())
 
     def finish(self) -> None:
         """Count the pairs that share the plan's lag counts."""

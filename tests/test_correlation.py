@@ -176,6 +176,39 @@ def test_statistics_equal_direct_numpy_over_pairs():
     np.testing.assert_allclose(difference_statistic(pol[ia], pol[ib], pm), stat, rtol=1e-12)
 
 
+def test_pairs_masked_in_some_rows_only_are_counted_in_every_row_block():
+    """A pair with shot-specific masked bins (Bragg spots, NaN) in a few q rows only,
+    correlated in several blocks of rows (a wide band): its count, mean and bootstrap
+    weights in the other rows are those of one block, and the brute-force mean."""
+    rng = np.random.default_rng(7)
+    nq, nphi = 9, 24
+    pm = rng.random((nq, nphi)) > 0.15
+    pol = random_polar(rng, 6, nq, nphi, pm)
+    pol[2, 1, 3] = np.nan  # pairs (1, 2) and (2, 3): one bin of their own in row 1
+    pol[4, 7, 10] = np.nan  # pairs (3, 4) and (4, 5): in row 7
+    ia, ib = np.arange(5), np.arange(1, 6)
+    plan = make_plan(pm)
+    w = bootstrap_weights(np.stack([ia, ib], 1), 7, seed=3)
+    blocks = pair_sums(pol, pol, plan, ia=ia, ib=ib, weights=w,
+                       block_bytes=3 * 8 * nphi)  # blocks of 3 rows
+    whole = pair_sums(pol, pol, plan, ia=ia, ib=ib, weights=w)
+    per = np.stack([brute_correlation(pol[a], pol[b], pm, plan.q1, plan.q2)
+                    for a, b in zip(ia, ib, strict=True)])
+    cnt = np.isfinite(per).sum(0)
+    for got, _, _, _ in (blocks, whole):
+        np.testing.assert_array_equal(got.count, cnt)
+        assert got.n == 5
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_allclose(got.s1 / got.count, np.nanmean(per, 0), rtol=1e-10)
+        np.testing.assert_array_equal(got.boot_w, (w[:, :, None, None] * np.isfinite(per)).sum(1))
+    np.testing.assert_allclose(blocks[0].s2, whole[0].s2, rtol=1e-12)
+    np.testing.assert_allclose(blocks[0].boot_s1, whole[0].boot_s1, rtol=1e-12)
+    lazy = pair_statistics(da.from_array(pol, chunks=(2, -1, -1)), ia, ib, plan,
+                           block_bytes=3 * 8 * nphi)
+    assert_eq(lazy.count, cnt)
+    assert_eq(lazy.mean, np.nanmean(per, 0), rtol=1e-10)
+
+
 def test_pairs_without_data_are_not_counted():
     """A shot with no valid bin (an unreadable image: NaN) leaves its pairs out entirely."""
     rng = np.random.default_rng(9)
