@@ -775,6 +775,22 @@ def test_bragg_option_and_per_pair_normalisation_in_the_pipeline(small_run, smal
         rtol=1e-5, atol=1e-8)
 
 
+def test_bragg_masked_pipeline_in_blocks_of_few_rows(small_run, small_params, monkeypatch):
+    """As a wide band runs (many blocks of q rows), with Bragg spots masked pair by pair:
+    the mean and count over pairs are those of the pairs' own correlations."""
+    import sacla_dask.correlation as corr_mod
+
+    monkeypatch.setattr(corr_mod, "_row_blocks",
+                        lambda n, nphi, block_bytes: [slice(r, min(n, r + 2))
+                                                      for r in range(0, n, 2)])
+    plan = plan_run(small_run.path, chunks=9, bragg=4.0, keep_pairs=True, **small_params)
+    ds = plan.dataset().compute()
+    assert int(ds["bragg_bins"].sum()) > 0 and ds.sizes["q"] > 2
+    per = ds["corr_pairs"].values.astype(np.float64)
+    np.testing.assert_array_equal(ds["corr_count"].values, np.isfinite(per).sum(0))
+    np.testing.assert_allclose(ds["corr"].values, np.nanmean(per, 0), rtol=1e-5, atol=1e-8)
+
+
 def test_pipeline_lazy_equals_eager_with_every_option(small_run, small_params):
     plan = plan_run(small_run.path, chunks=8, q_pairs="0:5,3:3", reject_outliers=3,
                     bootstrap=6, keep_pairs=True, **small_params)
