@@ -818,7 +818,7 @@ class _Accumulator:
             # a pair with a bin of its own masked in some block of rows is counted bin by
             # bin, so also in its other blocks, whose lag counts are the plan's
             for blk in shared_blocks:
-                has_data |= self._count_shared(blk, k)
+                has_data |= self._count(self.ok[blk], blk, k)
         if not own:
             has_data = self.any_ok
             if held is None:
@@ -849,24 +849,19 @@ class _Accumulator:
         s = self.sums
         s1, s2 = s.s1[blk], s.s2[blk]
         if s.boot_s1 is not None:
-            w = self.weights[:, k]  # type: ignore[index]
-            s.boot_s1[:, blk] += w[:, None, None] * x
-            if ok is not None:
-                s.boot_w[:, blk] += w[:, None, None] * ok  # type: ignore[index]
+            s.boot_s1[:, blk] += self.weights[:, k][:, None, None] * x  # type: ignore[index]
         s1 += x
         np.multiply(x, x, out=x)
         s2 += x
-        if ok is not None:
-            s.add_count(ok, blk)
-            return bool(ok.any())
-        return False
+        return self._count(ok, blk, k) if ok is not None else False
 
-    def _count_shared(self, blk: slice, k: int) -> bool:
-        """Count pair ``k`` in the bins of rows ``blk`` where the plan has data."""
-        ok = self.ok[blk]
-        self.sums.add_count(ok, blk)
-        if self.sums.boot_w is not None:
-            self.sums.boot_w[:, blk] += self.weights[:, k][:, None, None] * ok  # type: ignore
+    def _count(self, ok: np.ndarray, blk: slice, k: int) -> bool:
+        """Count pair ``k`` (and its bootstrap weights) in the bins ``ok`` of rows ``blk``;
+        whether it has data there."""
+        s = self.sums
+        s.add_count(ok, blk)
+        if s.boot_w is not None:
+            s.boot_w[:, blk] += self.weights[:, k][:, None, None] * ok  # type: ignore[index]
         return bool(ok.any())
 
     def finish(self) -> None:
