@@ -99,11 +99,12 @@ def disk_write(workdir: str, mib: int = 1024) -> dict:
     """
     path = os.path.join(workdir, "disk-write-test.bin")
     block = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    n_blocks = max(1, mib // 8)
     os.sync()
     t = time.perf_counter()
     try:
         with open(path, "wb") as fh:
-            for _ in range(max(1, mib // 8)):
+            for _ in range(n_blocks):
                 fh.write(block)
             fh.flush()
             os.fdatasync(fh.fileno())
@@ -111,7 +112,7 @@ def disk_write(workdir: str, mib: int = 1024) -> dict:
     finally:
         if os.path.exists(path):
             os.remove(path)
-    return {"seconds": dt, "mb_per_s": max(1, mib // 8) * len(block) / dt / 1e6}
+    return {"seconds": dt, "mb_per_s": n_blocks * len(block) / dt / 1e6}
 
 
 #: the steady state's long run, in multiples of --tags (runs 9-11: 2)
