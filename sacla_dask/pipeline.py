@@ -62,7 +62,7 @@ from .polar import (
 )
 from .polar import polar_into as apply_polar_into
 from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
-from .scheduling import chunk_first
+from .scheduling import chunk_first, inline_picks, pick_layer_name
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,11 @@ def _picked(parts: da.Array, i: int, chunks: tuple[tuple[int, ...], ...], dtype:
     """Output ``i`` of the tuple-valued blocks of ``parts`` (chunked on its first axis).
 
     A plain graph layer, not a blockwise one, so that no later blockwise
-    fusion can fuse ``parts``'s work into a consumer and redo it there.
+    fusion can fuse ``parts``'s work into a consumer and redo it there;
+    :meth:`ProcessingPlan.execute` inlines it into its consumers
+    (:func:`sacla_dask.scheduling.inline_picks`).
     """
-    from dask.highlevelgraph import HighLevelGraph
-
-    name = f"{label}-{dask.base.tokenize(parts.name, i)}"
+    name = pick_layer_name(label, dask.base.tokenize(parts.name, i))
     rest = (0,) * (len(chunks) - 1)
     dsk = {(name, j) + rest: (operator.getitem, (parts.name, j, 0, 0), i)
            for j in range(len(chunks[0]))}
@@ -872,7 +872,10 @@ class ProcessingPlan:
         # images and stored by the workers too
         finals = {str(k): v.data for k, v in ds.variables.items()
                   if isinstance(v.data, da.Array) and k not in names and k not in derived}
-        _compute([writes, _store.array_writes(out, finals)], progress=progress)
+        # the picks of the polar chunks' outputs run inside their consumers (3 tasks fewer
+        # per tag chunk)
+        with dask.config.set(delayed_optimize=inline_picks):
+            _compute([writes, _store.array_writes(out, finals)], progress=progress)
         self._record_unreadable(out, _store.read_array(out, "image_ok"))
         _store.finish(out)
         return _store.open_result(out)

@@ -276,7 +276,7 @@ def test_graph_prioritises_older_tag_chunks(small_run, small_params):
     polar = {k: v for k, v in prio.items() if k[0].startswith("polar-chunk")}
     assert len(polar) == plan.n_chunks > 2
     assert all(v == -k[1] for k, v in polar.items())
-    norm = {k: v for k, v in prio.items() if k[0].startswith("polar-normalized")}
+    norm = {k: v for k, v in prio.items() if k[0].startswith("pick-polar-normalized")}
     assert norm and all(v == -k[1] for k, v in norm.items())
     groups = {k: v for k, v in prio.items() if k[0].startswith("pair-statistics")
               and k[1] == "group"}
@@ -290,6 +290,87 @@ def test_graph_prioritises_older_tag_chunks(small_run, small_params):
     merges = [v for k, v in prio.items() if k[0].startswith("pair-statistics")
               and k[1] in ("fold", "final")]
     assert merges and all(v == 0 for v in merges)
+
+
+def test_inline_picks_moves_picks_into_consumers_and_keeps_priorities():
+    """A layer of picks of a tuple-valued task is computed inside its consumers: fewer
+    tasks, the same values, the consumers' chunk priorities kept; a pick that is itself
+    asked for stays a task."""
+    import operator
+
+    import dask
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    from sacla_dask.scheduling import inline_picks, pick_layer_name
+
+    def both(j):
+        return (np.full(3, j), j * 10)
+
+    def use_both(a, b):
+        return float(a.sum() + b)
+
+    pa, pb = pick_layer_name("a", "t"), pick_layer_name("b", "t")
+    total = "total-t"
+    tasks = {"parts-t": {("parts-t", j): (both, j) for j in range(4)},
+             pa: {(pa, j): (operator.getitem, ("parts-t", j), 0) for j in range(4)},
+             pb: {(pb, j): (operator.getitem, ("parts-t", j), 1) for j in range(4)},
+             "use-t": {("use-t", j): (use_both, (pa, j), (pb, j)) for j in range(4)},
+             total: {total: (sum, [("use-t", j) for j in range(4)])}}
+    priority = {"priority": lambda key: -key[1]}
+    graph = HighLevelGraph(
+        {n: MaterializedLayer(m, annotations=None if n == total else priority)
+         for n, m in tasks.items()},
+        {"parts-t": set(), pa: {"parts-t"}, pb: {"parts-t"}, "use-t": {pa, pb},
+         total: {"use-t"}})
+    opt = inline_picks(graph, [total])
+    flat = dict(opt)
+    assert not [k for k in flat if k[0] in (pa, pb)]
+    assert len(flat) == len(dict(graph)) - 8
+    prio = {}
+    for layer in opt.layers.values():
+        f = (layer.annotations or {}).get("priority")
+        for key in layer:
+            prio[key] = f(key) if callable(f) else None
+    assert all(prio[("use-t", j)] == -j for j in range(4))
+    want = sum(3 * j + 10 * j for j in range(4))
+    assert dask.compute(Delayed(total, graph), scheduler="sync")[0] == want
+    with dask.config.set(delayed_optimize=inline_picks):
+        assert dask.compute(Delayed(total, graph), scheduler="sync")[0] == want
+    # a pick asked for itself is not removed
+    kept = dict(inline_picks(graph, [total, (pa, 2)]))
+    assert (pa, 2) in kept
+
+
+def test_execute_graph_has_no_pick_tasks(small_run, small_params, tmp_path, monkeypatch):
+    """execute() computes the picks of each chunk's (polar, row means, counts) inside their
+    consumers (writes, pair groups): no pick task reaches the scheduler, and the stored
+    result equals the lazy dataset's."""
+    import dask
+    from dask.base import collections_to_expr
+
+    import sacla_dask.pipeline as pipeline
+
+    seen: list = []
+    real = pipeline._compute
+
+    def recording(objs, progress=False):
+        seen.extend(collections_to_expr(list(objs), optimize_graph=True).optimize()
+                    .__dask_graph__())
+        return real(objs, progress)
+
+    monkeypatch.setattr(pipeline, "_compute", recording)
+    plan = plan_run(small_run.path, chunks=7, out=tmp_path / "o.zarr", **small_params)
+    with dask.config.set(scheduler="sync"):
+        ds = plan.execute()
+    names = {k[0].rsplit("-", 1)[0] if isinstance(k, tuple) else k for k in seen}
+    assert any(n.startswith("polar-chunk") for n in names)
+    assert not [n for n in names if n.startswith("pick-")]
+    assert len([k for k in seen if isinstance(k, tuple) and k[0].startswith("polar-chunk")]) \
+        == plan.n_chunks
+    lazy = plan.dataset().compute(scheduler="sync")
+    for name in ("corr", "row_mean", "nonfinite_bins", "image_ok", "polar"):
+        np.testing.assert_allclose(ds[name].values, lazy[name].values, rtol=1e-12)
 
 
 def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
