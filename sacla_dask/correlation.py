@@ -142,6 +142,13 @@ class CorrelationPlan:
         """True when only autocorrelations are computed."""
         return self.n_cross == 0
 
+    @property
+    def nlag(self) -> int:
+        """Lags the pair sums hold: ``0 .. nphi // 2`` when only autocorrelations are
+        computed (the circular autocorrelation of a real row, like the mask's, is even:
+        ``C(nphi - k) = C(k)``; :func:`full_lags` restores the others), else all ``nphi``."""
+        return self.nphi // 2 + 1 if self.auto else self.nphi
+
     def __dask_tokenize__(self) -> Any:
         return ("CorrelationPlan", self.q1, self.q2, self.polar_mask)
 
@@ -406,6 +413,24 @@ def fourier_coefficients(corr: np.ndarray) -> np.ndarray:
     return scipy.fft.rfft(c, axis=-1) / c.shape[-1]
 
 
+def full_lags(x: np.ndarray, nphi: int) -> np.ndarray:
+    """Lags ``0 .. nphi - 1`` along the last axis from the lags ``0 .. nphi // 2`` of an
+    even correlation (``C(nphi - k) = C(k)``: autocorrelations); ``x`` itself if complete.
+
+    Parameters
+    ----------
+    x : ndarray (..., nphi // 2 + 1) or (..., nphi)
+    nphi : int
+        Azimuthal bins (lags) of the full correlation.
+    """
+    n = x.shape[-1]
+    if n == nphi:
+        return x
+    if n != nphi // 2 + 1:
+        raise ValueError(f"{n} lags are neither all {nphi} nor the first {nphi // 2 + 1}")
+    return np.concatenate([x, x[..., nphi - n:0:-1]], axis=-1)
+
+
 def cross_matrix(corr_cross: np.ndarray, q1: np.ndarray, q2: np.ndarray, nq: int) -> np.ndarray:
     """Unfold cross-correlation rows into a full ``(nq, nq, nphi)`` array.
 
@@ -499,20 +524,29 @@ class PairSums:
     added bin by bin; ``own_count`` holds the per-bin counts of the other
     pairs (a shot-specific masked bin), if any. ``count`` is the total.
 
+    Autocorrelations are even in the lag, so their sums hold only the lags
+    ``0 .. nphi // 2`` (``nlag`` below; ``nphi`` then says how many the
+    full correlation has, :func:`full_lags`): half the memory, the adds and
+    the bytes moved between workers (a wide band's pair of sums: 55 MB, not
+    110). :func:`finalize` returns every lag.
+
     Attributes
     ----------
     n : int
         Pairs summed that have data in at least one bin.
-    s1, s2 : ndarray float64 (nqp, nphi)
+    s1, s2 : ndarray float64 (nqp, nlag)
         Sum and sum of squares of the pairs' correlations where defined.
-    own_count : ndarray int32 (nqp, nphi) or None
+    own_count : ndarray int32 (nqp, nlag) or None
         Pairs with data in each bin, among those not counted in ``shared``.
-    boot_s1, boot_w : ndarray float64 (nboot, nqp, nphi) or None
+    boot_s1, boot_w : ndarray float64 (nboot, nqp, nlag) or None
         Poisson-bootstrap weighted sums and weight totals.
     shared : int
         Pairs whose bins with data are exactly ``shared_ok``.
-    shared_ok : ndarray bool (nqp, nphi) or None
+    shared_ok : ndarray bool (nqp, nlag) or None
         The plan's bins with valid bin pairs (``mask_norm > 0``).
+    nphi : int or None
+        Lags of the full correlation when the sums hold only ``0 .. nphi //
+        2`` of them; None when they hold every lag.
     """
 
     n: int
@@ -523,16 +557,29 @@ class PairSums:
     boot_w: np.ndarray | None = None
     shared: int = 0
     shared_ok: np.ndarray | None = None
+    nphi: int | None = None
 
     @classmethod
-    def zeros(cls, shape: tuple[int, int], n_boot: int = 0) -> PairSums:
+    def zeros(cls, shape: tuple[int, int], n_boot: int = 0,
+              nphi: int | None = None) -> PairSums:
         b = (n_boot,) + tuple(shape)
+        nphi = None if nphi == shape[-1] else nphi
         return cls(0, np.zeros(shape), np.zeros(shape), None,
-                   np.zeros(b) if n_boot else None, np.zeros(b) if n_boot else None)
+                   np.zeros(b) if n_boot else None, np.zeros(b) if n_boot else None,
+                   nphi=nphi)
+
+    @classmethod
+    def for_plan(cls, plan: CorrelationPlan, n_boot: int = 0) -> PairSums:
+        """Zero sums over the plan's rows and lags (``(nqp, plan.nlag)``)."""
+        return cls.zeros((plan.nqp, plan.nlag), n_boot, plan.nphi)
+
+    def full(self, x: np.ndarray) -> np.ndarray:
+        """An array over these sums' lags (last axis) over every lag (:func:`full_lags`)."""
+        return x if self.nphi is None else full_lags(x, self.nphi)
 
     @property
     def count(self) -> np.ndarray:
-        """Pairs with data in each bin, int64 (nqp, nphi)."""
+        """Pairs with data in each bin, int64 (nqp, nlag)."""
         c = np.zeros(self.s1.shape, dtype=np.int64)
         if self.own_count is not None:
             c += self.own_count
@@ -547,7 +594,7 @@ class PairSums:
         self.own_count[rows] += ok
 
     def add(self, corr: np.ndarray, weights: np.ndarray | None = None) -> None:
-        """Add per-pair correlations ``(k, nqp, nphi)`` (NaN = no data) in place."""
+        """Add per-pair correlations ``(k, nqp, nlag)`` (NaN = no data) in place."""
         ok = np.isfinite(corr)
         x = np.where(ok, corr, 0.0)
         self.n += int(ok.any(axis=(1, 2)).sum()) if ok.size else 0
@@ -574,7 +621,7 @@ class PairSums:
 
         out = PairSums(sg * first.n, start(first.s1), start(first.s2),  # type: ignore[arg-type]
                        start(first.own_count), start(first.boot_s1), start(first.boot_w),
-                       sg * first.shared, first.shared_ok)
+                       sg * first.shared, first.shared_ok, first.nphi)
         return out.absorb(parts[1:], signs[1:])
 
     def absorb(self, others: Sequence[PairSums],
@@ -590,6 +637,8 @@ class PairSums:
         signs = [1] * len(others) if signs is None else list(signs)
         if any((o.boot_s1 is None) != (self.boot_s1 is None) for o in others):
             raise ParameterError("cannot combine sums with and without bootstrap")
+        if any(o.s1.shape != self.s1.shape or o.nphi != self.nphi for o in others):
+            raise ParameterError("cannot combine sums over different rows or lags")
 
         def own(a: np.ndarray | None) -> np.ndarray | None:
             return a if a is None or a.flags.writeable else a.copy()
@@ -717,20 +766,20 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
     Returns
     -------
     sums : PairSums
-        Over every pair not held out.
+        Over every pair not held out (lags ``0 .. plan.nlag - 1``).
     stat : ndarray (npair,)
         :func:`difference_statistic` of each pair.
     corr : ndarray float32 (npair, nqp, nphi) or None
     held : HeldPairs
-        Held-out pairs (index into the pairs given).
+        Held-out pairs (index into the pairs given), over the sums' lags.
     """
     npair = a.shape[0] if ia is None else int(np.size(ia))
     ia = np.arange(npair) if ia is None else np.asarray(ia, dtype=np.int64)
     ib = np.arange(npair) if ib is None else np.asarray(ib, dtype=np.int64)
     n_boot = 0 if weights is None else int(weights.shape[0])
-    shape = (plan.nqp, plan.nphi)
-    sums = PairSums.zeros(shape, n_boot)
-    kept = np.empty((npair,) + shape, np.float32) if keep else None
+    shape = (plan.nqp, plan.nlag)  # the sums' (and held-out pairs') lags
+    sums = PairSums.for_plan(plan, n_boot)
+    kept = np.empty((npair, plan.nqp, plan.nphi), np.float32) if keep else None
     pm = plan.polar_mask
     hold = np.zeros(npair, dtype=bool)
     stat = np.full(npair, np.nan)
@@ -773,12 +822,13 @@ class _Accumulator:
         self.weights = weights
         nrow = plan.nq if plan.auto else plan.nqp
         self.blocks = _row_blocks(nrow, plan.nphi, block_bytes)
-        self.inv0 = plan.inv_norm  # 0 where no bin pair
-        self.ok = plan.ok
+        self.nlag = plan.nlag  # the lags summed (half of them for autocorrelations)
+        self.inv0 = plan.inv_norm[:, :self.nlag]  # 0 where no bin pair
+        self.ok = plan.ok[:, :self.nlag]
         self.any_ok = bool(self.ok.any())
         self.n_common = 0
         self.w_common = None if weights is None else np.zeros(weights.shape[0])
-        self.x = np.empty((self.blocks[0].stop - self.blocks[0].start, plan.nphi))
+        self.x = np.empty((self.blocks[0].stop - self.blocks[0].start, self.nlag))
 
     def pair(self, a: np.ndarray, b: np.ndarray, k: int, kept: np.ndarray | None,
              held: np.ndarray | None = None) -> tuple[float, int]:
@@ -811,9 +861,10 @@ class _Accumulator:
                 q1, q2 = plan.q1[blk], plan.q2[blk]
                 prod = _lag_products(f, q1, q2)
                 m = _lag_counts(fv_rows, plan.nphi, q1, q2) if fv_rows is not None else None
-            c = scipy.fft.irfft(prod, n=plan.nphi, axis=-1)
+            c = scipy.fft.irfft(prod, n=plan.nphi, axis=-1)[:, :self.nlag]
             del prod
-            has_data |= self._add_block(c, m, blk, k, kept, held)
+            has_data |= self._add_block(c, None if m is None else m[:, :self.nlag], blk, k,
+                                        kept, held)
         if own and held is None:
             # a pair with a bin of its own masked in some block of rows is counted bin by
             # bin, so also in its other blocks, whose lag counts are the plan's
@@ -840,11 +891,11 @@ class _Accumulator:
         np.multiply(c, inv, out=x)
         okb = self.ok[blk] if ok is None else ok
         if kept is not None or held is not None:
-            full = np.where(okb, x, np.nan)
+            part = np.where(okb, x, np.nan)
             if kept is not None:
-                kept[blk] = full
+                kept[blk] = full_lags(part, self.plan.nphi)
             if held is not None:
-                held[blk] = full
+                held[blk] = part
                 return bool(okb.any())
         s = self.sums
         s1, s2 = s.s1[blk], s.s2[blk]
@@ -928,21 +979,25 @@ def finalize(sums: PairSums, ci: float = 0.95) -> dict[str, np.ndarray]:
     computed from sums of squares (so that partial sums merge),
     its absolute round-off is about ``sqrt(eps) ~ 1e-8`` times the rms pair
     correlation: negligible unless the pairs are (nearly) identical.
+
+    Every lag is returned (``(nqp, nphi)``), also from sums that hold half
+    of them (:class:`PairSums`).
     """
+    full = sums.full
     n = sums.count
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n > 0, sums.s1 / n, np.nan)
         var = np.where(n > 1, (sums.s2 - sums.s1 * mean) / (n - 1), np.nan)
         sem = np.sqrt(np.clip(var, 0, None) / n)
-    out = {"mean": mean, "sem": sem, "count": n.astype(np.int64)}
+    out = {"mean": full(mean), "sem": full(sem), "count": full(n.astype(np.int64))}
     if sums.boot_s1 is not None and sums.boot_w is not None:
         if not 0 < ci < 1:
             raise ParameterError(f"confidence level must be in (0, 1) (got {ci})")
         with np.errstate(invalid="ignore", divide="ignore"):
             bm = np.where(sums.boot_w > 0, sums.boot_s1 / sums.boot_w, np.nan)
         pct = [50 * (1 - ci), 50 * (1 + ci)]
-        out["ci_low"], out["ci_high"] = _nanpercentile0(bm, pct)
-        fr = fourier_coefficients(bm).real
+        out["ci_low"], out["ci_high"] = (full(x) for x in _nanpercentile0(bm, pct))
+        fr = fourier_coefficients(full(bm)).real
         out["fourier_ci_low"], out["fourier_ci_high"] = _nanpercentile0(fr, pct)
     return out
 
@@ -1207,7 +1262,7 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
     total, h = root.sums, root.held
     if h.index.size:
         ok = ~rej[h.index]
-        add = PairSums.zeros((plan.nqp, plan.nphi), n_boot)
+        add = PairSums.for_plan(plan, n_boot)
         add.add(h.corr[ok], None if h.weights is None else h.weights[:, ok])
         total = total + add
     was_held = np.zeros(rej.size, dtype=bool)
@@ -1316,9 +1371,9 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         Reject pairs whose statistic is this many robust sigmas high.
     n_boot : int
         Poisson-bootstrap resamples (0: none); ``ci`` is the interval level.
-        Memory: each partial sum holds ``2 n_boot nqp nphi`` float64; time:
-        ``2 n_boot nqp nphi`` flops per pair (a matrix product), measured
-        about 5x the correlation itself for ``n_boot = 100``.
+        Memory: each partial sum holds ``2 n_boot nqp nlag`` float64 (``nlag``:
+        :attr:`CorrelationPlan.nlag`); time: ``2 n_boot nqp nlag`` flops per pair
+        (a matrix product), measured about 5x the correlation itself for ``n_boot = 100``.
     seed : int
         Bootstrap seed; ``keys`` (npair, 2) non-negative pair identities
         (default the positions; tag numbers make the resamples independent
@@ -1343,8 +1398,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     polar = _check_polar(polar, ia, ib)
     if split_every is None:
         # fold few group sums at a time when they are large (a wide band's pair of float64
-        # nq x nphi arrays is ~110 MB): a fold step holds the running sum and its inputs
-        part = 16 * plan.nqp * plan.nphi * (1 + int(n_boot))
+        # nq x nlag arrays is ~55 MB): a fold step holds the running sum and its inputs
+        part = 16 * plan.nqp * plan.nlag * (1 + int(n_boot))
         split_every = int(min(8, max(1, MERGE_BYTES // max(part, 1) - 1)))
     if split_every < 1:
         raise ParameterError(f"split_every must be >= 1 (got {split_every})")
@@ -1493,6 +1548,6 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
 __all__ = [
     "CorrelationPlan", "LazyPairStatistics", "PairSums", "bootstrap_weights", "correlate_pairs",
     "correlate_rows", "cross_matrix", "difference_correlation", "difference_statistic",
-    "finalize", "fourier_coefficients", "make_plan", "mask_bragg_spots", "pair_statistics",
-    "pair_sums", "parse_q_pairs", "robust_outliers", "summarize_pairs",
+    "finalize", "fourier_coefficients", "full_lags", "make_plan", "mask_bragg_spots",
+    "pair_statistics", "pair_sums", "parse_q_pairs", "robust_outliers", "summarize_pairs",
 ]

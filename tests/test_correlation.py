@@ -176,6 +176,58 @@ def test_statistics_equal_direct_numpy_over_pairs():
     np.testing.assert_allclose(difference_statistic(pol[ia], pol[ib], pm), stat, rtol=1e-12)
 
 
+@pytest.mark.parametrize("nphi", [24, 25])
+def test_autocorrelation_sums_hold_half_the_lags(nphi):
+    """Autocorrelations are even in the lag: their sums hold lags 0 .. nphi // 2 (cross
+    rows: all), and the statistics of every lag (mean, sem, count, bootstrap bounds, kept
+    pairs, a held-out wild pair added back) equal the brute-force loops over all lags."""
+    rng = np.random.default_rng(nphi)
+    nq = 3
+    pm = rng.random((nq, nphi)) > 0.2
+    pol = random_polar(rng, 9, nq, nphi, pm, spots=0.05)
+    pol[4] *= 50.0  # a wild shot: its pairs are held out of the sums, then added back
+    ia, ib = np.arange(8), np.arange(1, 9)
+    plan = make_plan(pm)
+    assert plan.nlag == nphi // 2 + 1 and make_plan(pm, "all").nlag == nphi
+    sums, _, _, _ = pair_sums(pol, pol, plan, ia=ia, ib=ib)
+    assert sums.s1.shape == sums.count.shape == (nq, nphi // 2 + 1) and sums.nphi == nphi
+    cross, _, _, _ = pair_sums(pol, pol, make_plan(pm, "all"), ia=ia, ib=ib)
+    assert cross.s1.shape[1] == nphi and cross.nphi is None
+    per = np.stack([brute_correlation(pol[a], pol[b], pm, plan.q1, plan.q2)
+                    for a, b in zip(ia, ib, strict=True)])
+    res = summarize_pairs(pol, ia, ib, plan, keep_pairs=True, n_boot=5)
+    cnt = np.isfinite(per).sum(0)
+    np.testing.assert_array_equal(res["count"], cnt)
+    np.testing.assert_allclose(res["mean"], np.nanmean(per, 0), rtol=1e-10)
+    np.testing.assert_allclose(res["sem"], np.nanstd(per, 0, ddof=1) / np.sqrt(cnt), rtol=1e-8)
+    np.testing.assert_allclose(res["pairs"], per, rtol=1e-5, atol=1e-7)
+    # the bootstrap bounds of every lag: those of the mirrored lag
+    for key in ("ci_low", "ci_high"):
+        assert res[key].shape == (nq, nphi)
+        np.testing.assert_array_equal(res[key][:, 1:], res[key][:, :0:-1])
+    lazy = pair_statistics(da.from_array(pol, chunks=(3, -1, -1)), ia, ib, plan, reject=3)
+    kept = ~np.asarray(lazy.rejected)
+    assert not kept.all()  # the wild pairs were held out, then rejected
+    assert_eq(lazy.mean, np.nanmean(per[kept], 0), rtol=1e-10)
+    assert_eq(lazy.count, np.isfinite(per[kept]).sum(0))
+
+
+def test_full_lags_mirrors_an_even_correlation():
+    """full_lags restores lags nphi//2+1 .. nphi-1 of circular autocorrelations (numpy FFT
+    reference), for even and odd nphi; a complete array is returned as it is."""
+    from sacla_dask.correlation import full_lags
+
+    rng = np.random.default_rng(3)
+    for nphi in (1, 2, 7, 8):
+        x = rng.standard_normal((4, nphi))
+        auto = np.fft.irfft(np.abs(np.fft.rfft(x)) ** 2, n=nphi)  # even in the lag
+        np.testing.assert_allclose(full_lags(auto[:, :nphi // 2 + 1], nphi), auto,
+                                   rtol=1e-12, atol=1e-12)
+        assert full_lags(auto, nphi) is auto
+    with pytest.raises(ValueError, match="lags"):
+        full_lags(np.zeros((2, 3)), 8)
+
+
 def test_pairs_masked_in_some_rows_only_are_counted_in_every_row_block():
     """A pair with shot-specific masked bins (Bragg spots, NaN) in a few q rows only,
     correlated in several blocks of rows (a wide band): its count, mean and bootstrap
@@ -196,11 +248,15 @@ def test_pairs_masked_in_some_rows_only_are_counted_in_every_row_block():
                     for a, b in zip(ia, ib, strict=True)])
     cnt = np.isfinite(per).sum(0)
     for got, _, _, _ in (blocks, whole):
-        np.testing.assert_array_equal(got.count, cnt)
+        # the sums hold the lags 0 .. nphi // 2 of the (even) autocorrelations
+        np.testing.assert_array_equal(got.count, cnt[:, :plan.nlag])
+        np.testing.assert_array_equal(got.full(got.count), cnt)
         assert got.n == 5
         with np.errstate(invalid="ignore"):
-            np.testing.assert_allclose(got.s1 / got.count, np.nanmean(per, 0), rtol=1e-10)
-        np.testing.assert_array_equal(got.boot_w, (w[:, :, None, None] * np.isfinite(per)).sum(1))
+            np.testing.assert_allclose(got.full(got.s1 / got.count), np.nanmean(per, 0),
+                                       rtol=1e-10)
+        np.testing.assert_array_equal(got.full(got.boot_w),
+                                      (w[:, :, None, None] * np.isfinite(per)).sum(1))
     np.testing.assert_allclose(blocks[0].s2, whole[0].s2, rtol=1e-12)
     np.testing.assert_allclose(blocks[0].boot_s1, whole[0].boot_s1, rtol=1e-12)
     lazy = pair_statistics(da.from_array(pol, chunks=(2, -1, -1)), ia, ib, plan,
@@ -317,18 +373,21 @@ def problems(draw):
     return dict(ntag=ntag, chunks=chunks, ia=np.array(a), ib=ib,
                 reject=draw(st.sampled_from([None, 3.0])), n_boot=draw(st.sampled_from([0, 4])),
                 spots=draw(st.sampled_from([0.0, 0.1])), split_every=draw(st.integers(2, 4)),
-                keep=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+                keep=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                # autocorrelations only (sums over half the lags) or with cross rows
+                q_pairs=draw(st.sampled_from([None, "all"])),
+                nphi=draw(st.sampled_from([12, 13])))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_pair_statistics_lazy_equals_eager(pb):
     rng = np.random.default_rng(pb["seed"])
-    nq, nphi = 2, 12
+    nq, nphi = 2, pb["nphi"]
     pm = rng.random((nq, nphi)) > 0.25
     pol = random_polar(rng, pb["ntag"], nq, nphi, pm, pb["spots"])
     pol[rng.integers(pb["ntag"])] *= 4.0  # a wild shot for the rejection to find
-    plan = make_plan(pm, "all")
+    plan = make_plan(pm, pb["q_pairs"])
     kw = dict(reject=pb["reject"], n_boot=pb["n_boot"], seed=7, keep_pairs=pb["keep"])
     eager = summarize_pairs(pol, pb["ia"], pb["ib"], plan, **kw)
     lazy = pair_statistics(da.from_array(pol, chunks=(pb["chunks"], -1, -1)), pb["ia"],
