@@ -460,8 +460,8 @@ def test_read_pixels_equals_h5py(tmp_path, monkeypatch, kind, mapped):
     pixels = rng.permutation(25 * 18)[:60].astype(np.int32)     # any order
     ref = h5_images(t.path, t.run, t.tags, window).reshape(len(t.tags), -1)[:, pixels]
     maps = []
-    take_mapped = run_mod._take_mapped
-    monkeypatch.setattr(run_mod, "_take_mapped", lambda *a: maps.append(1) or take_mapped(*a))
+    take_direct = run_mod._take_direct
+    monkeypatch.setattr(run_mod, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
     np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1]), ref)
     assert len(maps) == (len(t.tags) if mapped else 0)
     maps.clear()
@@ -470,9 +470,10 @@ def test_read_pixels_equals_h5py(tmp_path, monkeypatch, kind, mapped):
     assert not maps
 
 
-def test_mapped_read_leaves_nothing_mapped_even_when_profiled(tmp_path):
-    """Each image's rows are mapped only while read: no file page stays in the process,
-    even when a profiler keeps snapshots of the reading frame's locals (Dask's does)."""
+def test_direct_read_maps_nothing_even_when_profiled(tmp_path):
+    """The direct read copies each image's rows into one reused buffer: no page of the file
+    is mapped into the process, even while a profiler keeps snapshots of the reading
+    frame's locals (Dask's does)."""
     import gc
     import sys
 
@@ -483,7 +484,7 @@ def test_mapped_read_leaves_nothing_mapped_even_when_profiled(tmp_path):
     snapshots = []
 
     def tracer(frame, event, arg):
-        if frame.f_code.co_name == "_take_mapped":
+        if frame.f_code.co_name == "_take_direct":
             snapshots.append(dict(frame.f_locals))
         return tracer
 
@@ -501,18 +502,18 @@ def test_mapped_read_leaves_nothing_mapped_even_when_profiled(tmp_path):
         assert str(t.path) not in fh.read()
 
 
-def test_dataset_past_the_end_of_the_file_is_not_mapped(tmp_path):
+def test_dataset_past_the_end_of_the_file_is_an_error(tmp_path):
     """A truncated copy is refused by HDF5 when opened; should a dataset still point past
     the end of its file, it is an error naming the file and tag, never a memory fault."""
     t = write_synthetic_run(tmp_path / "e.h5", n_tags=3, **KW)
     with h5py.File(t.path, "r") as fh:
         dsid = fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[1]}/detector_data"].id
         offset = dsid.get_offset()
-        assert run_mod._mapped_region(dsid, offset + 4 * SHAPE[0] * SHAPE[1]) is not None
+        assert run_mod._contiguous_region(dsid, offset + 4 * SHAPE[0] * SHAPE[1]) is not None
         with pytest.raises(OSError, match="run past the end of the file.*truncated"):
-            run_mod._mapped_region(dsid, offset + 100)
+            run_mod._contiguous_region(dsid, offset + 100)
     run = open_run(t.path)
-    real = run_mod._mapped_region
+    real = run_mod._contiguous_region
 
     def short(dsid, size):
         return real(dsid, size if dsid.get_offset() != offset else offset + 100)
@@ -520,7 +521,7 @@ def test_dataset_past_the_end_of_the_file_is_not_mapped(tmp_path):
     window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
     pixels = np.arange(10)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_mod, "_mapped_region", short)
+        mp.setattr(run_mod, "_contiguous_region", short)
         with pytest.raises(BadTagError, match=rf"e\.h5': tag {t.tags[1]} cannot be read.*"
                                               "truncated"):
             pixels_of(run.sources, window, pixels, SHAPE[1])
@@ -532,9 +533,9 @@ def test_dataset_past_the_end_of_the_file_is_not_mapped(tmp_path):
         pixels_of(run.sources, window, pixels, SHAPE[1])
 
 
-def test_pipeline_same_result_mapped_or_through_hdf5(tmp_path, monkeypatch):
+def test_pipeline_same_result_direct_or_through_hdf5(tmp_path, monkeypatch):
     """A thin band is read pixel by pixel (a wide one as a window): the same store
-    whether its pixels come from a memory map or through HDF5."""
+    whether its pixels are read directly from the file or through HDF5."""
     from sacla_dask.pipeline import worker_operator
 
     t = write_synthetic_run(tmp_path / "s.h5", n_tags=12, n_dark=2, **{**KW, "noise": True})
@@ -546,8 +547,8 @@ def test_pipeline_same_result_mapped_or_through_hdf5(tmp_path, monkeypatch):
     wide = plan_run(t.path, **{**kw, "qmin": float(g.radius_to_q(2.0))}).transform.operator
     assert worker_operator(wide) is wide
     maps = []
-    take_mapped = run_mod._take_mapped
-    monkeypatch.setattr(run_mod, "_take_mapped", lambda *a: maps.append(1) or take_mapped(*a))
+    take_direct = run_mod._take_direct
+    monkeypatch.setattr(run_mod, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
     with dask.config.set(scheduler="sync"):
         mapped = plan_run(t.path, out=tmp_path / "a.zarr", **kw).execute()
         assert len(maps) == 12                               # every tag, bright or dark
@@ -599,21 +600,21 @@ def test_task_count_grows_with_chunks_not_tags(run5050):
 
 
 def test_file_truncated_while_read_is_an_error_not_a_crash(tmp_path, monkeypatch):
-    """A file cut short after its tags were located is caught before an image is mapped
-    (a memory-mapped read past the end of a file kills the process with SIGBUS)."""
+    """A file cut short after its tags were located: the direct read of an image comes
+    back short, an error naming the file and tag (not zeros or stale buffer bytes)."""
     t = write_synthetic_run(tmp_path / "cut.h5", n_tags=4, **{**KW, "noise": True})
     run = open_run(t.path)
     with h5py.File(t.path, "r") as fh:
         offset = fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[2]}/detector_data"].id.get_offset()
-    take_mapped, seen = run_mod._take_mapped, []
+    take_direct, seen = run_mod._take_direct, []
 
     def cut_before_the_third(fd, *args):
         seen.append(1)
         if len(seen) == 3:
             os.truncate(t.path, offset + 8)
-        return take_mapped(fd, *args)
+        return take_direct(fd, *args)
 
-    monkeypatch.setattr(run_mod, "_take_mapped", cut_before_the_third)
+    monkeypatch.setattr(run_mod, "_take_direct", cut_before_the_third)
     window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
     with pytest.raises(BadTagError, match=rf"cut\.h5': tag {t.tags[2]} cannot be read.*"
                                           "truncated while being read"):
