@@ -189,6 +189,44 @@ def ensure_small_run(workdir: str, n_tags: int) -> str:
     return path
 
 
+def ensure_layout_run(workdir: str, n_tags: int) -> str:
+    """A DataConvert run of ``n_tags`` 2400x2400 float32 tags whose pixels were never
+    written (HDF5 allocates a contiguous dataset's storage when it is first written: the
+    file is a few MB): the run's layout, to build and count the graph of a long run of
+    the real image size without reading or computing it."""
+    import h5py
+
+    from sacla_dask.run import DETECTOR
+
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"layout_{SHAPE[0]}x{SHAPE[1]}_{n_tags}tags.h5")
+    meta = _meta_path(path)
+    if os.path.exists(meta) and os.path.exists(path):
+        return path
+    run = 1
+    tags = np.arange(n_tags, dtype=np.int64) * 2 + 100000
+    bright = np.ones(n_tags, dtype=np.int32)
+    bright[:50] = 0  # dark shots, as in the synthetic runs
+    with h5py.File(path, "w") as fh:
+        fh["file_info/run_number_list"] = np.array([run], dtype=np.int64)
+        g = fh.create_group(f"run_{run}")
+        det = g.create_group(DETECTOR)
+        det["detector_info/pixel_size_in_micro_meter"] = np.array([PIXEL * 1e6] * 2)
+        ev = g.create_group("event_info")
+        ev["tag_number_list"] = tags
+        ev["bl_3/eh_1/xfel_pulse_selector_status"] = bright
+        ev["bl_3/oh_2/photon_energy_in_eV"] = np.full(n_tags, 12398.419843320026 / WAVELENGTH)
+        ev["bl_3/oh_2/bm_1_pulse_energy_in_joule"] = np.full(n_tags, 1e-3)
+        ftype = h5py.h5t.py_create(np.dtype("<f4"))
+        space = h5py.h5s.create_simple(SHAPE)
+        for t in tags:
+            gid = h5py.h5g.create(det.id, f"tag_{t}".encode())
+            h5py.h5d.create(gid, b"detector_data", ftype, space)
+    json.dump({"complete": True, "n_tags": n_tags, "size": os.path.getsize(path),
+               "layout_only": True}, open(meta, "w"))
+    return path
+
+
 # -- page cache ----------------------------------------------------------------
 def evict(paths: Iterable[str], method: str = "auto") -> str:
     """Drop ``paths`` from the page cache; return the method used.

@@ -40,6 +40,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -435,33 +436,69 @@ def default_tags_per_chunk(path: str, n_tags: int, band: str, mask: np.ndarray) 
         return int(plan.tags_per_chunk)
 
 
-def graph_tasks_5050(workdir: str, tags_per_chunk: dict[str, int],
+class _Counted(Exception):
+    """Raised by the capture of :func:`graph_tasks_5050` to stop ``execute()`` before it
+    computes anything."""
+
+
+def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
                      store_polar: tuple[bool, ...] = (True, False)) -> dict:
-    """Tasks submitted by execute() for a 5050-tag run (tiny images, same tags per chunk)."""
-    from sacla_dask.geometry import Geometry
-    from sacla_dask.pipeline import plan_run
+    """Tasks of the graph execute() submits for a 5050-tag run of 2400x2400 images.
+
+    On a run of the real layout whose pixels were never written
+    (:func:`_common.ensure_layout_run`), with the defaults (the tags per chunk
+    and the fold's fan-in follow from the band's real grid): ``execute()``
+    writes the store's template, then its graph is built and optimised as
+    the scheduler would get it (``collections_to_expr(...).optimize()``) and
+    counted, and the compute is stopped before it starts. (Up to run 16 the
+    graph was run on 64x64 images with the same tags per chunk: the fold's
+    fan-in, chosen from the size of the partial sums, was then that of tiny
+    images.)
+    """
+    import collections
+
+    import dask
+    from dask.base import collections_to_expr
+    from dask.utils import key_split
+
+    import sacla_dask.pipeline as pipeline
     from sacla_dask.run import open_run
 
-    path = C.ensure_small_run(workdir, 5050)
+    path = C.ensure_layout_run(workdir, 5050)
     out = os.path.join(workdir, "out-graph.zarr")
     res = {}
-    with cluster(1) as cl, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run = open_run(path)
-        g = Geometry(32.0, 32.0, C.PIXEL, C.DISTANCE, C.WAVELENGTH)
-        for band, per in tags_per_chunk.items():
-            for sp in store_polar:
-                if os.path.exists(out):
-                    shutil.rmtree(out)
-                plan = plan_run(run, qmin=float(g.radius_to_q(12)), qmax=float(g.radius_to_q(28)),
-                                center=(32.0, 32.0), pixel_size=C.PIXEL, distance=C.DISTANCE,
-                                wavelength=C.WAVELENGTH, out=out, chunks=per,
-                                store_polar=sp)
-                cl["counter"].counts.clear()
-                plan.execute(overwrite=True)
-                res[f"{band} ({per} tags/chunk, store_polar={sp})"] = {
-                    "tasks": int(sum(cl["counter"].counts)), "chunks": plan.n_chunks,
-                    "pairs": int(plan.ia.size)}
+    seen: dict[str, Any] = {}
+
+    def capture(objs: Sequence[Any], progress: bool = False) -> list[Any]:
+        dsk = collections_to_expr(list(objs), optimize_graph=True).optimize().__dask_graph__()
+        seen["tasks"] = len(dsk)
+        seen["kinds"] = dict(collections.Counter(key_split(k) for k in dsk).most_common(8))
+        raise _Counted
+
+    real = pipeline._compute
+    pipeline._compute = capture
+    try:
+        with warnings.catch_warnings(), dask.config.set(scheduler="sync"):
+            warnings.simplefilter("ignore")
+            run = open_run(path)
+            for band in bands:
+                qmin, qmax = band_q(band)
+                for sp in store_polar:
+                    if os.path.exists(out):
+                        shutil.rmtree(out)
+                    plan = pipeline.plan_run(run, qmin=qmin, qmax=qmax, center=C.CENTER,
+                                             pixel_size=C.PIXEL, distance=C.DISTANCE,
+                                             wavelength=C.WAVELENGTH, mask=mask, out=out,
+                                             store_polar=sp)
+                    try:
+                        plan.execute(overwrite=True)
+                    except _Counted:
+                        pass
+                    res[f"{band} ({plan.tags_per_chunk} tags/chunk, store_polar={sp})"] = {
+                        "tasks": int(seen["tasks"]), "chunks": plan.n_chunks,
+                        "pairs": int(plan.ia.size), "kinds": seen["kinds"]}
+    finally:
+        pipeline._compute = real
         shutil.rmtree(out, ignore_errors=True)
     return res
 
@@ -737,25 +774,14 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"  {band} store_polar={sp}: {n} tags: peak RSS {r['peak_rss_mib']} MiB "
                     f"(chunk {r['chunk_mib']:.0f} MiB; {r['tasks']} tasks; {r['rate']:.1f} img/s)")
     if "graph" not in skip:
-        # what plan_run chooses by default for 5050 tags of each band's 2400x2400 grid
-        import inspect
-
-        from sacla_dask.pipeline import plan_run, tags_per_chunk
-
-        size = inspect.signature(plan_run).parameters["chunks"].default
-        per = {}
-        for r in pipe:
-            per.setdefault(r["band"], tags_per_chunk(size, 5050, tuple(r["grid"])))
-        if not per:
-            per = {"ring": tags_per_chunk(size, 5050, (40, 5000))}
-        log("\n[4b] tasks submitted by execute() for a 5050-tag run (64x64 images, same "
-            f"tags per chunk: {per})")
-        if a.quick:
-            per = {k: v for k, v in per.items() if k == "ring"} or per
-        res["graph_5050"] = graph_tasks_5050(a.workdir, per,
+        gbands = ["ring"] if a.quick else bands
+        log("\n[4b] tasks of the graph execute() submits for a 5050-tag run (2400x2400 "
+            "layout, default chunks; built and counted, not run)")
+        res["graph_5050"] = graph_tasks_5050(a.workdir, gbands, mask,
                                              (True,) if a.quick else (True, False))
         for k, v in res["graph_5050"].items():
-            log(f"  {k}: {v['tasks']} tasks ({v['chunks']} chunks, {v['pairs']} pairs)")
+            log(f"  {k}: {v['tasks']} tasks ({v['chunks']} chunks, {v['pairs']} pairs; "
+                f"{v['kinds']})")
     if "fft" not in skip:
         res["fft"] = fft_lengths()
         log("\n[5] correlation FFT cost per pair (40 q rows, rfft + irfft, float64)")
