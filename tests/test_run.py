@@ -502,6 +502,47 @@ def test_direct_read_maps_nothing_even_when_profiled(tmp_path):
         assert str(t.path) not in fh.read()
 
 
+@pytest.mark.parametrize("cache", ["all", "part", "none", "no-nowait"])
+def test_direct_read_hints_the_next_image_only_when_reading_from_disk(tmp_path, monkeypatch,
+                                                                      cache):
+    """The direct reader first reads without waiting for the disk (RWF_NOWAIT): rows all in
+    the page cache -> no read-ahead hint (it costs a walk over cached pages); some or none
+    cached -> the next image's rows are hinted, then the read waits; a file system without
+    RWF_NOWAIT -> hint and wait from then on. The pixels are right in every case (the page
+    cache's answers are simulated around the real pread)."""
+    t = write_synthetic_run(tmp_path / "n.h5", n_tags=4, **{**KW, "noise": True})
+    run = open_run(t.path)
+    window = (slice(2, 30), slice(3, 33))
+    pixels = np.arange(0, 28 * 30, 5)
+    ref = h5_images(t.path, t.run, t.tags, window).reshape(len(t.tags), -1)[:, pixels]
+    real_preadv, nowait = os.preadv, 8
+    monkeypatch.setattr(run_mod, "_NOWAIT", nowait)
+    nowait_calls, hints = [], []
+
+    def preadv(fd, buffers, offset, flags=0):
+        if not flags:
+            return real_preadv(fd, buffers, offset)
+        nowait_calls.append(offset)
+        if cache == "no-nowait":
+            raise OSError(95, "Operation not supported")
+        if cache == "none":
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        n = real_preadv(fd, buffers, offset)
+        return n if cache == "all" else n // 2  # "part": the first half was cached
+
+    monkeypatch.setattr(run_mod.os, "preadv", preadv)
+    monkeypatch.setattr(run_mod.os, "posix_fadvise",
+                        lambda fd, off, n, advice: hints.append(off), raising=False)
+    np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1]), ref)
+    if cache == "all":
+        assert len(nowait_calls) == len(t.tags) and not hints
+    elif cache == "no-nowait":
+        assert len(nowait_calls) == 1 and run_mod._NOWAIT == 0
+        assert len(hints) == len(t.tags) - 1  # every image but the last hints its successor
+    else:
+        assert len(nowait_calls) == len(t.tags) and len(hints) == len(t.tags) - 1
+
+
 def test_dataset_past_the_end_of_the_file_is_an_error(tmp_path):
     """A truncated copy is refused by HDF5 when opened; should a dataset still point past
     the end of its file, it is an error naming the file and tag, never a memory fault."""
