@@ -236,8 +236,9 @@ def _performance_report(path: str | None) -> Any:
 @click.option("--keep-pairs", is_flag=True,
               help="Keep every pair's correlation in the store (corr_pairs, float32).")
 @click.option("--chunk-size", default="32MiB", show_default=True,
-              help="Polar-image bytes per task (e.g. 128MiB; at least 8 chunks) or a number "
-                   "of tags; also the unit of resumption.")
+              help="Polar-image bytes per task (e.g. 128MiB; at least 4 tags and 8 chunks) "
+                   "or a number of tags; also the unit of resumption. A wide band: 16 (tags) "
+                   "takes ~1.5 GiB per worker, a quarter of the tasks.")
 @click.option("--no-store-polar", is_flag=True,
               help="Correlation only: do not keep the per-tag polar images.")
 @click.option("--compression", type=click.Choice(["lz4", "zstd", "none"]), default="lz4",
