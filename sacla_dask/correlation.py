@@ -88,9 +88,14 @@ class CorrelationPlan:
         Correlation ``M`` of the polar mask: valid bin pairs at each lag
         (integer counts, exact in float32 up to 2**24).
     ok : ndarray bool (nqp, nphi)
-        ``M > 0`` (derived).
+        ``M > 0`` (derived when first used, not pickled).
     inv_norm : ndarray float64 (nqp, nphi)
-        ``1 / M`` where ``M > 0``, 0 where no bin pair exists (derived).
+        ``1 / M`` where ``M > 0``, 0 where no bin pair exists (derived when
+        first used, not pickled).
+    lag_ok, lag_inv_norm : ndarray (nqp, nlag)
+        The same over the lags the pair sums hold (:attr:`nlag`): all that
+        a pipeline worker derives (for a wide band's autocorrelations 31 MB
+        instead of 62).
     polar_mask : ndarray bool (nq, nphi)
         True = good bin.
     nphi : int
@@ -101,28 +106,52 @@ class CorrelationPlan:
     mask_norm: np.ndarray
     polar_mask: np.ndarray
     nphi: int
-    #: lags with valid bin pairs (``mask_norm > 0``)
-    ok: np.ndarray = dataclasses.field(init=False, repr=False)
-    #: ``1 / mask_norm`` where it is positive, 0 where there is no data (float64)
-    inv_norm: np.ndarray = dataclasses.field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        ok = self.mask_norm > 0
+    #: derived arrays, cached in the instance (never pickled)
+    _DERIVED = ("ok", "inv_norm", "lag_ok", "lag_inv_norm")
+
+    @staticmethod
+    def _inverse(mask_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ok = mask_norm > 0
         with np.errstate(divide="ignore"):
-            inv = np.where(ok, 1.0 / self.mask_norm.astype(np.float64), 0.0)
-        object.__setattr__(self, "ok", ok)
-        object.__setattr__(self, "inv_norm", inv)
+            return ok, np.where(ok, 1.0 / mask_norm.astype(np.float64), 0.0)
+
+    def _derived(self, name: str) -> np.ndarray:
+        if name not in self.__dict__:
+            full = name in ("ok", "inv_norm")
+            ok, inv = self._inverse(self.mask_norm if full else
+                                    self.mask_norm[:, :self.nlag])
+            pre = "" if full else "lag_"
+            self.__dict__[pre + "ok"], self.__dict__[pre + "inv_norm"] = ok, inv
+        return self.__dict__[name]
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Lags with valid bin pairs (``mask_norm > 0``), (nqp, nphi)."""
+        return self._derived("ok")
+
+    @property
+    def inv_norm(self) -> np.ndarray:
+        """``1 / mask_norm`` where it is positive, 0 where there is no data (float64)."""
+        return self._derived("inv_norm")
+
+    @property
+    def lag_ok(self) -> np.ndarray:
+        """:attr:`ok` over the lags ``0 .. nlag - 1`` the pair sums hold."""
+        return self._derived("lag_ok")
+
+    @property
+    def lag_inv_norm(self) -> np.ndarray:
+        """:attr:`inv_norm` over the lags ``0 .. nlag - 1`` the pair sums hold."""
+        return self._derived("lag_inv_norm")
 
     def __getstate__(self) -> dict[str, Any]:
-        # the derived arrays are recomputed where the plan lands (a wide band's
-        # inverse is 55 MB per worker not shipped)
-        state = dict(self.__dict__)
-        del state["ok"], state["inv_norm"]
-        return state
+        # the derived arrays are recomputed where the plan lands, and only those used (a
+        # wide band's inverse is 55 MB per worker not shipped)
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__post_init__()
 
     @property
     def nq(self) -> int:
@@ -823,8 +852,8 @@ class _Accumulator:
         nrow = plan.nq if plan.auto else plan.nqp
         self.blocks = _row_blocks(nrow, plan.nphi, block_bytes)
         self.nlag = plan.nlag  # the lags summed (half of them for autocorrelations)
-        self.inv0 = plan.inv_norm[:, :self.nlag]  # 0 where no bin pair
-        self.ok = plan.ok[:, :self.nlag]
+        self.inv0 = plan.lag_inv_norm  # 0 where no bin pair
+        self.ok = plan.lag_ok
         self.any_ok = bool(self.ok.any())
         self.n_common = 0
         self.w_common = None if weights is None else np.zeros(weights.shape[0])
@@ -1151,7 +1180,10 @@ class _Partial:
 
 @sizeof.register(CorrelationPlan)
 def _sizeof_plan(p: CorrelationPlan) -> int:
-    return 64 + sum(a.nbytes for a in (p.q1, p.q2, p.mask_norm, p.polar_mask, p.ok, p.inv_norm))
+    # what a worker holds once it has correlated pairs: the shipped arrays and the
+    # derived ones over the summed lags (``lag_ok``, ``lag_inv_norm``: 9 bytes per bin)
+    shipped = sum(a.nbytes for a in (p.q1, p.q2, p.mask_norm, p.polar_mask))
+    return 64 + shipped + 9 * p.nqp * p.nlag
 
 
 @sizeof.register(PairSums)

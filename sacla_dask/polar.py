@@ -322,6 +322,24 @@ class PolarOperator:
         wy, wx = self.window_shape
         return wy * wx
 
+    def for_workers(self) -> PolarOperator:
+        """This operator without what only the client uses (its coverage), for shipping.
+
+        Same weights, bins, polar mask and cached pick; the wide band's
+        workers each hold 28 MB less (its float32 coverage). Cached.
+        """
+        if self.coverage is None:
+            return self
+        cached = self._cache.get("for_workers")
+        if cached is None:
+            new = object.__new__(PolarOperator)
+            new.__dict__.update(self.__dict__)
+            new.__dict__.update(coverage=None, token=f"{self.token}-workers",
+                                _cache=dict(self._cache))
+            new._cache.pop("compact", None)
+            cached = self._cache["for_workers"] = new
+        return cached
+
     def compact(self) -> PolarOperator:
         """This operator with columns for only the pixels it reads (cached).
 

@@ -488,13 +488,21 @@ def test_plan_ships_without_its_derived_arrays():
     plan = make_plan(pm, "all")
     assert plan.mask_norm.dtype == np.float32
     np.testing.assert_array_equal(plan.mask_norm, np.rint(plan.mask_norm))
-    assert "inv_norm" not in plan.__getstate__() and "ok" not in plan.__getstate__()
+    assert plan.lag_ok.shape == plan.inv_norm.shape == (plan.nqp, 64)  # now cached
+    state = plan.__getstate__()
+    assert not {"ok", "inv_norm", "lag_ok", "lag_inv_norm"} & set(state)
     back = pickle.loads(pickle.dumps(plan))
     for name in ("q1", "q2", "mask_norm", "polar_mask", "ok", "inv_norm"):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
     assert back.inv_norm.dtype == np.float64 and back.nphi == plan.nphi
     ok = plan.mask_norm > 0
     np.testing.assert_array_equal(back.inv_norm[ok], 1.0 / plan.mask_norm[ok].astype(float))
+    # an autocorrelation plan's worker derives only the lags its sums hold
+    auto = pickle.loads(pickle.dumps(make_plan(pm)))
+    sums, _, _, _ = pair_sums(np.ones((2, 3, 64)) * pm, np.zeros((2, 3, 64)), auto)
+    assert "lag_inv_norm" in auto.__dict__ and "inv_norm" not in auto.__dict__
+    assert auto.lag_inv_norm.shape == (3, 33) == sums.s1.shape
+    np.testing.assert_array_equal(auto.lag_inv_norm, auto.inv_norm[:, :33])
 
 
 def test_partial_sums_report_their_size_to_dask():
@@ -511,7 +519,8 @@ def test_partial_sums_report_their_size_to_dask():
     assert sizeof(part) >= arrays + 7 * 8 + 3 * 100 * 50 * 8
     pm = np.ones((100, 50), bool)
     plan = make_plan(pm)
-    assert sizeof(plan) >= plan.inv_norm.nbytes + plan.mask_norm.nbytes + pm.nbytes
+    # what a worker holds: the shipped arrays and the inverse over the summed lags
+    assert sizeof(plan) >= plan.lag_inv_norm.nbytes + plan.mask_norm.nbytes + pm.nbytes
 
 
 def test_pair_straddling_a_chunk_boundary_is_included():

@@ -436,6 +436,26 @@ def test_compact_operator_is_smaller_on_a_ring():
         op.row_offsets(SHAPE[1])
 
 
+@pytest.mark.parametrize("method", ["nearest", "bilinear"])
+def test_operator_for_workers_drops_only_the_coverage(method):
+    """What the pipeline ships for a wide band: the same polar images (NaN pixels too),
+    without the client-side coverage: smaller to hold and to pickle."""
+    op = build_operator(GEOM, band(), SHAPE, panel_gaps(), method)
+    w = op.for_workers()
+    assert w.coverage is None and op.coverage is not None       # the client keeps it
+    assert op.for_workers() is w and w.for_workers() is w
+    assert w.nbytes == op.nbytes - op.coverage.nbytes
+    assert len(pickle.dumps(w)) < len(pickle.dumps(op))
+    img = smooth_image()
+    img[72, 120] = np.nan
+    want, nf_want = apply_polar(img[op.window][None], op)
+    for o in (w, pickle.loads(pickle.dumps(w))):
+        got, nf = apply_polar(img[op.window][None], o)
+        np.testing.assert_array_equal(got, want)
+        assert nf[0] == nf_want[0] == 1
+        np.testing.assert_array_equal(o.polar_mask, op.polar_mask)
+
+
 def test_nearest_gather_equals_the_matrix_product():
     op = build_operator(GEOM, band(), SHAPE, panel_gaps(), "nearest")
     assert op.gather is not None
