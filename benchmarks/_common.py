@@ -173,22 +173,6 @@ def ensure_run(workdir: str, n_tags: int, log=print) -> str:
     return path
 
 
-def ensure_small_run(workdir: str, n_tags: int) -> str:
-    """A run of ``n_tags`` tiny (64x64) images: for counting graph tasks only."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f"run_64x64_{n_tags}tags.h5")
-    meta = _meta_path(path)
-    if os.path.exists(meta) and os.path.exists(path):
-        return path
-    from sacla_dask.synthetic import write_synthetic_run
-
-    write_synthetic_run(path, n_tags=n_tags, n_dark=50, shape=(64, 64), ring_radii=(20.0,),
-                        noise=False)
-    json.dump({"complete": True, "n_tags": n_tags, "size": os.path.getsize(path),
-               "small": True}, open(meta, "w"))
-    return path
-
-
 def ensure_layout_run(workdir: str, n_tags: int) -> str:
     """A DataConvert run of ``n_tags`` 2400x2400 float32 tags whose pixels were never
     written (HDF5 allocates a contiguous dataset's storage when it is first written: the

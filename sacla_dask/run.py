@@ -463,7 +463,7 @@ def read_pixels(
 
 def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarray,
                  out: np.ndarray, buf: list[np.ndarray],
-                 ahead: tuple[int, int] | None = None) -> bool:
+                 ahead: tuple[int, int] | None = None) -> None:
     """``out[:] =`` rows ``y0:y1`` of ``image``, flat, at ``index``: one ``pread`` of
     those rows into the reused buffer ``buf[0]`` (made or grown here), then a gather.
 
@@ -477,7 +477,7 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
     not in the page cache is the kernel asked to read ``ahead`` (``(first
     byte, bytes)``: the next image's rows) while this read waits: on a warm
     cache that hint, a walk over pages already there, cost 0.13 ms per
-    ring image (12 % of the read). Returns whether the rows were all cached.
+    ring image (12 % of the read).
     """
     global _NOWAIT
     first, nbytes = image.rows(y0, y1)
@@ -492,8 +492,7 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
             got = 0
         except OSError:  # not on this file system: hint and wait from now on
             _NOWAIT = 0
-    cached = got == nbytes
-    if not cached:
+    if got < nbytes:  # not all in the page cache
         if ahead is not None and hasattr(os, "posix_fadvise"):
             try:  # a hint: a file system that refuses it reads on demand
                 os.posix_fadvise(fd, *ahead, os.POSIX_FADV_WILLNEED)
@@ -511,7 +510,6 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
         np.take(rows, index, out=out, mode="clip")
     else:
         np.copyto(out, rows[index], casting="unsafe")
-    return cached
 
 
 #: ``os.RWF_NOWAIT`` while the direct reader may use it (0: unsupported here, see

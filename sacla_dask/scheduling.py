@@ -103,6 +103,8 @@ def inline_picks(dsk: Any, keys: Any, **kwargs: Any) -> Any:
             layer = MaterializedLayer({k: t.substitute(picks) for k, t in tasks.items()},
                                       annotations=layer.annotations,
                                       collection_annotations=layer.collection_annotations)
+        d = set(hlg.dependencies.get(name, ()))
+        used = d & pick_names  # where listed: depend on what the picks picked from
+        deps[name] = (d - used).union(*(hlg.dependencies.get(u, ()) for u in used))
         layers[name] = layer
-        deps[name] = set(hlg.dependencies.get(name, ())) - pick_names
     return HighLevelGraph(layers, deps)
