@@ -235,10 +235,11 @@ def _performance_report(path: str | None) -> Any:
               help="Confidence level of the bootstrap intervals.")
 @click.option("--keep-pairs", is_flag=True,
               help="Keep every pair's correlation in the store (corr_pairs, float32).")
-@click.option("--chunk-size", default="32MiB", show_default=True,
-              help="Polar-image bytes per task (e.g. 128MiB; at least 4 tags and 8 chunks) "
-                   "or a number of tags; also the unit of resumption. A wide band: 16 (tags) "
-                   "takes ~1.5 GiB per worker, a quarter of the tasks.")
+@click.option("--chunk-size", default="auto", show_default=True,
+              help="Tags per task, or polar-image bytes per task (e.g. 128MiB), or auto: "
+                   "32MiB, but 16 tags of large polar images (a wide band) where a tenth "
+                   "of a worker's memory holds them; at least 4 tags and 8 chunks. Also the "
+                   "unit of resumption.")
 @click.option("--no-store-polar", is_flag=True,
               help="Correlation only: do not keep the per-tag polar images.")
 @click.option("--compression", type=click.Choice(["lz4", "zstd", "none"]), default="lz4",

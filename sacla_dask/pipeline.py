@@ -62,7 +62,7 @@ from .polar import (
 )
 from .polar import polar_into as apply_polar_into
 from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
-from .scheduling import chunk_first, inline_picks, pick_layer_name
+from .scheduling import chunk_first, inline_picks, memory_per_thread, pick_layer_name
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,19 @@ log = logging.getLogger(__name__)
 MIN_CHUNKS = 8
 #: nor chunks of fewer tags than this (unless the run is short)
 MIN_CHUNK_TAGS = 4
+#: the default chunking, ``chunks="auto"`` (:func:`tags_per_chunk`): this many bytes of
+#: polar images per task (41 tags of the 40 x 5000 ring band)...
+AUTO_CHUNK_BYTES = 32 << 20
+#: ...but at least this many tags where the workers' memory allows: per tag chunk the
+#: graph has ~5 tasks, a written chunk, a row copy and a partial sum crossing workers,
+#: and ~40 ms of fixed cost; a wide band (28 MB per polar image) at 16 instead of 4 tags
+#: per chunk: 1591 instead of 6299 tasks for 5050 tags, as fast or faster
+#: (benchmarks/README.md)
+AUTO_MIN_TAGS = 16
+#: ...as long as the chunk's polar block is at most this fraction of a worker thread's
+#: memory: a wide-band worker peaked at ~0.7 GiB + 2 polar blocks (0.9 GiB with 4-tag,
+#: 1.5 GiB with 16-tag chunks), and Dask spills at 60-70 % of its memory limit
+AUTO_MEMORY_FRACTION = 0.1
 
 
 # -- block kernels (numpy in, numpy out) --------------------------------------
@@ -462,6 +475,9 @@ class ProcessingPlan:
     bootstrap: int = 0
     ci_level: float = 0.95
     keep_pairs: bool = False
+    #: ``tags_per_chunk`` came from ``chunks="auto"``: :meth:`execute` sizes it again for
+    #: the workers that run it (:meth:`settle_chunks`)
+    auto_chunks: bool = False
 
     # -- description -----------------------------------------------------
     @property
@@ -825,9 +841,40 @@ class ProcessingPlan:
         """
         return self._output_state(overwrite, resume, check_only=True)[0]
 
+    def settle_chunks(self, overwrite: bool = False, resume: bool = True) -> int:
+        """Size ``chunks="auto"`` for the scheduler active now; returns tags per chunk.
+
+        :meth:`execute` (and :meth:`check_output`) call it first: a plan made
+        before its cluster started (the CLI prints the plan, then starts the
+        cluster) gets chunks sized for the workers that run it; a store to
+        be resumed keeps the chunking it was started with (a resumed run on
+        other workers would otherwise choose differently, and the store
+        could not be resumed). When the workers' memory is not known (batch
+        jobs not started yet) the plan's choice stays. Explicit chunks are
+        never changed.
+        """
+        if not self.auto_chunks:
+            return self.tags_per_chunk
+        stored = None
+        if self.out is not None and resume and not overwrite:
+            stored = _store.stored_parameters(self.out).get("tags_per_chunk")
+        if isinstance(stored, int) and stored >= 1:
+            per = stored
+        else:
+            mem = memory_per_thread()
+            if mem is None:
+                return self.tags_per_chunk
+            per = tags_per_chunk("auto", self.n_tags, self.transform.shape, memory=mem)
+        if per != self.tags_per_chunk:
+            log.info("chunks='auto': %d tags per chunk (planned with %d)%s", per,
+                     self.tags_per_chunk, " as in the store to resume" if stored else "")
+            self.tags_per_chunk = per
+        return per
+
     def _output_state(self, overwrite: bool, resume: bool, check_only: bool = False) -> tuple:
         if self.out is None:
             raise ParameterError("the plan has no output store (out=...)")
+        self.settle_chunks(overwrite, resume)
         out = self.out
         fresh = self.polar()
         ds = self.dataset(polar=fresh)
@@ -923,21 +970,44 @@ def _compute(objs: Sequence[Any], progress: bool = False) -> list[Any]:
     return list(dask.compute(*objs))
 
 
-def tags_per_chunk(chunks: int | str, n_tags: int, polar_shape: tuple[int, int]) -> int:
-    """Tags per task for ``chunks`` (tags, or bytes of polar images) in a run of ``n_tags``.
+def tags_per_chunk(chunks: int | str, n_tags: int, polar_shape: tuple[int, int],
+                   memory: int | None = None) -> int:
+    """Tags per task for ``chunks`` (tags, bytes of polar images, or "auto") in a run of
+    ``n_tags``.
 
     A size in bytes counts the float32 polar block a task holds (it reads
-    its tags one by one), then takes at least ``MIN_CHUNK_TAGS`` tags (a
-    chunk's float64 partial sums of the correlation weigh as much as 4
-    polar images: with fewer tags they would outweigh the data) and makes
-    at least ``MIN_CHUNKS`` chunks (a short run still spreads over workers).
+    its tags one by one). ``"auto"`` is ``AUTO_CHUNK_BYTES`` (32 MiB), raised
+    to ``AUTO_MIN_TAGS`` (16) tags for large polar images as far as the
+    block stays within ``AUTO_MEMORY_FRACTION`` (a tenth) of ``memory``,
+    the bytes per worker thread (default: those of the active scheduler,
+    :func:`sacla_dask.scheduling.memory_per_thread`; not known: no raise).
+    Bytes and "auto" then take at least ``MIN_CHUNK_TAGS`` tags (a chunk's
+    float64 partial sums of the correlation weigh as much as 4 polar
+    images: with fewer tags they would outweigh the data) and make at
+    least ``MIN_CHUNKS`` chunks (a short run still spreads over workers).
+
+    Examples: the 40 x 5000 ring band, 41 tags; the 1000 x 6912 wide band
+    (27.6 MB per image), 16 tags with 4.3 GiB or more per worker thread,
+    7 with 2 GiB, never fewer than 4.
     """
     nq, nphi = polar_shape
-    per = parse_chunk_size(chunks, nq * nphi * 4)
+    image = nq * nphi * 4
+    if is_auto(chunks):
+        per = max(1, AUTO_CHUNK_BYTES // image)
+        if per < AUTO_MIN_TAGS:
+            mem = memory_per_thread() if memory is None else memory
+            per = max(per, min(AUTO_MIN_TAGS, int(AUTO_MEMORY_FRACTION * (mem or 0)) // image))
+    else:
+        per = parse_chunk_size(chunks, image)
     if isinstance(chunks, str):
         per = max(per, MIN_CHUNK_TAGS)
         per = max(1, min(per, math.ceil(max(n_tags, 1) / MIN_CHUNKS)))
     return per
+
+
+def is_auto(chunks: int | str) -> bool:
+    """Whether ``chunks`` asks for the default chunking (``"auto"``)."""
+    return isinstance(chunks, str) and chunks.strip().lower() == "auto"
 
 
 def plan_run(
@@ -965,7 +1035,7 @@ def plan_run(
     bootstrap: int = 0,
     ci_level: float = 0.95,
     keep_pairs: bool = False,
-    chunks: int | str = "32MiB",
+    chunks: int | str = "auto",
     out: str | os.PathLike[str] | None = None,
     store_polar: bool = True,
     compression: str = "lz4",
@@ -1035,11 +1105,18 @@ def plan_run(
     keep_pairs : bool
         Keep every pair's correlation in the store (``corr_pairs``).
     chunks : int or str
-        Tags per task, or bytes of polar images per task ("32MiB", the
-        default: 41 tags of the 40 x 5000 ring band), but then at least
-        ``MIN_CHUNK_TAGS`` (4) tags per chunk (a chunk's float64 partial
-        sums weigh as much as 4 polar images) and at least ``MIN_CHUNKS``
-        (8) chunks, so that a short run still keeps several workers busy. A task reads its
+        Tags per task, bytes of polar images per task ("128MiB"), or
+        "auto" (the default, :func:`tags_per_chunk`): 32 MiB of polar
+        images (41 tags of the 40 x 5000 ring band), but at least 16 tags
+        where a tenth of a worker thread's memory holds them (a wide band's
+        28 MB images: 16 tags with 4.3 GiB or more per worker, 7 with 2
+        GiB). Sizes and "auto" give at least ``MIN_CHUNK_TAGS`` (4) tags per
+        chunk (a chunk's float64 partial sums weigh as much as 4 polar
+        images) and at least ``MIN_CHUNKS`` (8) chunks, so that a short run
+        still keeps several workers busy. "auto" looks at the scheduler
+        active when planning (a distributed client's workers, else this
+        machine) and again when the plan executes, where an unfinished
+        store keeps the chunking it was started with. A task reads its
         tags one at a time, so it holds its block of polar images and one
         image window; the chunk is also the unit of resumption
         (``_chunk_done``).
@@ -1095,7 +1172,8 @@ def plan_run(
         pair_arr = consecutive_pairs(run.tags, run.selected, overlapping=overlapping)
     elif pairs is None:
         pair_arr = similar_pairs(run.tags, run.selected,
-                                 shot_features(run, transform, pairing, chunks))
+                                 shot_features(run, transform, pairing,
+                                               "128MiB" if is_auto(chunks) else chunks))
     elif isinstance(pairs, (str, os.PathLike)):
         pair_arr = read_pairs_file(pairs)
         pairing = "file"
@@ -1115,7 +1193,7 @@ def plan_run(
     per = tags_per_chunk(chunks, len(run), transform.shape)
     return ProcessingPlan(
         run=run, transform=transform, pairs=pair_arr, ia=ia, ib=ib,
-        n_pairs_dropped=int((~kept).sum()), tags_per_chunk=per,
+        n_pairs_dropped=int((~kept).sum()), tags_per_chunk=per, auto_chunks=is_auto(chunks),
         out=os.fspath(out) if out is not None else None, store_polar=store_polar,
         q_pairs=q_pairs, compression=compression, mask_path=mask_path,
         pairing=pairing, bragg=bragg, reject_outliers=reject_outliers,

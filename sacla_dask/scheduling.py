@@ -1,4 +1,5 @@
-"""Task priorities and pick inlining: what sacla_dask tells Dask about its graph.
+"""Task priorities, pick inlining and worker memory: what sacla_dask tells Dask about its
+graph, and asks of the scheduler that will run it.
 
 Dask orders a graph by its shape (``dask.order``), which for a run's graph
 interleaves tag chunks: a worker could start reading chunk 15 while the
@@ -20,6 +21,10 @@ three scheduler tasks per tag chunk that do no work; :func:`inline_picks`,
 the graph optimizer :meth:`ProcessingPlan.execute` computes with, moves each
 pick into the tasks that consume it (a wide band's 5050-tag graph: 8995 ->
 5206 tasks), keeping every layer's priority annotations.
+
+:func:`memory_per_thread` says how much memory a task thread of the active
+scheduler has, which sizes the default tag chunks of a plan
+(:func:`sacla_dask.pipeline.tags_per_chunk`).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Any
 
 import dask
 
-__all__ = ["block_index", "chunk_first", "inline_picks", "pick_layer_name"]
+__all__ = ["block_index", "chunk_first", "inline_picks", "memory_per_thread", "pick_layer_name"]
 
 #: name prefix of the layers of pick tasks (:func:`pick_layer_name`)
 PICK_PREFIX = "pick-"
@@ -108,3 +113,35 @@ def inline_picks(dsk: Any, keys: Any, **kwargs: Any) -> Any:
         deps[name] = (d - used).union(*(hlg.dependencies.get(u, ()) for u in used))
         layers[name] = layer
     return HighLevelGraph(layers, deps)
+
+
+def memory_per_thread() -> int | None:
+    """Memory of one task thread of the Dask scheduler a computation would use now (bytes).
+
+    With a distributed client (the default one): the smallest
+    ``memory_limit / nthreads`` of its workers, or None when that is not
+    known (no worker has joined yet, e.g. batch jobs still queued, or the
+    workers have no memory limit). With a scheduler in this process
+    (threads, processes, sync): this machine's memory over the threads
+    Dask would run (``num_workers`` or the CPU count; 1 for ``sync``).
+    """
+    import os
+
+    import dask.base
+    import dask.local
+
+    sched = dask.base.get_scheduler()
+    client = getattr(sched, "__self__", None)
+    if client is not None and hasattr(client, "scheduler_info"):
+        try:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        except Exception:  # noqa: BLE001 - an unreachable scheduler: not known
+            return None
+        per = [w["memory_limit"] / max(1, int(w.get("nthreads") or 1)) for w in workers
+               if w.get("memory_limit")]
+        return int(min(per)) if per else None
+    import psutil
+
+    threads = 1 if sched is dask.local.get_sync else int(
+        dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    return int(psutil.virtual_memory().total // max(1, threads))

@@ -105,6 +105,21 @@ def _attrs(p: str) -> dict[str, Any] | None:
         return None
 
 
+def stored_parameters(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parameters a sacla_dask store was written with (empty if there is none)."""
+    p = os.fspath(path)
+    if not os.path.isdir(p):
+        return {}
+    attrs = _attrs(p) or {}
+    if MARKER not in attrs:
+        return {}
+    try:
+        params = json.loads(attrs.get(PARAMETERS, "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
 def store_state(path: str | os.PathLike[str]) -> str:
     """What is at ``path``: ``"absent"``, ``"complete"``, ``"incomplete"`` or ``"foreign"``."""
     p = os.fspath(path)
