@@ -1368,7 +1368,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
                     seed: int = 0, keys: np.ndarray | None = None, keep_pairs: bool = False,
                     reload: Any = None, split_every: int | None = None,
                     block_bytes: int = BLOCK_BYTES,
-                    hold_out_max: int = HOLD_OUT_MAX) -> LazyPairStatistics:
+                    hold_out_max: int = HOLD_OUT_MAX,
+                    halo: da.Array | None = None) -> LazyPairStatistics:
     """Statistics over pairs of the difference correlations, lazily, in one pass.
 
     One task per tag chunk holding the pairs' later shots computes the
@@ -1426,6 +1427,15 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         ``MERGE_BYTES`` (128 MiB); at least 1).
     hold_out_max : int
         Held-out pairs per group task (see above; 0 = always subtract).
+    halo : dask array (tag, nq, nphi), optional
+        For each block of ``polar`` after the first, the last row of the
+        block before it, made by the same task as the block (chunks
+        ``(0, 1, 1, ...)``): a group that needs only that row of the
+        previous block (consecutive pairs across a chunk boundary) takes it
+        from there, so it neither waits for nor copies from the task of the
+        previous block, which may run on another worker (the pipeline makes
+        it for large polar images, :meth:`sacla_dask.pipeline.ProcessingPlan.polar`).
+        Its rows must equal those of ``polar``.
     """
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
@@ -1451,13 +1461,18 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         inv = None
     n_boot = int(n_boot)
     deps: list[Any] = [polar]
+    if halo is not None:
+        want = ((0,) + (1,) * (len(polar.chunks[0]) - 1),) + polar.chunks[1:]
+        if halo.chunks != want:
+            raise ParameterError(f"halo chunks {halo.chunks} are not one row per block of "
+                                 f"polar after the first {want}")
     reload_key = None
     if isinstance(reload, Delayed):
         deps.append(reload)
         reload_key = reload.key
     token = dask.base.tokenize(polar.name, ia, ib, keys, plan, reject, n_boot, ci, seed,
                                keep_pairs, split_every, block_bytes, hold_out_max, reload_key,
-                               type(reload).__name__)
+                               type(reload).__name__, None if halo is None else halo.name)
     internal = "pair-statistics-" + token
     plan_key = (internal, "plan")
     dsk: dict[Any, Any] = {plan_key: plan}
@@ -1476,9 +1491,14 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         for c in np.unique(cab[~at_home]):
             sel = cab == c
             pos, li = np.unique(pos_ab[sel] - bounds[c], return_inverse=True)
-            rk = (internal, "rows", g, int(c))
-            dsk[rk] = (_take_rows, (polar.name, int(c), 0, 0), pos)
-            blocks.append(rk)
+            if halo is not None and c == h - 1 and pos.tolist() == [polar.chunks[0][c] - 1]:
+                blocks.append((halo.name, int(h), 0, 0))  # made with the home block
+                if deps[-1] is not halo:
+                    deps.append(halo)
+            else:
+                rk = (internal, "rows", g, int(c))
+                dsk[rk] = (_take_rows, (polar.name, int(c), 0, 0), pos)
+                blocks.append(rk)
             local[sel] = offset + li
             offset += pos.size
         la, lb = local[:e - s], local[e - s:]

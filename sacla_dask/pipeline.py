@@ -169,9 +169,17 @@ def polar_chunk(windows: np.ndarray, op: PolarOperator,
 
 
 def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slice],
-                         on_bad_tag: str, op: PolarOperator,
-                         polar_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         on_bad_tag: str, op: PolarOperator, polar_mask: np.ndarray,
+                         halo: TagSource | bool | None = None) -> tuple[np.ndarray, ...]:
     """:func:`polar_chunk` reading the tags itself, one image at a time (the pipeline's task).
+
+    With ``halo`` (the tag before the chunk, for large polar images) the
+    task also makes that tag's normalised polar image and returns it as a
+    fourth output, a ``(1, nq, nphi)`` view (the halo of
+    :func:`sacla_dask.correlation.pair_statistics`): the rows are normalised
+    one by one, so it equals the previous chunk's last row. With
+    ``halo=False`` (the first chunk of a run with halos) the fourth output
+    is empty ``(0, nq, nphi)``.
 
     Each tag's window is read into one reused buffer and transformed at
     once, so the task holds one image and the chunk's polar block instead
@@ -184,6 +192,9 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     image instead of its ~10 MB window.
     """
     _tune_worker_allocator(op.shape)
+    first = 0
+    if halo is not None and halo is not False:
+        sources, first = [halo, *sources], 1
     nq, nphi = op.shape
     raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
     nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
@@ -200,8 +211,18 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
             nonfinite_pixels[i] = apply_polar_into(win, op, raw[i], buf)
 
         _run._read_block(sources, window, on_bad_tag, consume=consume)  # type: ignore[arg-type]
-    return _finish_polar(raw, nonfinite_pixels, polar_mask)
+    norm, rmean, nan_bins = _finish_polar(raw, nonfinite_pixels, polar_mask)
+    if halo is None:
+        return norm, rmean, nan_bins
+    return norm[first:], rmean[first:], nan_bins[first:], norm[:first]
 
+
+#: polar images of at least this many bytes (a wide band's 28 MB, not the ring's 0.8 MB)
+#: are made with a halo: each tag chunk's task also makes the previous chunk's last image
+#: (one image more per chunk), so that the correlation of the pair across the chunk
+#: boundary waits for no other task and copies no row out of the previous block, which may
+#: be on the other worker (wide band, 2 workers: see benchmarks/README.md)
+HALO_IMAGE_BYTES = 4 << 20
 
 #: A band whose pixels are at most this fraction of its bounding-box window is read
 #: pixel by pixel (:meth:`PolarOperator.compact`, :func:`sacla_dask.run.read_pixels`).
@@ -478,6 +499,10 @@ class ProcessingPlan:
     #: ``tags_per_chunk`` came from ``chunks="auto"``: :meth:`execute` sizes it again for
     #: the workers that run it (:meth:`settle_chunks`)
     auto_chunks: bool = False
+    #: the halo (:data:`HALO_IMAGE_BYTES`) of each normalised polar array :meth:`polar`
+    #: made, by the array's name
+    _halos: dict[str, da.Array] = dataclasses.field(default_factory=dict, init=False,
+                                                    repr=False, compare=False)
 
     # -- description -----------------------------------------------------
     @property
@@ -582,13 +607,16 @@ class ProcessingPlan:
         tchunks = images.chunks[0]
         # (polar_chunk_from_run): it reads its tags one by one and transforms each
         # at once, so the chunk's image windows are never held together
-        name = "polar-chunk-" + dask.base.tokenize(images.name, op, pmk)
+        with_halo = nq * nphi * 4 >= HALO_IMAGE_BYTES and len(tchunks) > 1
+        name = "polar-chunk-" + dask.base.tokenize(images.name, op, pmk, with_halo)
         sources = self.run.sources
         bounds = np.cumsum((0,) + tchunks)
         dsk: dict[Any, Any] = {}
         for c in range(len(tchunks)):
             dsk[(name, c, 0, 0)] = (polar_chunk_from_run, sources[bounds[c]:bounds[c + 1]],
                                     tr.window, self.run.on_bad_tag, op.key, pmk.key)
+            if with_halo:
+                dsk[(name, c, 0, 0)] += (sources[bounds[c] - 1] if c else False,)
         with chunk_first():  # a worker finishes an older block's work before a newer read
             graph = HighLevelGraph.from_collections(name, dsk, dependencies=[op, pmk])
         parts = da.Array(graph, name, (tchunks, (nq,), (nphi,)),
@@ -596,6 +624,10 @@ class ProcessingPlan:
         norm = _picked(parts, 0, (tchunks, (nq,), (nphi,)), np.float32, "polar-normalized")
         rmean = _picked(parts, 1, (tchunks, (nq,)), np.float64, "polar-row-mean")
         nonfinite = _picked(parts, 2, (tchunks,), np.int64, "nonfinite-bins")
+        if with_halo:
+            hchunks = (0,) + (1,) * (len(tchunks) - 1)
+            self._halos[norm.name] = _picked(parts, 3, (hchunks, (nq,), (nphi,)), np.float32,
+                                             "polar-halo")
         return norm, rmean, nonfinite
 
     def dataset(self, polar: tuple[da.Array, da.Array, da.Array] | None = None) -> xr.Dataset:
@@ -619,7 +651,8 @@ class ProcessingPlan:
                              n_boot=self.bootstrap, ci=self.ci_level,
                              keys=np.stack([tags[self.ia], tags[self.ib]], axis=1),
                              keep_pairs=self.keep_pairs,
-                             reload=self._reloader(src) if self.reject_outliers else None)
+                             reload=self._reloader(src) if self.reject_outliers else None,
+                             halo=self._halos.get(src.name))
         with chunk_first():
             image_ok = rmean.map_blocks(self._derived()["image_ok"][0], drop_axis=1,
                                         dtype=bool, meta=np.empty((0,), bool),

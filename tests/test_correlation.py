@@ -8,6 +8,7 @@ modulation (order, ring, phase offset) is known, and direct numpy means over pai
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import dask
 import dask.array as da
@@ -376,7 +377,14 @@ def problems(draw):
                 keep=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
                 # autocorrelations only (sums over half the lags) or with cross rows
                 q_pairs=draw(st.sampled_from([None, "all"])),
-                nphi=draw(st.sampled_from([12, 13])))
+                nphi=draw(st.sampled_from([12, 13])), halo=draw(st.booleans()))
+
+
+def halo_of(pol: np.ndarray, chunks: Any) -> da.Array:
+    """The halo of ``pol`` chunked by ``chunks`` tags: the last row of each block before
+    another, one row per block after the first (chunks (0, 1, 1, ...))."""
+    starts = np.cumsum(da.from_array(pol, chunks=(chunks, -1, -1)).chunks[0])[:-1]
+    return da.from_array(pol[starts - 1], chunks=((0,) + (1,) * starts.size, -1, -1))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -390,8 +398,9 @@ def test_pair_statistics_lazy_equals_eager(pb):
     plan = make_plan(pm, pb["q_pairs"])
     kw = dict(reject=pb["reject"], n_boot=pb["n_boot"], seed=7, keep_pairs=pb["keep"])
     eager = summarize_pairs(pol, pb["ia"], pb["ib"], plan, **kw)
+    halo = halo_of(pol, pb["chunks"]) if pb["halo"] else None
     lazy = pair_statistics(da.from_array(pol, chunks=(pb["chunks"], -1, -1)), pb["ia"],
-                           pb["ib"], plan, split_every=pb["split_every"], **kw)
+                           pb["ib"], plan, split_every=pb["split_every"], halo=halo, **kw)
     assert_eq(lazy.mean, eager["mean"], rtol=1e-9, atol=1e-12)
     # sem comes from sums of squares, from which the lazy path subtracts the rejected
     # pairs: its absolute round-off is ~sqrt(eps) times the largest pair correlation,
@@ -413,6 +422,46 @@ def test_pair_statistics_lazy_equals_eager(pb):
         assert_eq(lazy.fourier_ci_low, eager["fourier_ci_low"], rtol=1e-8, atol=1e-12)
     if pb["keep"]:
         assert_eq(lazy.pairs, eager["pairs"])
+
+
+def test_pair_statistics_takes_the_boundary_row_from_the_halo():
+    """Consecutive pairs with a halo: no row-copy task, no group depending on the block
+    before its own, the very same numbers; rows of other blocks still copied; a halo of
+    the wrong chunks refused."""
+    rng = np.random.default_rng(3)
+    nq, nphi, ntag, per = 3, 16, 23, 5
+    pm = rng.random((nq, nphi)) > 0.2
+    pol = random_polar(rng, ntag, nq, nphi, pm, 0.0)
+    plan = make_plan(pm, "all")
+    polar = da.from_array(pol, chunks=(per, -1, -1))
+    ia = np.arange(ntag - 1)
+    ib = ia + 1
+    plain = pair_statistics(polar, ia, ib, plan, n_boot=3)
+    halo = pair_statistics(polar, ia, ib, plan, n_boot=3, halo=halo_of(pol, per))
+
+    def kinds(x):
+        return [k[1] for k in x.mean.__dask_graph__() if isinstance(k, tuple)
+                and str(k[0]).startswith("pair-statistics")]
+
+    assert kinds(plain).count("rows") == 4 and "rows" not in kinds(halo)
+    from dask.core import get_dependencies
+
+    dsk = dict(halo.mean.__dask_graph__())
+    groups = [k for k in dsk if isinstance(k, tuple) and k[1:2] == ("group",)]
+    assert len(groups) == 5
+    for k in groups:
+        blocks = {d[1] for d in get_dependencies(dsk, k) if str(d[0]).startswith("array-")
+                  and d[0] == polar.name}
+        assert blocks == {k[2]}, f"group {k[2]} depends on blocks {blocks}"
+    for name in ("mean", "sem", "count", "ci_low", "ci_high", "stat"):
+        np.testing.assert_array_equal(getattr(halo, name).compute(scheduler="sync"),
+                                      getattr(plain, name).compute(scheduler="sync"))
+    # pairs two apart need a row that is not the previous block's last: copied as before
+    two = pair_statistics(polar, ia[:-1], ia[:-1] + 2, plan, halo=halo_of(pol, per))
+    assert "rows" in kinds(two)
+    assert_eq(two.mean, pair_statistics(polar, ia[:-1], ia[:-1] + 2, plan).mean)
+    with pytest.raises(ParameterError, match="halo chunks"):
+        pair_statistics(polar, ia, ib, plan, halo=halo_of(pol, per + 1))
 
 
 def test_pair_statistics_builds_a_graph_without_computing():

@@ -403,6 +403,54 @@ def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypat
     assert calls == {"polar": plan.n_tags, "read": plan.n_chunks}
 
 
+def test_large_polar_images_are_made_with_a_halo(small_run, small_params, monkeypatch,
+                                                 tmp_path):
+    """Polar images of HALO_IMAGE_BYTES or more: each chunk's task also makes the image of
+    the tag before it, the pair across the boundary takes it from there (no row-copy
+    task), and every result is the very same as without."""
+    import dask
+    import xarray as xr
+
+    import sacla_dask.pipeline as pipeline
+    import sacla_dask.run as run_mod
+
+    ref = plan_run(small_run.path, chunks=7, **small_params).dataset().compute(scheduler="sync")
+    monkeypatch.setattr(pipeline, "HALO_IMAGE_BYTES", 0)
+    calls = {"polar": 0, "read": 0}
+    polar, read = pipeline.polar_from_columns, run_mod.read_pixels
+
+    def counted_polar(*a, **k):
+        calls["polar"] += 1
+        return polar(*a, **k)
+
+    def counted_read(*a, **k):
+        calls["read"] += 1
+        return read(*a, **k)
+
+    monkeypatch.setattr(pipeline, "polar_from_columns", counted_polar)
+    monkeypatch.setattr(run_mod, "read_pixels", counted_read)
+    plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
+    ds = plan.dataset()
+    assert plan._halos
+    kinds = {k[1] for k in ds["corr"].data.__dask_graph__() if isinstance(k, tuple)
+             and str(k[0]).startswith("pair-statistics")}
+    assert "group" in kinds and "rows" not in kinds
+    res = ds.compute(scheduler="sync")
+    xr.testing.assert_identical(res, ref)
+    # one image more per chunk after the first, read in the same pass
+    assert calls == {"polar": plan.n_tags + plan.n_chunks - 1, "read": plan.n_chunks}
+    with dask.config.set(scheduler="sync"):
+        stored = plan.execute()
+    xr.testing.assert_identical(stored.drop_attrs(), ref.drop_attrs())
+    # Bragg masking changes the rows after the polar step: no halo there
+    bragg = plan_run(small_run.path, chunks=7, bragg=4.0, **small_params).dataset()
+    monkeypatch.setattr(pipeline, "HALO_IMAGE_BYTES", 1 << 40)
+    xr.testing.assert_identical(
+        bragg.compute(scheduler="sync"),
+        plan_run(small_run.path, chunks=7, bragg=4.0, **small_params).dataset().compute(
+            scheduler="sync"))
+
+
 def test_execute_writes_image_ok_with_each_tag_chunk(small_run, small_params, tmp_path,
                                                      monkeypatch):
     """image_ok is computed by each chunk's write from its row means: no task of its own
