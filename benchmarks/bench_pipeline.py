@@ -421,6 +421,39 @@ def _factor(n: int) -> str:
     return "x".join(map(str, f))
 
 
+def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequence[int],
+                 mask: np.ndarray, a: Any, out: str) -> list[dict]:
+    """Marginal rate between runs of ``n1`` and ``n2`` tags, per worker count and store mode.
+
+    Interleaved (n1, n2, n1, n2, ...) and best of each: on a host whose speed drifts, one
+    slow spell must not fall on one length only. The same ``per`` tags per chunk for both.
+    """
+    found = []
+    for nw in workers:
+        with cluster(nw) as cl:
+            warm_up(cl, path, mask, a.workdir, [band], n=8 if a.quick else 16)
+            for sp in (False, True):
+                secs = {n1: math.inf, n2: math.inf}
+                store_mib = 0.0
+                for _ in range(max(3, a.repeat)):
+                    for n in (n1, n2):
+                        r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out,
+                                     chunks=per)
+                        secs[n] = min(secs[n], r["seconds"])
+                        store_mib = r["store_mib"] if n == n2 else store_mib
+                rate = (n2 - n1) / (secs[n2] - secs[n1])
+                fixed = secs[n1] - n1 / rate
+                found.append({"band": band, "workers": nw, "store_polar": sp,
+                              "tags": [n1, n2], "tags_per_chunk": per,
+                              "seconds": [secs[n1], secs[n2]], "rate": rate,
+                              "fixed_seconds": fixed,
+                              "store_mb_per_tag": store_mib * 2**20 / 1e6 / n2})
+                log(f"  {nw}w store_polar={sp}: {n1} tags {secs[n1]:.2f} s, {n2} tags "
+                    f"{secs[n2]:.2f} s -> {rate:.1f} img/s marginal ({per} tags/chunk); "
+                    f"fixed cost per run {fixed:.2f} s")
+    return found
+
+
 def default_tags_per_chunk(path: str, n_tags: int, band: str, mask: np.ndarray) -> int:
     """Tags per chunk that plan_run chooses by default for the first ``n_tags`` tags."""
     from sacla_dask.pipeline import plan_run
@@ -727,32 +760,16 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"  raw read_direct of the {n2} tags, warm: {res['raw_warm_steady']['rate']:.1f} "
             "img/s")
         per = default_tags_per_chunk(path, n2, "ring", mask)
-        res["steady"] = []
-        for nw in workers:
-            with cluster(nw) as cl:
-                warm_up(cl, path, mask, a.workdir, ["ring"], n=8 if a.quick else 16)
-                for sp in (False, True):
-                    # interleaved (n1, n2, n1, n2, ...) and best of each: on a host whose
-                    # speed drifts, one slow spell must not fall on one length only
-                    secs = {n1: math.inf, n2: math.inf}
-                    store_mib = 0.0
-                    for _ in range(max(3, a.repeat)):
-                        for n in (n1, n2):
-                            r = pipeline(cl, path, n, "ring", store_polar=sp, mask=mask,
-                                         out=out, chunks=per)
-                            secs[n] = min(secs[n], r["seconds"])
-                            store_mib = r["store_mib"] if n == n2 else store_mib
-                    rate = (n2 - n1) / (secs[n2] - secs[n1])
-                    fixed = secs[n1] - n1 / rate
-                    res["steady"].append({"workers": nw, "store_polar": sp, "tags": [n1, n2],
-                                          "tags_per_chunk": per,
-                                          "seconds": [secs[n1], secs[n2]], "rate": rate,
-                                          "fixed_seconds": fixed,
-                                          "store_mb_per_tag": store_mib * 2**20 / 1e6 / n2})
-                    log(f"  {nw}w store_polar={sp}: {n1} tags {secs[n1]:.2f} s, {n2} tags "
-                        f"{secs[n2]:.2f} s -> {rate:.1f} img/s marginal ({per} tags/chunk); "
-                        f"fixed cost per run {fixed:.2f} s")
+        res["steady"] = steady_state(path, "ring", n1, n2, per, workers, mask, a, out)
         raw_read(path, names)
+
+    # -- 3c. steady state of the wide band: 2 workers vs 1 without the per-run fixed cost
+    n1w, n2w = ntags["wide"], 3 * ntags["wide"]
+    if "steady" not in skip and "wide" in bands and not a.quick and n2w <= len(full):
+        per = default_tags_per_chunk(path, n2w, "wide", mask)
+        log(f"\n[3c] steady state, wide band, warm: marginal rate between {n1w} and {n2w} "
+            f"tags (as [3b])")
+        res["steady_wide"] = steady_state(path, "wide", n1w, n2w, per, workers, mask, a, out)
 
     # -- 4. memory in run length, graph size
     if "rss" not in skip:
@@ -864,6 +881,13 @@ def markdown(res: dict) -> str:
                 f"tags {raw_s:.1f} img/s):", "",
                 C.table(rows, ["workers", "store_polar", "tags", "tags/chunk", "seconds",
                                "marginal img/s", "x raw", "fixed s per run"]), ""]
+    if res.get("steady_wide"):
+        rows = [[x["workers"], x["store_polar"], f"{x['tags'][0]} -> {x['tags'][1]}",
+                 x["tags_per_chunk"], f"{x['seconds'][0]:.2f} / {x['seconds'][1]:.2f}",
+                 f"{x['rate']:.1f}", f"{x['fixed_seconds']:.2f}"] for x in res["steady_wide"]]
+        out += ["Steady state, wide band, warm:", "",
+                C.table(rows, ["workers", "store_polar", "tags", "tags/chunk", "seconds",
+                               "marginal img/s", "fixed s per run"]), ""]
     if res.get("rss"):
         rows = [[r["band"], r["store_polar"], r["tags"], f"{r['chunk_mib']:.0f}",
                  "/".join(f"{x:.0f}" for x in r["peak_rss_mib"]),
@@ -978,6 +1002,20 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
         if len(steady) > 1:
             x2, x1 = steady[max(steady)], steady[min(steady)]
             add(f"ring steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
+                x2["rate"] / x1["rate"], TARGETS["scaling_2w_1w"],
+                note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
+    tut_wide = res.get("tutorial", {}).get("wide", {}).get("rate")
+    for sp in (True, False):
+        steady = {x["workers"]: x for x in res.get("steady_wide", []) if x["store_polar"] == sp}
+        if steady and tut_wide:
+            x = steady[max(steady)]
+            add(f"wide {x['workers']}w steady state store_polar={sp} / tutorial",
+                x["rate"] / tut_wide, TARGETS["wide_vs_tutorial"],
+                note=f"{x['rate']:.1f} vs {tut_wide:.1f} img/s (marginal rate {x['tags'][0]} "
+                     f"-> {x['tags'][1]} tags)")
+        if len(steady) > 1:
+            x2, x1 = steady[max(steady)], steady[min(steady)]
+            add(f"wide steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
                 x2["rate"] / x1["rate"], TARGETS["scaling_2w_1w"],
                 note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
     rss = res.get("rss", [])
