@@ -556,7 +556,9 @@ class ProcessingPlan:
                            + ")"),
             "read": (f"{wy}x{wx} window of {ny}x{nx} images: "
                      f"{dask.utils.format_bytes(self.bytes_to_read)}"),
-            "chunks": f"{self.n_chunks} x {self.tags_per_chunk} tags",
+            "chunks": f"{self.n_chunks} x {self.tags_per_chunk} tags"
+                      + (" (auto: sized again for the workers that run it)"
+                         if self.auto_chunks else ""),
             "operator": dask.utils.format_bytes(self.transform.operator.nbytes),
             "output": (f"{self.out or '(in memory)'}"
                        + (f", polar {dask.utils.format_bytes(self.polar_nbytes)} "
@@ -851,8 +853,13 @@ class ProcessingPlan:
             (a complete one is returned as it is). A store of other
             parameters is always refused unless ``overwrite``.
         """
+        planned = self.tags_per_chunk
         state, ds, fresh, names, params, sha = self._output_state(overwrite, resume)
         out = str(self.out)
+        if self.tags_per_chunk != planned:
+            _say(progress, f"chunks: {self.n_chunks} x {self.tags_per_chunk} tags (auto: "
+                           + ("as the store to resume" if state != "absent" else
+                              "for the workers running it") + f"; planned {planned})")
         if state == "complete":
             _say(progress, f"{out} is already complete (same parameters): nothing to compute")
             return _store.open_result(out)

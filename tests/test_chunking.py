@@ -118,6 +118,7 @@ def test_execute_sizes_auto_chunks_for_the_workers_that_run_it(small_run, small_
     scaled.memory = None  # planned where the workers are not known: 4 tags
     plan = plan_run(small_run.path, out=out, **small_params)
     assert plan.auto_chunks and plan.tags_per_chunk == 4
+    assert "10 x 4 tags (auto: sized again" in repr(plan)
     # the reference: the lazy dataset with 10-tag chunks (the same sums in the same order)
     ref = plan_run(small_run.path, chunks=10, **small_params).dataset().compute(
         scheduler="sync")
