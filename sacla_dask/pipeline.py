@@ -397,6 +397,7 @@ class PolarReloader:
 def _feature_block(windows: np.ndarray, op: PolarOperator, polar_mask: np.ndarray,
                    kind: str) -> np.ndarray:
     norm, rmean = normalize_rows(polar_block(windows, op), polar_mask)
+    np.nan_to_num(norm, copy=False, nan=1.0)  # a bin hit by a bad pixel: no signal (the mean)
     if kind == "intensity":
         return np.nanmean(rmean, axis=1)[:, None]
     if kind == "profile":
@@ -683,7 +684,8 @@ class ProcessingPlan:
                 {"long_name": "image read and finite in the band (False: left out of every "
                               "pair)"}),
             "nonfinite_bins": (("tag",), nonfinite,
-                               {"long_name": "polar bins hit by NaN/inf pixels (filled)"}),
+                               {"long_name": "polar bins hit by NaN/inf pixels (NaN in polar: "
+                                             "left out of the pairs of that shot)"}),
             "pair_tag_a": (("pair",), tags[self.ia]),
             "pair_tag_b": (("pair",), tags[self.ib]),
             "pair_stat": (("pair",), st.stat,
@@ -695,7 +697,8 @@ class ProcessingPlan:
         }
         if self.store_polar:
             data["polar"] = (("tag", "q", "phi"), norm,
-                             {"long_name": "row-normalised polar intensity, 0 where masked"})
+                             {"long_name": "row-normalised polar intensity, 0 where masked, "
+                                           "NaN where hit by a non-finite pixel"})
         if self.bragg:
             data["bragg_bins"] = (("tag", "q"),
                                   src.map_blocks(nan_count_block, drop_axis=2, dtype=np.int32,

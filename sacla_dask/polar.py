@@ -946,8 +946,10 @@ def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray,
     Returns
     -------
     normalised : ndarray float32 (ntag, nq, nphi)
-        ``polar / row_mean``: 0 in masked bins; NaN bins are filled with 1
-        (the row mean) so that they carry no signal.
+        ``polar / row_mean``: 0 in masked bins; NaN in good bins that are not
+        finite (hit by a non-finite pixel): masked for that shot only, so
+        that every pair it is in leaves the bin out and is normalised by its
+        own mask (:func:`sacla_dask.correlation.difference_correlation`).
     row_mean : ndarray float64 (ntag, nq)
         The masked mean of each row (intensity units); NaN for a row with no
         good bin.
@@ -980,7 +982,7 @@ def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray,
     with np.errstate(invalid="ignore"):  # inf * 0 in a row without a mean: reset below
         out = np.multiply(polar, scale[..., None], out=out, dtype=np.float32)
     for (i, q), f in zip(redo, fill, strict=True):
-        out[i, q][f] = 1.0
+        out[i, q][f] = np.nan
     if dirty or len(redo):
         out.reshape(k, nq * nphi)[:, masked] = 0
     return out, mean

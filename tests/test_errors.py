@@ -296,15 +296,42 @@ def test_nonfinite_pixels_masked_counted_not_propagated(run64, tmp_path, geo):
     keep = pm & ~hit
     ref_mean = np.array([row[k].mean() for row, k in zip(raw, keep, strict=True)])
     np.testing.assert_allclose(ds["row_mean"].values[i], ref_mean, rtol=1e-6)
-    # nothing is NaN or inf anywhere; the other shots are untouched
-    for name in ("polar", "row_mean", "corr", "corr_sem", "pair_stat"):
+    # nothing is NaN or inf but the bad bins of that shot's polar image; the other shots
+    # are untouched
+    for name in ("row_mean", "corr", "corr_sem", "pair_stat"):
         assert np.all(np.isfinite(ds[name].values)), name
     others = np.arange(N_TAGS) != i
     np.testing.assert_array_equal(ds["polar"].values[others], clean["polar"].values[others])
-    # the bad bins carry no signal of their own (filled with the row mean: 1 after
-    # normalisation) and masked bins stay 0
-    assert np.all(ds["polar"].values[i][hit] == 1.0)
-    assert np.all(ds["polar"].values[:, ~pm] == 0)
+    # that shot: its raw polar row over the row mean, NaN in the bad bins (masked for this
+    # shot only), 0 in masked bins
+    want = np.where(pm, raw / ref_mean[:, None], 0.0)
+    want[hit] = np.nan
+    np.testing.assert_allclose(ds["polar"].values[i], want, rtol=1e-5, equal_nan=True)
+
+    # the correlation, by brute force over phi (no FFT): each pair's difference on the
+    # bins valid in both shots, its products at each lag over the bin pairs valid at that
+    # lag, averaged over the pairs with such a bin pair
+    pol = ds["polar"].values.astype(np.float64)
+    tags = list(ds["tag"].values)
+    nphi = pm.shape[1]
+    total = np.zeros(pm.shape)
+    count = np.zeros(pm.shape, np.int64)
+    for ta, tb in zip(ds["pair_tag_a"].values, ds["pair_tag_b"].values, strict=True):
+        d = pol[tags.index(ta)] - pol[tags.index(tb)]
+        valid = np.isfinite(d) & pm
+        d = np.where(valid, d, 0.0)
+        for lag in range(nphi):
+            n = (valid & np.roll(valid, -lag, axis=1)).sum(axis=1)
+            c = (d * np.roll(d, -lag, axis=1)).sum(axis=1)
+            ok = n > 0
+            total[ok, lag] += c[ok] / n[ok]
+            count[ok, lag] += 1
+    np.testing.assert_array_equal(ds["corr_count"].values, count)
+    np.testing.assert_allclose(ds["corr"].values, np.where(count, total / np.maximum(count, 1),
+                                                           np.nan),
+                               rtol=2e-4, atol=1e-7, equal_nan=True)
+    # and it differs from the clean run's only through that shot's pairs
+    assert not np.allclose(ds["corr"].values, clean["corr"].values, equal_nan=True)
 
 
 # -- the mask --------------------------------------------------------------------------

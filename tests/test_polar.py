@@ -616,7 +616,8 @@ def test_lazy_polar_equals_eager(small_plan, small_run, small_mask):
 @given(k=st.integers(1, 3), nq=st.integers(1, 5), nphi=st.integers(2, 12),
        seed=st.integers(0, 10_000), dirty=st.booleans())
 def test_normalize_rows_is_the_masked_mean(k, nq, nphi, seed, dirty):
-    """Against numpy.ma: mean over good, finite bins; 0 masked; 1 where non-finite."""
+    """Against numpy.ma: mean over good, finite bins; 0 masked; NaN where non-finite (a bin
+    masked for that shot only)."""
     from sacla_dask.polar import normalize_rows
 
     rng = np.random.default_rng(seed)
@@ -635,9 +636,10 @@ def test_normalize_rows_is_the_masked_mean(k, nq, nphi, seed, dirty):
     with np.errstate(invalid="ignore", divide="ignore"):
         expect = polar / ref_mean[..., None]
     expect[~np.isfinite(ref_mean)] = 0
-    expect[bad & pm[None]] = 1.0
+    expect[bad & pm[None]] = np.nan
     expect[:, ~pm] = 0
-    np.testing.assert_allclose(out, expect, rtol=1e-6)
+    np.testing.assert_allclose(out, expect, rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(np.isnan(out), bad & pm[None])
     assert out.dtype == np.float32 and mean.dtype == np.float64
 
 
