@@ -981,17 +981,28 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                         note=f"{r2['rate']:.1f} vs {r1['rate']:.1f} img/s; CPU ms/img "
                              f"{r2['worker_cpu_ms_per_img']:.1f} vs "
                              f"{r1['worker_cpu_ms_per_img']:.1f}")
+    def steady_ratios(band: str, sp: bool, steady: dict, base: str, base_rate: float | None,
+                      target: Any) -> None:
+        """The most workers' steady-state rate over ``base``, and over the fewest workers'."""
+        if steady and base_rate:
+            x = steady[max(steady)]
+            add(f"{band} {x['workers']}w steady state store_polar={sp} / {base}",
+                x["rate"] / base_rate, target,
+                note=f"{x['rate']:.1f} vs {base_rate:.1f} img/s (marginal rate {x['tags'][0]} "
+                     f"-> {x['tags'][1]} tags)")
+        if len(steady) > 1:
+            x2, x1 = steady[max(steady)], steady[min(steady)]
+            add(f"{band} steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
+                x2["rate"] / x1["rate"], TARGETS["scaling_2w_1w"],
+                note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
+
     raw_s = res.get("raw_warm_steady", {}).get("rate")
+    tut_wide = res.get("tutorial", {}).get("wide", {}).get("rate")
+    disk = res.get("disk_write", {}).get("mb_per_s")
     for sp in (True, False):
         steady = {x["workers"]: x for x in res.get("steady", [])
                   if x.get("store_polar", True) == sp}
-        if steady and raw_s:
-            x = steady[max(steady)]
-            add(f"ring {x['workers']}w steady state store_polar={sp} / raw warm",
-                x["rate"] / raw_s, TARGETS["ring_vs_raw_warm"],
-                note=f"{x['rate']:.1f} vs {raw_s:.1f} img/s (marginal rate {x['tags'][0]} -> "
-                     f"{x['tags'][1]} tags)")
-        disk = res.get("disk_write", {}).get("mb_per_s")
+        steady_ratios("ring", sp, steady, "raw warm", raw_s, TARGETS["ring_vs_raw_warm"])
         if steady and sp and disk and steady[max(steady)].get("store_mb_per_tag"):
             x = steady[max(steady)]
             mb = x["store_mb_per_tag"]
@@ -999,25 +1010,9 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                 x["rate"] * mb / disk, None,
                 note=f"{x['rate'] * mb:.0f} vs {disk:.0f} MB/s ({mb:.2f} MB per tag: the disk "
                      f"alone bounds a long run at {disk / mb:.0f} img/s)")
-        if len(steady) > 1:
-            x2, x1 = steady[max(steady)], steady[min(steady)]
-            add(f"ring steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
-                x2["rate"] / x1["rate"], TARGETS["scaling_2w_1w"],
-                note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
-    tut_wide = res.get("tutorial", {}).get("wide", {}).get("rate")
     for sp in (True, False):
         steady = {x["workers"]: x for x in res.get("steady_wide", []) if x["store_polar"] == sp}
-        if steady and tut_wide:
-            x = steady[max(steady)]
-            add(f"wide {x['workers']}w steady state store_polar={sp} / tutorial",
-                x["rate"] / tut_wide, TARGETS["wide_vs_tutorial"],
-                note=f"{x['rate']:.1f} vs {tut_wide:.1f} img/s (marginal rate {x['tags'][0]} "
-                     f"-> {x['tags'][1]} tags)")
-        if len(steady) > 1:
-            x2, x1 = steady[max(steady)], steady[min(steady)]
-            add(f"wide steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
-                x2["rate"] / x1["rate"], TARGETS["scaling_2w_1w"],
-                note=f"{x2['rate']:.1f} vs {x1['rate']:.1f} img/s")
+        steady_ratios("wide", sp, steady, "tutorial", tut_wide, TARGETS["wide_vs_tutorial"])
     rss = res.get("rss", [])
     for band in ("ring", "wide"):
         rr = sorted([r for r in rss if r["band"] == band], key=lambda r: r["tags"])

@@ -373,8 +373,8 @@ def test_execute_graph_has_no_pick_tasks(small_run, small_params, tmp_path, monk
         np.testing.assert_allclose(ds[name].values, lazy[name].values, rtol=1e-12)
 
 
-def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
-    """One read per tag chunk and one polar transform per tag, lazily and in execute()."""
+def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
+    """Calls of the pixel reader and of the per-image polar transform (counts, live)."""
     import sacla_dask.pipeline as pipeline
     import sacla_dask.run as run_mod
 
@@ -391,6 +391,12 @@ def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypat
 
     monkeypatch.setattr(pipeline, "polar_from_columns", counted_polar)
     monkeypatch.setattr(run_mod, "read_pixels", counted_read)
+    return calls
+
+
+def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypatch, tmp_path):
+    """One read per tag chunk and one polar transform per tag, lazily and in execute()."""
+    calls = count_reads_and_transforms(monkeypatch)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
     plan.dataset().compute(scheduler="sync")
     assert plan.n_chunks > 1
@@ -412,23 +418,10 @@ def test_large_polar_images_are_made_with_a_halo(small_run, small_params, monkey
     import xarray as xr
 
     import sacla_dask.pipeline as pipeline
-    import sacla_dask.run as run_mod
 
     ref = plan_run(small_run.path, chunks=7, **small_params).dataset().compute(scheduler="sync")
     monkeypatch.setattr(pipeline, "HALO_IMAGE_BYTES", 0)
-    calls = {"polar": 0, "read": 0}
-    polar, read = pipeline.polar_from_columns, run_mod.read_pixels
-
-    def counted_polar(*a, **k):
-        calls["polar"] += 1
-        return polar(*a, **k)
-
-    def counted_read(*a, **k):
-        calls["read"] += 1
-        return read(*a, **k)
-
-    monkeypatch.setattr(pipeline, "polar_from_columns", counted_polar)
-    monkeypatch.setattr(run_mod, "read_pixels", counted_read)
+    calls = count_reads_and_transforms(monkeypatch)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
     ds = plan.dataset()
     assert plan._halos
