@@ -77,14 +77,14 @@ MIN_CHUNK_TAGS = 4
 #: polar images per task (41 tags of the 40 x 5000 ring band)...
 AUTO_CHUNK_BYTES = 32 << 20
 #: ...but at least this many tags where the workers' memory allows: per tag chunk the
-#: graph has ~5 tasks, a written chunk, a row copy and a partial sum crossing workers,
-#: and ~40 ms of fixed cost; a wide band (28 MB per polar image) at 16 instead of 4 tags
-#: per chunk: 1591 instead of 6299 tasks for 5050 tags, as fast or faster
-#: (benchmarks/README.md)
+#: graph has 4-5 tasks, a written chunk and a partial sum that may cross workers, and
+#: ~40 ms of fixed cost; a wide band (28 MB per polar image) at 16 instead of 4 tags per
+#: chunk: 1279 instead of 6299 tasks for 5050 tags (with its halo, below), at least as
+#: fast (benchmarks/README.md)
 AUTO_MIN_TAGS = 16
 #: ...as long as the chunk's polar block is at most this fraction of a worker thread's
-#: memory: a wide-band worker peaked at ~0.7 GiB + 2 polar blocks (0.9 GiB with 4-tag,
-#: 1.5 GiB with 16-tag chunks), and Dask spills at 60-70 % of its memory limit
+#: memory: a wide-band worker peaked at 0.9 GiB with 4-tag chunks and 1.3 GiB with
+#: 16-tag chunks (a 422 MiB block), and Dask spills at 60-70 % of its memory limit
 AUTO_MEMORY_FRACTION = 0.1
 
 
