@@ -1476,6 +1476,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     internal = "pair-statistics-" + token
     plan_key = (internal, "plan")
     dsk: dict[Any, Any] = {plan_key: plan}
+    halo_used = False
     part_keys, pair_keys = [], []
     for g, (h, s, e) in enumerate(groups):
         # the group runs on its home chunk's block (that of its pairs' later shots); of
@@ -1493,8 +1494,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
             pos, li = np.unique(pos_ab[sel] - bounds[c], return_inverse=True)
             if halo is not None and c == h - 1 and pos.tolist() == [polar.chunks[0][c] - 1]:
                 blocks.append((halo.name, int(h), 0, 0))  # made with the home block
-                if deps[-1] is not halo:
-                    deps.append(halo)
+                halo_used = True
             else:
                 rk = (internal, "rows", g, int(c))
                 dsk[rk] = (_take_rows, (polar.name, int(c), 0, 0), pos)
@@ -1511,10 +1511,12 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
             pair_keys.append(gk)
         else:
             part_keys.append(gk)
+    if halo_used:  # (a halo no group takes from is no dependency)
+        deps.append(halo)
     # the group sums are folded, in chunk order, into one running sum, ``split_every``
     # at a time: the workers hold the running sum and the few newest group results,
     # however long the run (a tree would hold a partial per level waiting for its
-    # sibling, log2(groups) of them: each 110 MB for a wide band)
+    # sibling, log2(groups) of them: each 55 MB for a wide band)
     acc = part_keys[0]
     for j, i in enumerate(range(1, len(part_keys), split_every)):
         k = (internal, "fold", j)

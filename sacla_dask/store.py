@@ -105,6 +105,15 @@ def _attrs(p: str) -> dict[str, Any] | None:
         return None
 
 
+def _parameters_in(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The parameters recorded in a store's root attrs (None if unreadable)."""
+    try:
+        params = json.loads(attrs.get(PARAMETERS, "{}"))
+    except (TypeError, ValueError):
+        return None
+    return params if isinstance(params, dict) else None
+
+
 def stored_parameters(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parameters a sacla_dask store was written with (empty if there is none)."""
     p = os.fspath(path)
@@ -113,11 +122,7 @@ def stored_parameters(path: str | os.PathLike[str]) -> dict[str, Any]:
     attrs = _attrs(p) or {}
     if MARKER not in attrs:
         return {}
-    try:
-        params = json.loads(attrs.get(PARAMETERS, "{}"))
-    except (TypeError, ValueError):
-        return {}
-    return params if isinstance(params, dict) else {}
+    return _parameters_in(attrs) or {}
 
 
 def store_state(path: str | os.PathLike[str]) -> str:
@@ -292,8 +297,9 @@ def prepare_output(path: str | os.PathLike[str], overwrite: bool = False,
             remove(p)
         return "absent"
     if found != fingerprint:
+        found_params = _parameters_in(attrs)
         try:
-            diff = _differences(json.loads(attrs.get(PARAMETERS, "{}")), params or {})
+            diff = [] if found_params is None else _differences(found_params, params or {})
         except (TypeError, ValueError):
             diff = []
         what = "a complete result" if state == "complete" else "an unfinished result"
