@@ -387,15 +387,39 @@ def write_template(path: str | os.PathLike[str], ds: xr.Dataset, chunk_vars: Seq
         # whatever Zarr chunks they get: give irregular ones regular chunks
         if name not in encoding and isinstance(var.data, da.Array) and not _regular(var.chunks):
             encoding[str(name)] = {"chunks": tuple(max(c) for c in var.chunks)}
+    # everything but the root is made in memory first, then written as files: xarray and
+    # Zarr make the layout with ~80 store calls, each a trip to Zarr's event loop and,
+    # for a local store, to a thread doing the file I/O (0.13-0.39 s for a 30-array
+    # result; 0.07 s in memory). The lazy arrays are stood in for by empty ones of the
+    # same dtype and chunks: only their metadata is written, and their real graphs need
+    # not be wrapped in a store graph that is thrown away.
+    empty = {name: var.copy(data=da.empty(var.shape, dtype=var.dtype, chunks=var.chunks))
+             for name, var in tmpl.variables.items() if isinstance(var.data, da.Array)}
+    tmpl = (tmpl.assign_coords({k: v for k, v in empty.items() if k in tmpl.coords})
+            .assign({k: v for k, v in empty.items() if k not in tmpl.coords}))
+    tmpl.attrs.update({PARAMETERS: json.dumps(params or {}, sort_keys=True),
+                       FINGERPRINT: fingerprint or ""})
+    nodes: dict[str, Any] = {}
+    tmpl.to_zarr(zarr.storage.MemoryStore(nodes), mode="w", compute=False,
+                 consolidated=False, zarr_format=3, encoding=encoding, safe_chunks=False)
+    root = nodes.pop("zarr.json")
     with writing(p):
         # the root group first, born with the marker: a run that dies on the next
         # write (a full disk) leaves a store that is recognisably ours, incomplete
         zarr.open_group(p, mode="w", zarr_format=3,
                         attributes={MARKER: tmpl.attrs.get(MARKER, ""), "complete": False})
-        tmpl.to_zarr(p, mode="a", compute=False, consolidated=False, zarr_format=3,
-                     encoding=encoding, safe_chunks=False)
-        set_attrs(p, **{PARAMETERS: json.dumps(params or {}, sort_keys=True),
-                        FINGERPRINT: fingerprint or ""})
+        for key, value in nodes.items():
+            _write_file(os.path.join(p, *key.split("/")), value.to_bytes())
+        # the root's metadata with the parameters and fingerprint last: a store holding
+        # a fingerprint holds a whole template
+        _write_file(os.path.join(p, "zarr.json"), root.to_bytes())
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """One key of a local Zarr store (its file, and directories above it)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def _regular(chunks: tuple[tuple[int, ...], ...]) -> bool:
@@ -462,15 +486,16 @@ class _Derived:
 
 
 def _write_chunk(path: str, index: int, start: int, stop: int, names: Sequence[str],
-                 derived: Sequence[_Derived], *blocks: np.ndarray) -> int:
+                 targets: Mapping[str, zarr.Array], derived: Sequence[_Derived],
+                 *blocks: np.ndarray) -> int:
     with writing(path):
         out = dict(zip(names, blocks, strict=True))
         for d in derived:
             out[d.name] = d.function(out[d.source])
         for name, block in out.items():
-            _open_for_writing(path, name)[start:stop] = block
+            targets[name][start:stop] = block
         # the flag last: a chunk flagged done has all its arrays written
-        zarr.open_array(store=path, path=DONE, mode="r+")[index] = True
+        targets[DONE][index] = True
     return stop - start
 
 
@@ -512,12 +537,15 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
             raise ValueError(f"{d.name}: source array {d.source!r} is not written")
     token = dask.base.tokenize(p, [a.name for a in arrs], todo, extra)
     name, final = "write-tag-chunk-" + token, "tag-chunks-written-" + token
+    # opened here once, not by each task: an array opened in a task reads its metadata
+    # (for the ring band 4 opens took 2-8 ms per chunk write, next to ~3 ms of writes)
+    targets = {n: _open_for_writing(p, n) for n in names + [d.name for d in extra] + [DONE]}
     dsk: dict[Any, Any] = {}
     keys = []
     for i in np.flatnonzero(todo):
         blocks = [(a.name, int(i)) + (0,) * (a.ndim - 1) for a in arrs]
         dsk[(name, int(i))] = (_write_chunk, p, int(i), int(bounds[i]), int(bounds[i + 1]),
-                               names, extra, *blocks)
+                               names, targets, extra, *blocks)
         keys.append((name, int(i)))
     dsk[final] = (_total, keys)
     with chunk_first():
@@ -525,9 +553,9 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
     return Delayed(final, graph)
 
 
-def _store_block(path: str, name: str, region: tuple[slice, ...], block: Any) -> None:
+def _store_block(path: str, target: zarr.Array, region: tuple[slice, ...], block: Any) -> None:
     with writing(path):
-        _open_for_writing(path, name)[region] = block
+        target[region] = block
 
 
 def _nothing(_: Any) -> None:
@@ -551,7 +579,7 @@ def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -
     deps = []
     keys = []
     for name, arr in arrays.items():
-        z = zarr.open_array(store=p, path=name, mode="r+")
+        z = _open_for_writing(p, name)  # once, not by each task
         if tuple(z.shape) != tuple(arr.shape):
             raise ValueError(f"{name}: shape {arr.shape} does not match the store's {z.shape}")
         if arr.ndim:
@@ -562,7 +590,7 @@ def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -
             region = tuple(slice(int(b[i]), int(b[i + 1]))
                            for b, i in zip(bounds, idx, strict=True))
             key = (wname, name) + tuple(idx)
-            dsk[key] = (_store_block, p, name, region, (arr.name,) + tuple(idx))
+            dsk[key] = (_store_block, p, z, region, (arr.name,) + tuple(idx))
             keys.append(key)
     dsk[final] = (_nothing, keys)
     with chunk_first():

@@ -202,7 +202,8 @@ def test_write_arrays_checks_shape(tmp_path):
 
 
 def _disk_full_after(monkeypatch, n_ok: int) -> None:
-    """Every write to a LocalStore after the first ``n_ok`` fails with ENOSPC."""
+    """Every write to a LocalStore (or a template file) after the first ``n_ok`` fails
+    with ENOSPC."""
     import errno
     import os
 
@@ -218,6 +219,16 @@ def _disk_full_after(monkeypatch, n_ok: int) -> None:
         return await orig(store_, key, value)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+    # the template's nodes are written as plain files after its root group
+    write_file = store._write_file
+
+    def write_file_(path, data):
+        count[0] += 1
+        if count[0] > n_ok:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return write_file(path, data)
+
+    monkeypatch.setattr(store, "_write_file", write_file_)
 
 
 @pytest.mark.parametrize("n_ok", [1, 4])
