@@ -956,7 +956,10 @@ class ProcessingPlan:
         # the finished chunks again (from the raw images) for the pairs; it keeps their
         # written row means and counts
         polar = arrays["polar"] if self.store_polar else fresh[0]
-        ds = self.dataset(polar=(polar, arrays["row_mean"], arrays["nonfinite_bins"]))
+        if any(arrays[n] is not a for n, a in zip(names, self._kept(fresh), strict=True)):
+            # some chunks are read back from the store: the dataset of those arrays (else
+            # the one given, made of the same arrays: a wide band's takes ~50 ms to make)
+            ds = self.dataset(polar=(polar, arrays["row_mean"], arrays["nonfinite_bins"]))
         derived = self._derived()
         writes = _store.chunk_writes(out, arrays, ~done, derived)
         # everything else lazy (reductions over pairs...) is recomputed from the polar

@@ -54,9 +54,11 @@ signal / normalisation ratio.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -79,6 +81,8 @@ TILE: tuple[int, int] = (8, 16)
 
 #: Bins processed at once while building an operator (bounds its memory).
 _BUILD_CHUNK_BINS = 1 << 20
+#: Threads building the blocks of an operator (:func:`build_operator`).
+_BUILD_THREADS = 2
 
 
 def check_mask(mask: np.ndarray | None, shape: tuple[int, int], name: str = "mask") -> np.ndarray:
@@ -717,8 +721,8 @@ def build_operator(
     corr = polarization is not None or solid_angle
     rows_per = max(1, _BUILD_CHUNK_BINS // nphi)
 
-    counts_l, pix_l, w_l, cov_l = [], [], [], []
-    for i0 in range(0, nq, rows_per):
+    def block(i0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                tuple[int, int, int, int] | None]:
         rows = slice(i0, min(nq, i0 + rows_per))
         nb = (rows.stop - rows.start) * nphi
         if method == "splitting":
@@ -749,13 +753,21 @@ def build_operator(
             norm = np.bincount(b, weights=w * c, minlength=nb)
         else:
             norm = goodw
-        counts_l.append(np.bincount(b, minlength=nb))
-        pix_l.append(pix.astype(np.int32) if ny * nx < 2**31 else pix)
-        w_l.append((w / norm[b]).astype(np.float32))
-        cov_l.append(cov)
-    coverage = np.concatenate(cov_l)
+        pix = pix.astype(np.int32) if ny * nx < 2**31 else pix
+        box = None  # the bounding box of the pixels read (rows, columns)
+        if pix.size:
+            col = pix % nx
+            box = (int(pix.min()) // nx, int(pix.max()) // nx + 1, int(col.min()),
+                   int(col.max()) + 1)
+        return np.bincount(b, minlength=nb), pix, (w / norm[b]).astype(np.float32), cov, box
+
+    # blocks of q rows on two threads (numpy releases the GIL in most of it): a wide
+    # band's operator is built on the client before any worker has work
+    parts = _map_threads(block, range(0, nq, rows_per))
+    coverage = np.concatenate([part[3] for part in parts])
     polar_mask = coverage >= min_coverage - 1e-12
-    nnz = int(sum(p.size for p in pix_l))
+    sizes = [part[1].size for part in parts]
+    nnz = int(sum(sizes))
     if nnz == 0:  # also when a few pixels are touched but no bin reaches min_coverage
         raise GeometryError(
             f"the q band (radius {grid.radius[0]:.1f}..{grid.radius[-1]:.1f} px about "
@@ -763,12 +775,9 @@ def build_operator(
             f"{ny}x{nx} detector: it lies outside the image or entirely in the mask"
         )
     # window: the bounding box of the pixels read
-    r0, r1, c0, c1 = ny, 0, nx, 0
-    for pix in pix_l:
-        if pix.size:
-            iy, ix = np.divmod(pix, nx)
-            r0, r1 = min(r0, int(iy.min())), max(r1, int(iy.max()) + 1)
-            c0, c1 = min(c0, int(ix.min())), max(c1, int(ix.max()) + 1)
+    boxes = np.array([part[4] for part in parts if part[4] is not None])
+    r0, r1 = int(boxes[:, 0].min()), int(boxes[:, 1].max())
+    c0, c1 = int(boxes[:, 2].min()), int(boxes[:, 3].max())
     use_tile = nnz >= (r1 - r0) * (c1 - c0) if tile is None else bool(tile)
     tshape: tuple[int, int] | None = None
     if use_tile:
@@ -778,9 +787,19 @@ def build_operator(
             (r0, r1), (c0, c1), tshape = fr, fc, TILE
     wy, wx = r1 - r0, c1 - c0
     idx_dtype = np.int32 if max(nnz, wy * wx) < 2**31 - 1 else np.int64
+    # the CSR arrays made once and filled block by block (no concatenated copies: fresh
+    # memory is slow to fault in on some VMs)
+    data = np.empty(nnz, dtype=np.float32)
     indices = np.empty(nnz, dtype=idx_dtype)
-    pos = 0
-    for k, pix in enumerate(pix_l):
+    indptr = np.empty(nbins + 1, dtype=idx_dtype)
+    indptr[0] = 0
+    first = np.cumsum([0] + sizes)
+    first_bin = np.cumsum([0] + [part[0].size for part in parts])
+
+    def place(k: int) -> None:
+        counts, pix, w = parts[k][:3]
+        a, b = int(first[k]), int(first[k + 1])
+        data[a:b] = w
         iy, ix = np.divmod(pix.astype(idx_dtype, copy=False), nx)
         u, v = iy - r0, ix - c0
         if tshape is None:
@@ -790,13 +809,14 @@ def build_operator(
             sy, sx = ty.bit_length() - 1, tx.bit_length() - 1
             col = (((u >> sy) * (wx >> sx) + (v >> sx)) << (sy + sx)) + ((u & (ty - 1)) << sx)
             col += v & (tx - 1)
-        indices[pos:pos + pix.size] = col
-        pos += pix.size
-        pix_l[k] = None  # type: ignore[call-overload]  # free as we go
-    data = np.concatenate(w_l)
-    indptr = np.zeros(nbins + 1, dtype=idx_dtype)
-    # (in the index dtype: a cumsum cast into a narrower out array is ~10x slower)
-    np.cumsum(np.concatenate(counts_l), dtype=idx_dtype, out=indptr[1:])
+        indices[a:b] = col
+        # (the counts cast first: a cumsum cast into a narrower out array is ~10x slower)
+        ptr = indptr[int(first_bin[k]) + 1:int(first_bin[k + 1]) + 1]
+        np.cumsum(counts.astype(idx_dtype), out=ptr)
+        ptr += a
+
+    _map_threads(place, range(len(parts)))
+    del parts
     matrix = sp.csr_matrix((data, indices, indptr), shape=(nbins, wy * wx))
     names = []
     if solid_angle:
@@ -815,6 +835,14 @@ def build_operator(
         token=_operator_token(geometry, grid, (ny, nx), good, method, float(min_coverage),
                               bool(solid_angle), polarization, int(subdivision), tshape),
     )
+
+
+def _map_threads(fn: Callable[[int], Any], items: Sequence[int]) -> list[Any]:
+    """``[fn(i) for i in items]``, on :data:`_BUILD_THREADS` threads when there are several."""
+    if len(items) < 2 or _BUILD_THREADS < 2:
+        return [fn(i) for i in items]
+    with concurrent.futures.ThreadPoolExecutor(min(_BUILD_THREADS, len(items))) as ex:
+        return list(ex.map(fn, items))
 
 
 # -- kernels ---------------------------------------------------------------

@@ -348,6 +348,34 @@ def test_tiled_layout_equals_row_major(method):
     np.testing.assert_array_equal(tiled.polar_mask, plain.polar_mask)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("tile", [False, True])
+def test_operator_built_in_blocks_on_threads_equals_one_block(monkeypatch, method, tile):
+    """Building by blocks of q rows (on one or two threads) gives the very operator of a
+    build in one block: the CSR arrays, window, coverage and mask bit for bit."""
+    import sacla_dask.polar as polar
+
+    grid = band(r_in=5.0, r_out=60.0)
+    good = panel_gaps()
+
+    def build(chunk_bins, threads):
+        monkeypatch.setattr(polar, "_BUILD_CHUNK_BINS", chunk_bins)
+        monkeypatch.setattr(polar, "_BUILD_THREADS", threads)
+        return build_operator(GEOM, grid, SHAPE, good, method, tile=tile, polarization=0.9)
+
+    whole = build(1 << 30, 1)
+    nphi = grid.shape[1]
+    for chunk_bins, threads in ((3 * nphi, 1), (3 * nphi, 2), (7 * nphi, 2), (1, 2)):
+        op = build(chunk_bins, threads)
+        assert op.window == whole.window and op.tile == whole.tile
+        for a, b in ((op.matrix.data, whole.matrix.data),
+                     (op.matrix.indices, whole.matrix.indices),
+                     (op.matrix.indptr, whole.matrix.indptr),
+                     (op.coverage, whole.coverage), (op.polar_mask, whole.polar_mask)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
 def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
     """A nearest operator travels to workers as an int32 pick index, not its CSR matrix;
     the copy computes the same images (a non-finite pixel rebuilds the identical matrix)."""
