@@ -816,7 +816,7 @@ def build_operator(
         ptr += a
 
     _map_threads(place, range(len(parts)))
-    del parts
+    parts.clear()  # the blocks' arrays, now copied into the CSR ones
     matrix = sp.csr_matrix((data, indices, indptr), shape=(nbins, wy * wx))
     names = []
     if solid_angle:
