@@ -422,11 +422,14 @@ def _factor(n: int) -> str:
 
 
 def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequence[int],
-                 mask: np.ndarray, a: Any, out: str) -> list[dict]:
+                 mask: np.ndarray, a: Any, out: str,
+                 raw_names: list[str] | None = None) -> list[dict]:
     """Marginal rate between runs of ``n1`` and ``n2`` tags, per worker count and store mode.
 
     Interleaved (n1, n2, n1, n2, ...) and best of each: on a host whose speed drifts, one
     slow spell must not fall on one length only. The same ``per`` tags per chunk for both.
+    With ``raw_names`` (the ``n2`` tags' datasets) each round starts with their raw read,
+    whose best is kept as ``raw_paired``: the baseline of the same minutes.
     """
     found = []
     for nw in workers:
@@ -435,7 +438,11 @@ def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequ
             for sp in (False, True):
                 secs = {n1: math.inf, n2: math.inf}
                 store_mib = 0.0
+                raw_best = 0.0
                 for _ in range(max(3, a.repeat)):
+                    if raw_names:
+                        os.sync()  # as pipeline() does: no writeback of the last run
+                        raw_best = max(raw_best, raw_read(path, raw_names)["rate"])
                     for n in (n1, n2):
                         r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out,
                                      chunks=per)
@@ -447,10 +454,13 @@ def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequ
                               "tags": [n1, n2], "tags_per_chunk": per,
                               "seconds": [secs[n1], secs[n2]], "rate": rate,
                               "fixed_seconds": fixed,
-                              "store_mb_per_tag": store_mib * 2**20 / 1e6 / n2})
+                              "store_mb_per_tag": store_mib * 2**20 / 1e6 / n2,
+                              "raw_paired": raw_best or None})
                 log(f"  {nw}w store_polar={sp}: {n1} tags {secs[n1]:.2f} s, {n2} tags "
                     f"{secs[n2]:.2f} s -> {rate:.1f} img/s marginal ({per} tags/chunk); "
-                    f"fixed cost per run {fixed:.2f} s")
+                    f"fixed cost per run {fixed:.2f} s"
+                    + (f"; raw read of the {n2} tags in these rounds {raw_best:.1f} img/s"
+                       if raw_best else ""))
     return found
 
 
@@ -705,22 +715,29 @@ def main(argv: list[str] | None = None) -> dict:
                 if "pipeline" not in skip:
                     for band, sp, fast in variants:
                         rr = []
+                        paired = []  # the ring's baseline: the raw read just before each run
                         for i in range(a.repeat):
                             tag = f"{band}{'' if fast else '-exact'}-{nw}w-sp{int(sp)}"
                             prof = (os.path.join(prof_dir, tag)
                                     if a.profile and nw == max(workers) and i == 0 else None)
+                            if band == "ring":
+                                os.sync()  # as pipeline() does: no writeback of the last run
+                                paired.append(raw_read(path, names)["rate"])
                             rr.append(pipeline(cl, path, ntags[band], band, store_polar=sp,
                                                mask=mask, out=out, fast_nphi=fast,
                                                profile=prof))
                         r = best(rr)
                         r["profile"] = next((x["profile"] for x in rr if x.get("profile")), None)
+                        r["raw_paired"] = max(paired) if paired else None
                         pipe.append(r)
                         log(f"  {nw}w {band:4s} store_polar={sp!s:5s}"
                             f"{'' if fast else ' exact_nphi'}: {r['rate']:6.1f} img/s "
                             f"(runs {r['all_rates']}; plan {r['plan_seconds']:.1f} s; "
                             f"{r['worker_cpu_ms_per_img']:.1f} worker CPU ms/img, "
                             f"{r['minor_faults_per_img']:.0f} faults/img; {r['tasks']} tasks; "
-                            f"peak RSS {r['peak_rss_mib']} MiB; load {r['load']})")
+                            f"peak RSS {r['peak_rss_mib']} MiB; load {r['load']})"
+                            + (f"; raw read just before each run {r['raw_paired']:.1f} img/s"
+                               if r["raw_paired"] else ""))
                     if a.cold != "none" and "ring" in bands:
                         for sp in (True, False):
                             r = pipeline(cl, path, a.tags, "ring", store_polar=sp, mask=mask,
@@ -760,7 +777,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"  raw read_direct of the {n2} tags, warm: {res['raw_warm_steady']['rate']:.1f} "
             "img/s")
         per = default_tags_per_chunk(path, n2, "ring", mask)
-        res["steady"] = steady_state(path, "ring", n1, n2, per, workers, mask, a, out)
+        res["steady"] = steady_state(path, "ring", n1, n2, per, workers, mask, a, out,
+                                     raw_names=names2)
         raw_read(path, names)
 
     # -- 3c. steady state of the wide band: 2 workers vs 1 without the per-run fixed cost
@@ -945,6 +963,11 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
         if r and raw_w:
             add(f"ring {nw}w store_polar={sp} / raw warm", r["rate"] / raw_w,
                 TARGETS["ring_vs_raw_warm"], note=f"{r['rate']:.1f} vs {raw_w:.1f} img/s")
+        if r and r.get("raw_paired"):
+            add(f"ring {nw}w store_polar={sp} / raw warm, paired", r["rate"] / r["raw_paired"],
+                TARGETS["ring_vs_raw_warm"],
+                note=f"{r['rate']:.1f} vs {r['raw_paired']:.1f} img/s (the raw read just "
+                     "before each run: the same minutes)")
         raw_px = res.get("raw_warm_ring_pixels", {}).get("rate")
         if r and raw_px:
             add(f"ring {nw}w store_polar={sp} / raw gather of the band's pixels",
@@ -990,6 +1013,12 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                 x["rate"] / base_rate, target,
                 note=f"{x['rate']:.1f} vs {base_rate:.1f} img/s (marginal rate {x['tags'][0]} "
                      f"-> {x['tags'][1]} tags)")
+        if steady and steady[max(steady)].get("raw_paired"):
+            x = steady[max(steady)]
+            add(f"{band} {x['workers']}w steady state store_polar={sp} / {base}, paired",
+                x["rate"] / x["raw_paired"], target,
+                note=f"{x['rate']:.1f} vs {x['raw_paired']:.1f} img/s (the raw read of the "
+                     f"{x['tags'][1]} tags in the same rounds)")
         if len(steady) > 1:
             x2, x1 = steady[max(steady)], steady[min(steady)]
             add(f"{band} steady state store_polar={sp}: {x2['workers']}w / {x1['workers']}w",
