@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import dask
 import dask.array as da
@@ -37,6 +38,47 @@ def _write_all(path, ds, todo=None):
     todo = np.ones(n, bool) if todo is None else todo
     arrays = {"polar": ds.polar.data, "row_mean": ds.row_mean.data}
     return store.chunk_writes(path, arrays, todo)
+
+
+def _files(root) -> dict:
+    """A store's files: parsed JSON for metadata, bytes for chunks."""
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            out[os.path.relpath(path, root)] = json.loads(data) if f == "zarr.json" else data
+    return out
+
+
+@pytest.mark.parametrize("compression", store.COMPRESSIONS)
+def test_template_is_what_xarray_writes_to_disk(tmp_path, compression):
+    """write_template (made in memory, written as files) leaves the very store xarray's own
+    to_zarr(compute=False) writes of the template dataset, and of the result with its real
+    lazy arrays: the same files, metadata and chunk bytes."""
+    ds = _lazy_result()
+    params, sha = store.parameters(ds, compression=compression)
+    store.write_template(tmp_path / "t.zarr", ds, ["polar", "row_mean"], 3, compression,
+                         params, sha)
+    tmpl, encoding = store.template_dataset(ds, ["polar", "row_mean"], 3, compression,
+                                            params, sha)
+    tmpl.to_zarr(tmp_path / "ref.zarr", mode="w", compute=False, consolidated=False,
+                 zarr_format=3, encoding=encoding, safe_chunks=False)
+    # and the lazy arrays' stand-ins change nothing: the real ones written the same way
+    real = ds.assign({store.DONE: tmpl[store.DONE]})
+    real.attrs = dict(tmpl.attrs)
+    real.to_zarr(tmp_path / "real.zarr", mode="w", compute=False, consolidated=False,
+                 zarr_format=3, encoding=encoding, safe_chunks=False)
+    got = _files(tmp_path / "t.zarr")
+    assert any(k.startswith("mask" + os.sep + "c") for k in got)  # in-memory data written
+    assert not any(k.startswith("polar" + os.sep + "c") for k in got)  # lazy: metadata only
+    for ref in (_files(tmp_path / "ref.zarr"), _files(tmp_path / "real.zarr")):
+        assert sorted(got) == sorted(ref)
+        for key in ref:
+            assert got[key] == ref[key], key
+    assert got["zarr.json"]["attributes"][store.FINGERPRINT] == sha
+    assert store.store_state(tmp_path / "t.zarr") == "incomplete"
 
 
 def test_states(tmp_path):
