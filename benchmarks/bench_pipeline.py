@@ -91,6 +91,13 @@ def raw_read(path: str, names: list[str], window: tuple[slice, slice] | None = N
             "mb_per_s": len(names) * buf.nbytes / dt / 1e6}
 
 
+def raw_read_synced(path: str, names: list[str]) -> float:
+    """:func:`raw_read`'s img/s after ``os.sync()``, as :func:`pipeline` starts a run: the
+    baseline paired with the runs, paying for no earlier run's writeback."""
+    os.sync()
+    return raw_read(path, names)["rate"]
+
+
 def disk_write(workdir: str, mib: int = 1024) -> dict:
     """Sustained write rate of the disk under ``workdir``: ``mib`` MiB, then fdatasync; MB/s.
 
@@ -441,8 +448,7 @@ def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequ
                 raw_best = 0.0
                 for _ in range(max(3, a.repeat)):
                     if raw_names:
-                        os.sync()  # as pipeline() does: no writeback of the last run
-                        raw_best = max(raw_best, raw_read(path, raw_names)["rate"])
+                        raw_best = max(raw_best, raw_read_synced(path, raw_names))
                     for n in (n1, n2):
                         r = pipeline(cl, path, n, band, store_polar=sp, mask=mask, out=out,
                                      chunks=per)
@@ -721,8 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
                             prof = (os.path.join(prof_dir, tag)
                                     if a.profile and nw == max(workers) and i == 0 else None)
                             if band == "ring":
-                                os.sync()  # as pipeline() does: no writeback of the last run
-                                paired.append(raw_read(path, names)["rate"])
+                                paired.append(raw_read_synced(path, names))
                             rr.append(pipeline(cl, path, ntags[band], band, store_polar=sp,
                                                mask=mask, out=out, fast_nphi=fast,
                                                profile=prof))

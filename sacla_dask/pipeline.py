@@ -1217,9 +1217,10 @@ def plan_run(
     if pairs is None and pairing == "consecutive":
         pair_arr = consecutive_pairs(run.tags, run.selected, overlapping=overlapping)
     elif pairs is None:
+        # (shot_features' own default chunking for "auto": its chunks are image windows)
         pair_arr = similar_pairs(run.tags, run.selected,
                                  shot_features(run, transform, pairing,
-                                               "128MiB" if is_auto(chunks) else chunks))
+                                               **({} if is_auto(chunks) else {"chunks": chunks})))
     elif isinstance(pairs, (str, os.PathLike)):
         pair_arr = read_pairs_file(pairs)
         pairing = "file"
