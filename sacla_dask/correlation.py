@@ -546,6 +546,49 @@ def mask_bragg_spots(polar: np.ndarray, polar_mask: np.ndarray, nsigma: float,
 
 
 # -- statistics over pairs ----------------------------------------------------
+def pair_order(ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """The order in which pairs are summed: by later shot, then earlier shot (stable).
+
+    Consecutive pairs ``(t1, t2), (t2, t3), ...`` keep their order. The
+    order does not depend on how the tags are chunked (the tasks group
+    pairs by the chunk of their later shot, which this order respects), so
+    neither do the products of linked pairs (:func:`pair_links`).
+    """
+    ia = np.asarray(ia, dtype=np.int64)
+    ib = np.asarray(ib, dtype=np.int64)
+    return np.lexsort((np.minimum(ia, ib), np.maximum(ia, ib)))
+
+
+def pair_links(ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Whether each pair shares a shot with the pair before it (bool (npair,)).
+
+    Overlapping consecutive pairs ``(t1, t2), (t2, t3)`` are linked; disjoint
+    pairs are not. Two linked pairs' correlations are correlated (both hold
+    the shared shot's own angular structure), which a standard error over
+    pairs must count (:func:`finalize`).
+    """
+    ia = np.asarray(ia, dtype=np.int64)
+    ib = np.asarray(ib, dtype=np.int64)
+    out = np.zeros(ia.size, dtype=bool)
+    if ia.size > 1:
+        a0, b0, a1, b1 = ia[:-1], ib[:-1], ia[1:], ib[1:]
+        out[1:] = (a1 == a0) | (a1 == b0) | (b1 == a0) | (b1 == b0)
+    return out
+
+
+@dataclasses.dataclass
+class Edge:
+    """One pair's correlation kept for its product with a linked pair.
+
+    ``x``: float64 (nqp, nlag), 0 where the pair has no data; ``ok``: its
+    bins with data (bool); ``common``: ``ok`` is the plan's (``lag_ok``).
+    """
+
+    x: np.ndarray
+    ok: np.ndarray
+    common: bool
+
+
 @dataclasses.dataclass
 class PairSums:
     """Sums over a set of pairs, per correlation bin (mergeable, subtractable).
@@ -578,6 +621,14 @@ class PairSums:
     nphi : int or None
         Lags of the full correlation when the sums hold only ``0 .. nphi //
         2`` of them; None when they hold every lag.
+    s12 : ndarray float64 (nqp, nlag) or None
+        Sum of the products ``C_k C_(k-1)`` of each pair's correlation with
+        that of the pair before it (in :func:`pair_order`) when the two
+        share a shot (:func:`pair_links`), where both have data: the lag-1
+        covariance that makes the standard error honest for overlapping
+        consecutive pairs (:func:`finalize`). None: no such products.
+    own_count12, shared12 : ndarray int32 (nqp, nlag) or None, int
+        Their count per bin, as ``own_count`` and ``shared`` count the pairs.
     """
 
     n: int
@@ -589,20 +640,24 @@ class PairSums:
     shared: int = 0
     shared_ok: np.ndarray | None = None
     nphi: int | None = None
+    s12: np.ndarray | None = None
+    own_count12: np.ndarray | None = None
+    shared12: int = 0
 
     @classmethod
     def zeros(cls, shape: tuple[int, int], n_boot: int = 0,
-              nphi: int | None = None) -> PairSums:
+              nphi: int | None = None, linked: bool = False) -> PairSums:
         b = (n_boot,) + tuple(shape)
         nphi = None if nphi == shape[-1] else nphi
         return cls(0, np.zeros(shape), np.zeros(shape), None,
                    np.zeros(b) if n_boot else None, np.zeros(b) if n_boot else None,
-                   nphi=nphi)
+                   nphi=nphi, s12=np.zeros(shape) if linked else None)
 
     @classmethod
-    def for_plan(cls, plan: CorrelationPlan, n_boot: int = 0) -> PairSums:
-        """Zero sums over the plan's rows and lags (``(nqp, plan.nlag)``)."""
-        return cls.zeros((plan.nqp, plan.nlag), n_boot, plan.nphi)
+    def for_plan(cls, plan: CorrelationPlan, n_boot: int = 0, linked: bool = False) -> PairSums:
+        """Zero sums over the plan's rows and lags (``(nqp, plan.nlag)``);
+        ``linked``: with the sum of products of linked pairs (``s12``)."""
+        return cls.zeros((plan.nqp, plan.nlag), n_boot, plan.nphi, linked)
 
     def full(self, x: np.ndarray) -> np.ndarray:
         """An array over these sums' lags (last axis) over every lag (:func:`full_lags`)."""
@@ -618,11 +673,51 @@ class PairSums:
             c += self.shared * self.shared_ok  # type: ignore[operator]
         return c
 
+    @property
+    def count12(self) -> np.ndarray:
+        """Products of linked pairs in each bin (``s12``'s count), int64 (nqp, nlag)."""
+        c = np.zeros(self.s1.shape, dtype=np.int64)
+        if self.own_count12 is not None:
+            c += self.own_count12
+        if self.shared12:
+            c += self.shared12 * self.shared_ok  # type: ignore[operator]
+        return c
+
     def add_count(self, ok: np.ndarray, rows: slice = slice(None)) -> None:
         """Count the bins ``ok`` (bool, rows ``rows``) of one or more pairs, in place."""
         if self.own_count is None:
             self.own_count = np.zeros(self.s1.shape, dtype=np.int32)
         self.own_count[rows] += ok
+
+    def add_product(self, a: Edge, b: Edge, sign: int = 1) -> None:
+        """Add (``sign`` -1: remove) the product of two linked pairs' correlations.
+
+        The product is formed as the pair kernel forms it, so that a
+        removal cancels an addition exactly.
+        """
+        if self.s12 is None:
+            self.s12 = np.zeros(self.s1.shape)
+        elif not self.s12.flags.writeable:
+            self.s12 = self.s12.copy()
+        prod = np.multiply(a.x, b.x)
+        if sign > 0:
+            self.s12 += prod
+        else:
+            self.s12 -= prod
+        if a.common and b.common:
+            self.shared12 += sign
+            if self.shared_ok is None:
+                self.shared_ok = a.ok
+            return
+        both = a.ok & b.ok
+        if self.own_count12 is None:
+            self.own_count12 = np.zeros(self.s1.shape, dtype=np.int32)
+        elif not self.own_count12.flags.writeable:
+            self.own_count12 = self.own_count12.copy()
+        if sign > 0:
+            self.own_count12 += both
+        else:
+            self.own_count12 -= both
 
     def add(self, corr: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add per-pair correlations ``(k, nqp, nlag)`` (NaN = no data) in place."""
@@ -652,7 +747,8 @@ class PairSums:
 
         out = PairSums(sg * first.n, start(first.s1), start(first.s2),  # type: ignore[arg-type]
                        start(first.own_count), start(first.boot_s1), start(first.boot_w),
-                       sg * first.shared, first.shared_ok, first.nphi)
+                       sg * first.shared, first.shared_ok, first.nphi, start(first.s12),
+                       start(first.own_count12), sg * first.shared12)
         return out.absorb(parts[1:], signs[1:])
 
     def absorb(self, others: Sequence[PairSums],
@@ -683,19 +779,30 @@ class PairSums:
         self.s1, self.s2 = own(self.s1), own(self.s2)  # type: ignore[assignment]
         self.own_count = own(self.own_count)
         self.boot_s1, self.boot_w = own(self.boot_s1), own(self.boot_w)
+        self.s12, self.own_count12 = own(self.s12), own(self.own_count12)
+
+        def merge(mine: np.ndarray | None, theirs: np.ndarray | None,
+                  sg: int) -> np.ndarray | None:
+            # for the arrays a part may lack (no such bins or products in it)
+            if theirs is None:
+                return mine
+            if mine is None:
+                return theirs.copy() if sg > 0 else -theirs
+            add(mine, theirs, sg)
+            return mine
+
         for o, sg in zip(others, signs, strict=True):
             self.n += sg * o.n
             add(self.s1, o.s1, sg)
             add(self.s2, o.s2, sg)
-            if o.own_count is not None:
-                if self.own_count is None:
-                    self.own_count = o.own_count.copy() if sg > 0 else -o.own_count
-                else:
-                    add(self.own_count, o.own_count, sg)
+            self.own_count = merge(self.own_count, o.own_count, sg)
             if o.boot_s1 is not None:
                 add(self.boot_s1, o.boot_s1, sg)  # type: ignore[arg-type]
                 add(self.boot_w, o.boot_w, sg)  # type: ignore[arg-type]
             self.shared += sg * o.shared
+            self.s12 = merge(self.s12, o.s12, sg)
+            self.own_count12 = merge(self.own_count12, o.own_count12, sg)
+            self.shared12 += sg * o.shared12
             if self.shared_ok is None:
                 self.shared_ok = o.shared_ok
         return self
@@ -767,7 +874,7 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
               ia: np.ndarray | None = None, ib: np.ndarray | None = None,
               weights: np.ndarray | None = None, keep: bool = False,
               hold_above: float | None = None, hold_max: int = HOLD_OUT_MAX,
-              block_bytes: int = BLOCK_BYTES
+              block_bytes: int = BLOCK_BYTES, links: np.ndarray | None = None
               ) -> tuple[PairSums, np.ndarray, np.ndarray | None, HeldPairs]:
     """Correlate pairs one by one and accumulate their sums (the group kernel).
 
@@ -793,6 +900,11 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
         correlations).
     block_bytes : int
         Approximate size of the float64 work arrays of a block of rows.
+    links : bool array (npair,), optional
+        Pair ``k`` shares a shot with pair ``k - 1`` (:func:`pair_links`):
+        the product of their correlations is summed (``sums.s12``; not for
+        a held-out pair). Default: from ``ia``/``ib`` in the order given
+        when ``a is b``, else no pair is linked.
 
     Returns
     -------
@@ -804,12 +916,40 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
     held : HeldPairs
         Held-out pairs (index into the pairs given), over the sums' lags.
     """
+    sums, stat, kept, held, _ = _sum_pairs(a, b, plan, ia=ia, ib=ib, weights=weights,
+                                           keep=keep, hold_above=hold_above,
+                                           hold_max=hold_max, block_bytes=block_bytes,
+                                           links=links)
+    return sums, stat, kept, held
+
+
+def _sum_pairs(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
+               ia: np.ndarray | None = None, ib: np.ndarray | None = None,
+               weights: np.ndarray | None = None, keep: bool = False,
+               hold_above: float | None = None, hold_max: int = HOLD_OUT_MAX,
+               block_bytes: int = BLOCK_BYTES, links: np.ndarray | None = None,
+               linked: bool | None = None
+               ) -> tuple[PairSums, np.ndarray, np.ndarray | None, HeldPairs,
+                          tuple[Edge | None, Edge | None]]:
+    """:func:`pair_sums`, and the edges a fold links to its neighbours' pairs:
+    the first pair's correlation when ``links[0]`` (it shares a shot with the
+    pair before these) and the last pair's (None for a held-out pair).
+    ``linked``: allocate ``s12`` (default: some pair is linked)."""
     npair = a.shape[0] if ia is None else int(np.size(ia))
+    if links is None and a is b and ia is not None and ib is not None:
+        links = pair_links(ia, ib)
     ia = np.arange(npair) if ia is None else np.asarray(ia, dtype=np.int64)
     ib = np.arange(npair) if ib is None else np.asarray(ib, dtype=np.int64)
+    if links is not None:
+        links = np.asarray(links, dtype=bool)
+        if links.shape != (npair,):
+            raise ParameterError(f"links must be one bool per pair ({npair}), "
+                                 f"got shape {links.shape}")
     n_boot = 0 if weights is None else int(weights.shape[0])
     shape = (plan.nqp, plan.nlag)  # the sums' (and held-out pairs') lags
-    sums = PairSums.for_plan(plan, n_boot)
+    if linked is None:
+        linked = links is not None and bool(links.any())
+    sums = PairSums.for_plan(plan, n_boot, linked)
     kept = np.empty((npair, plan.nqp, plan.nphi), np.float32) if keep else None
     pm = plan.polar_mask
     hold = np.zeros(npair, dtype=bool)
@@ -821,7 +961,7 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
             big = np.flatnonzero(stat > hold_above)
         hold[big[np.argsort(-stat[big], kind="stable")][:max(0, int(hold_max))]] = True
     held_corr = np.empty((int(hold.sum()),) + shape) if hold.any() else None
-    acc = _Accumulator(plan, sums, weights, block_bytes)
+    acc = _Accumulator(plan, sums, weights, block_bytes, links if linked else None)
     for k in range(npair):
         dest = None
         if hold[k]:
@@ -835,7 +975,7 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
     idx = np.flatnonzero(hold)
     held = HeldPairs(idx, held_corr if held_corr is not None else np.zeros((0,) + shape),
                      None if weights is None else weights[:, idx])
-    return sums, stat, kept, held
+    return sums, stat, kept, held, (acc.first, acc.last)
 
 
 class _Accumulator:
@@ -847,7 +987,7 @@ class _Accumulator:
     """
 
     def __init__(self, plan: CorrelationPlan, sums: PairSums, weights: np.ndarray | None,
-                 block_bytes: int) -> None:
+                 block_bytes: int, links: np.ndarray | None = None) -> None:
         self.plan = plan
         self.sums = sums
         self.weights = weights
@@ -860,6 +1000,18 @@ class _Accumulator:
         self.n_common = 0
         self.w_common = None if weights is None else np.zeros(weights.shape[0])
         self.x = np.empty((self.blocks[0].stop - self.blocks[0].start, self.nlag))
+        # linked pairs (sharing a shot with the pair before): the previous pair's
+        # correlation is kept, and each block's product with it summed (``s12``)
+        self.links = links
+        self.prev: np.ndarray | None = None
+        if links is not None:
+            self.prev = np.empty((plan.nqp, self.nlag))
+            self.p = np.empty_like(self.x)
+        self.prev_edge: Edge | None = None  # the previous pair's, if summed
+        self.first: Edge | None = None
+        self.last: Edge | None = None
+        self._track = self._link = False
+        self._own_ok: list[tuple[slice, np.ndarray]] = []
 
     def pair(self, a: np.ndarray, b: np.ndarray, k: int, kept: np.ndarray | None,
              held: np.ndarray | None = None) -> tuple[float, int]:
@@ -868,6 +1020,10 @@ class _Accumulator:
         pm = plan.polar_mask
         sq, nv = 0.0, 0
         own = False  # some bin masked for this pair only
+        self._track = self.prev is not None and held is None
+        self._link = (self._track and k > 0 and bool(self.links[k])  # type: ignore[index]
+                      and self.prev_edge is not None)
+        self._own_ok = []
         if not plan.auto:  # cross rows need every q row's transform
             d, valid, own = _difference(a[None], b[None], pm)
             d, valid = d[0], valid[0]
@@ -909,7 +1065,36 @@ class _Accumulator:
                     self.w_common += self.weights[:, k]  # type: ignore[index]
         if has_data and held is None:
             self.sums.n += 1
+        if self.prev is not None:
+            self._linked_pair(k)
         return sq, nv
+
+    def _linked_pair(self, k: int) -> None:
+        """Count pair ``k``'s product with the pair before it; keep its edge."""
+        if not self._track:  # a held-out pair: not summed, so no product with it
+            self.prev_edge = None
+            return
+        if self._own_ok:
+            ok = self.ok.copy()
+            for blk, o in self._own_ok:
+                ok[blk] = o
+            edge = Edge(self.prev, ok, False)  # type: ignore[arg-type]
+        else:
+            edge = Edge(self.prev, self.ok, True)  # type: ignore[arg-type]
+        if self._link:
+            p = self.prev_edge
+            s = self.sums
+            if p.common and edge.common:  # type: ignore[union-attr]
+                s.shared12 += 1
+                if s.shared_ok is None:
+                    s.shared_ok = self.ok
+            else:
+                if s.own_count12 is None:
+                    s.own_count12 = np.zeros(s.s1.shape, dtype=np.int32)
+                s.own_count12 += p.ok & edge.ok  # type: ignore[union-attr]
+        if k == 0 and self.links[0]:  # type: ignore[index]
+            self.first = Edge(edge.x.copy(), edge.ok, edge.common)
+        self.prev_edge = edge
 
     def _add_block(self, c: np.ndarray, m: np.ndarray | None, blk: slice, k: int,
                    kept: np.ndarray | None, held: np.ndarray | None) -> bool:
@@ -920,6 +1105,16 @@ class _Accumulator:
             ok = m > 0
             inv = np.where(ok, 1.0 / np.maximum(m, 1.0), 0.0)
         np.multiply(c, inv, out=x)
+        if self._track:
+            # product with the previous (linked) pair, then this pair becomes the previous
+            prev = self.prev[blk]  # type: ignore[index]
+            if self._link:
+                p = self.p[:c.shape[0]]
+                np.multiply(prev, x, out=p)
+                self.sums.s12[blk] += p  # type: ignore[index]
+            prev[...] = x
+            if ok is not None:
+                self._own_ok.append((blk, ok))
         okb = self.ok[blk] if ok is None else ok
         if kept is not None or held is not None:
             part = np.where(okb, x, np.nan)
@@ -947,7 +1142,8 @@ class _Accumulator:
         return bool(ok.any())
 
     def finish(self) -> None:
-        """Count the pairs that share the plan's lag counts."""
+        """Count the pairs that share the plan's lag counts; the last pair's edge."""
+        self.last = self.prev_edge
         s = self.sums
         if self.n_common:
             s.shared += self.n_common
@@ -1005,8 +1201,18 @@ def finalize(sums: PairSums, ci: float = 0.95) -> dict[str, np.ndarray]:
     ``fourier_ci_low``/``fourier_ci_high`` the same for the real part of
     :func:`fourier_coefficients` of the bootstrap means.
 
-    The standard error treats pairs as independent: with overlapping
-    consecutive pairs (a shot in two pairs) it is an underestimate. Being
+    Pairs that share a shot are not independent: overlapping consecutive
+    pairs ``(t1, t2), (t2, t3)`` both carry ``t2``'s own angular structure,
+    so their correlations are positively correlated (for white noise the
+    lag-1 correlation is 1/4; with a strong shot-to-shot signal, up to 1/2)
+    and ``var / count`` would underestimate the error of the mean by up to
+    ~30 %. With the products of linked pairs in the sums (``s12``,
+    :func:`pair_links`), the variance of the mean is that of a 1-dependent
+    sequence, ``(gamma0 + 2 gamma1 n12 / n) / n``, with ``gamma0 = var``,
+    ``gamma1 = s12 / n12 - mean**2`` the lag-1 autocovariance over the
+    ``n12`` linked pairs (per bin) and ``n`` the count (clipped at 0). A
+    shot shared by pairs that are not next to each other in
+    :func:`pair_order` (a user's pair list) is not counted. Being
     computed from sums of squares (so that partial sums merge),
     its absolute round-off is about ``sqrt(eps) ~ 1e-8`` times the rms pair
     correlation: negligible unless the pairs are (nearly) identical.
@@ -1019,6 +1225,12 @@ def finalize(sums: PairSums, ci: float = 0.95) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n > 0, sums.s1 / n, np.nan)
         var = np.where(n > 1, (sums.s2 - sums.s1 * mean) / (n - 1), np.nan)
+        if sums.s12 is not None:
+            # pairs sharing a shot with the pair before are correlated: the variance of
+            # the mean of a 1-dependent sequence, (gamma0 + 2 gamma1 n12 / n) / n
+            n12 = sums.count12
+            gamma1 = np.where(n12 > 0, sums.s12 / np.maximum(n12, 1) - mean * mean, 0.0)
+            var = var + 2.0 * gamma1 * n12 / np.maximum(n, 1)
         sem = np.sqrt(np.clip(var, 0, None) / n)
     out = {"mean": full(mean), "sem": full(sem), "count": full(n.astype(np.int64))}
     if sums.boot_s1 is not None and sums.boot_w is not None:
@@ -1069,18 +1281,27 @@ def summarize_pairs(polar: np.ndarray, ia: np.ndarray, ib: np.ndarray, plan: Cor
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
     keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
-    w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
-    sums, stat, kept, _ = pair_sums(polar, polar, plan, ia=ia, ib=ib, weights=w,
-                                    keep=keep_pairs)
+    # summed in pair_order, in which linked pairs follow each other (as pair_statistics)
+    order = pair_order(ia, ib)
+    inv = np.argsort(order)
+    sa, sb = ia[order], ib[order]
+    links = pair_links(sa, sb)
+    w = bootstrap_weights(keys[order], n_boot, seed) if n_boot else None
+    sums, stat, kept, _ = pair_sums(polar, polar, plan, ia=sa, ib=sb, weights=w,
+                                    keep=keep_pairs, links=links)
     rej = np.zeros(ia.size, dtype=bool)
     thr = float("inf")
     if reject:
         rej, thr = robust_outliers(stat, reject)
         good = ~rej
-        sums, _, _, _ = pair_sums(polar, polar, plan, ia=ia[good], ib=ib[good],
-                                  weights=None if w is None else w[:, good])
+        # a kept pair's product with the pair before it, if that one is kept too
+        linked_kept = links & np.r_[False, good[:-1]]
+        sums, _, _, _ = pair_sums(polar, polar, plan, ia=sa[good], ib=sb[good],
+                                  weights=None if w is None else w[:, good],
+                                  links=linked_kept[good])
     out: dict[str, Any] = finalize(sums, ci)
-    out.update(stat=stat, rejected=rej, threshold=thr, n_pairs=sums.n, pairs=kept)
+    out.update(stat=stat[inv], rejected=rej[inv], threshold=thr, n_pairs=sums.n,
+               pairs=None if kept is None else kept[inv])
     return out
 
 
@@ -1178,6 +1399,11 @@ class _Partial:
     sums: PairSums
     stat: np.ndarray
     held: HeldPairs
+    #: the correlations of its first pair, if linked to the pair before it, and
+    #: of its last pair (:meth:`_Accumulator._linked_pair`): the fold sums their
+    #: products with the neighbouring partials' pairs
+    first: Edge | None = None
+    last: Edge | None = None
 
 
 @sizeof.register(CorrelationPlan)
@@ -1190,7 +1416,7 @@ def _sizeof_plan(p: CorrelationPlan) -> int:
 
 @sizeof.register(PairSums)
 def _sizeof_pair_sums(s: PairSums) -> int:
-    arrays = (s.s1, s.s2, s.own_count, s.boot_s1, s.boot_w)
+    arrays = (s.s1, s.s2, s.own_count, s.boot_s1, s.boot_w, s.s12, s.own_count12)
     return 64 + sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -1203,7 +1429,8 @@ def _sizeof_held(h: HeldPairs) -> int:
 def _sizeof_partial(p: _Partial) -> int:
     # Dask sizes task results to place tasks and to manage worker memory: without
     # this a wide band's 110 MB partial sums counted as 56 bytes
-    return sizeof(p.sums) + p.stat.nbytes + sizeof(p.held)
+    edges = sum(e.x.nbytes + e.ok.nbytes for e in (p.first, p.last) if e is not None)
+    return sizeof(p.sums) + p.stat.nbytes + sizeof(p.held) + edges
 
 
 def _home_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
@@ -1220,7 +1447,7 @@ def _home_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
     """
     bounds = np.cumsum((0,) + tuple(tag_chunks))
     home = np.searchsorted(bounds, np.maximum(ia, ib), side="right") - 1
-    order = np.lexsort((ib, ia, home))
+    order = pair_order(ia, ib)  # already grouped by home, the chunk of the later shot
     sc = home[order]
     starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
     ends = np.r_[starts[1:], sc.size]
@@ -1246,16 +1473,17 @@ class _StackedRows:
 
 def _group_task(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, keys: np.ndarray,
                 start: int, n_boot: int, seed: int, keep: bool, hold: float | None,
-                hold_max: int, block_bytes: int, block: np.ndarray,
+                hold_max: int, block_bytes: int, links: np.ndarray | None, block: np.ndarray,
                 *others: np.ndarray) -> Any:
     """Sums over a group's pairs; ``la``/``lb`` index ``block`` then the ``others`` rows."""
     rows: Any = _StackedRows([block, *others]) if others else block
     w = bootstrap_weights(keys, n_boot, seed) if n_boot else None
-    sums, stat, kept, held = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
-                                       keep=keep, hold_above=hold, hold_max=hold_max,
-                                       block_bytes=block_bytes)
+    sums, stat, kept, held, (first, last) = _sum_pairs(
+        rows, rows, plan, ia=la, ib=lb, weights=w, keep=keep, hold_above=hold,
+        hold_max=hold_max, block_bytes=block_bytes,
+        links=np.zeros(la.size, bool) if links is None else links, linked=links is not None)
     held.index = held.index + start  # position among all (sorted) pairs
-    part = _Partial(sums, stat, held)
+    part = _Partial(sums, stat, held, first, last)
     return (part, kept) if keep else part
 
 
@@ -1265,9 +1493,15 @@ def _merge_partials(parts: list[_Partial]) -> _Partial:
     # another worker may be a read-only message buffer; a + b == b + a, bit for bit)
     base = 1 if len(parts) == 2 and not parts[0].sums.s1.flags.writeable else 0
     sums = parts[base].sums.absorb([p.sums for i, p in enumerate(parts) if i != base])
+    # the parts are consecutive runs of pairs: a part's first pair, if linked to the
+    # pair before it, is linked to the last pair of the part before
+    for left, right in zip(parts[:-1], parts[1:], strict=True):
+        if left.last is not None and right.first is not None:
+            sums.add_product(left.last, right.first)
     n_boot = 0 if sums.boot_s1 is None else sums.boot_s1.shape[0]
     return _Partial(sums, np.concatenate([p.stat for p in parts]),
-                    HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot))
+                    HeldPairs.concat([p.held for p in parts], sums.s1.shape, n_boot),
+                    parts[0].first, parts[-1].last)
 
 
 def _reject_task(root: _Partial, nsigma: float) -> tuple[np.ndarray, float]:
@@ -1287,11 +1521,39 @@ class _BlockRows:
                          for ci, p in zip(c, positions, strict=True)])
 
 
+def _relinked(links: np.ndarray, rejected: np.ndarray,
+              held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Products of linked pairs ``(k - 1, k)`` to remove and to add, as positions ``k``.
+
+    The one pass summed the products of linked pairs of which neither was
+    held out; the result wants those of which neither is rejected.
+    """
+    inline = links[1:] & ~held[:-1] & ~held[1:]
+    wanted = links[1:] & ~rejected[:-1] & ~rejected[1:]
+    return np.flatnonzero(inline & ~wanted) + 1, np.flatnonzero(wanted & ~inline) + 1
+
+
+def _pair_edges(rows: Any, plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray,
+                block_bytes: int) -> list[Edge]:
+    """Each pair's correlation as :class:`Edge` (computed as the pair kernel does)."""
+    acc = _Accumulator(plan, PairSums.for_plan(plan), None, block_bytes)
+    corr = np.empty((la.size, plan.nqp, plan.nlag))
+    edges = []
+    for j in range(la.size):
+        acc.pair(rows[la[j]], rows[lb[j]], j, None, held=corr[j])
+        ok = np.isfinite(corr[j])
+        common = bool(np.array_equal(ok, plan.lag_ok))
+        edges.append(Edge(np.where(ok, corr[j], 0.0), plan.lag_ok if common else ok, common))
+    return edges
+
+
 def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
                   plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
                   keys: np.ndarray, n_boot: int, seed: int, block_bytes: int,
-                  source: Callable[[np.ndarray], np.ndarray]) -> PairSums:
-    """Final sums: add the held-out pairs that are kept, subtract the other rejected pairs."""
+                  source: Callable[[np.ndarray], np.ndarray],
+                  links: np.ndarray | None = None) -> PairSums:
+    """Final sums: add the held-out pairs that are kept, subtract the other rejected
+    pairs; and the products of linked pairs (:func:`_relinked`)."""
     rej, _ = rejection
     total, h = root.sums, root.held
     if h.index.size:
@@ -1302,22 +1564,36 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
     was_held = np.zeros(rej.size, dtype=bool)
     was_held[h.index] = True
     idx = np.flatnonzero(rej & ~was_held)
-    if idx.size == 0:
+    unlink, link = ((np.zeros(0, np.int64),) * 2 if links is None
+                    else _relinked(links, rej, was_held))
+    if idx.size == 0 and unlink.size == 0 and link.size == 0:
         return total
-    pos = np.unique(np.concatenate([sa[idx], sb[idx]]))
+    need = np.unique(np.concatenate([idx, unlink - 1, unlink, link - 1, link]))
+    pos = np.unique(np.concatenate([sa[need], sb[need]]))
     rows = np.asarray(source(pos))
-    la = np.searchsorted(pos, sa[idx])
-    lb = np.searchsorted(pos, sb[idx])
-    w = bootstrap_weights(keys[idx], n_boot, seed) if n_boot else None
-    sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
-                                block_bytes=block_bytes)
-    first = root.stat[idx]
-    if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
-        raise SaclaDaskError(
-            "the shots of rejected pairs read back differently from the first pass "
-            f"(difference statistic {first[:3].tolist()} then {stat[:3].tolist()}): did the "
-            "run files change while processing?")
-    return total - sub
+    if idx.size:
+        la = np.searchsorted(pos, sa[idx])
+        lb = np.searchsorted(pos, sb[idx])
+        w = bootstrap_weights(keys[idx], n_boot, seed) if n_boot else None
+        sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
+                                    block_bytes=block_bytes, links=np.zeros(idx.size, bool))
+        first = root.stat[idx]
+        if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
+            raise SaclaDaskError(
+                "the shots of rejected pairs read back differently from the first pass "
+                f"(difference statistic {first[:3].tolist()} then {stat[:3].tolist()}): did "
+                "the run files change while processing?")
+        total = total - sub
+    elif total is root.sums:
+        total = PairSums.total([total])  # a task's input is not changed in place
+    if unlink.size or link.size:
+        edges = dict(zip(need.tolist(), _pair_edges(
+            rows, plan, np.searchsorted(pos, sa[need]), np.searchsorted(pos, sb[need]),
+            block_bytes), strict=True))
+        for ks, sign in ((unlink, -1), (link, 1)):
+            for k in ks.tolist():
+                total.add_product(edges[k - 1], edges[k], sign)
+    return total
 
 
 def _finalize_task(sums: PairSums | _Partial, ci: float) -> dict[str, Any]:
@@ -1456,6 +1732,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
     order, bounds, groups = _home_groups(polar.chunks[0], ia, ib)
     sa, sb, sk = ia[order], ib[order], keys[order]
+    links = pair_links(sa, sb)
+    linked = bool(links.any())
     inv: np.ndarray | None = np.argsort(order)
     if np.array_equal(order, np.arange(order.size)):
         inv = None
@@ -1504,7 +1782,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         la, lb = local[:e - s], local[e - s:]
         gk = (internal, "group", g)
         dsk[gk] = (_group_task, plan_key, la, lb, sk[s:e], s, n_boot, seed, keep_pairs,
-                   HOLD_OUT_STAT if reject else None, hold_out_max, block_bytes, *blocks)
+                   HOLD_OUT_STAT if reject else None, hold_out_max, block_bytes,
+                   links[s:e] if linked else None, *blocks)
         if keep_pairs:
             dsk[(internal, "partial", g)] = (operator.getitem, gk, 0)
             part_keys.append((internal, "partial", g))
@@ -1535,7 +1814,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
             source = reload
         corrected = (internal, "corrected")
         dsk[corrected] = (_correct_task, root, rej_key, plan_key, sa, sb, sk, n_boot, seed,
-                          block_bytes, source)
+                          block_bytes, source, links if linked else None)
         total = corrected
     else:
         dsk[rej_key] = (tuple, [np.zeros(ia.size, dtype=bool), float("inf")])

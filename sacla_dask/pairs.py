@@ -229,10 +229,27 @@ def shared_shots(pairs: np.ndarray) -> int:
     """Number of tags that appear in more than one pair.
 
     0 means the pairs are independent; overlapping consecutive pairs share
-    every inner shot, which makes the standard error over pairs optimistic.
+    every inner shot, and their correlations are then correlated (which the
+    standard error counts for pairs next to each other in
+    :func:`sacla_dask.correlation.pair_order`, :func:`sharing_pairs`).
     """
     p = np.asarray(pairs, dtype=np.int64).ravel()
     if p.size == 0:
         return 0
     _, counts = np.unique(p, return_counts=True)
     return int((counts > 1).sum())
+
+
+def sharing_pairs(pairs: np.ndarray) -> int:
+    """Number of pairs of pairs that have a shot in common.
+
+    For ``n`` overlapping consecutive pairs of one run of shots, ``n - 1``.
+    """
+    p = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if p.shape[0] < 2:
+        return 0
+    _, deg = np.unique(p.ravel(), return_counts=True)
+    # pairs of pairs through each shot, less those counted twice (the same two shots)
+    _, dup = np.unique(np.sort(p, axis=1), axis=0, return_counts=True)
+    both = dup[dup > 1]
+    return int((deg * (deg - 1) // 2).sum() - (both * (both - 1) // 2).sum())

@@ -39,6 +39,8 @@ from .correlation import (
     fourier_coefficients,
     make_plan,
     mask_bragg_spots,
+    pair_links,
+    pair_order,
     pair_statistics,
     parse_q_pairs,
 )
@@ -50,6 +52,7 @@ from .pairs import (
     pair_indices,
     read_pairs_file,
     shared_shots,
+    sharing_pairs,
     similar_pairs,
 )
 from .polar import (
@@ -577,8 +580,12 @@ class ProcessingPlan:
             parts.append(f"{self.bootstrap} bootstrap resamples ({100 * self.ci_level:g}% CI)")
         if self.keep_pairs:
             parts.append("per-pair correlations kept")
-        if a["shared_shots"]:
-            parts.append(f"{a['shared_shots']} shots in two pairs (SEM optimistic)")
+        if a["linked_pairs"]:
+            parts.append(f"{a['linked_pairs']} pairs share a shot with the pair before "
+                         "(correlated: counted in the SEM)")
+        if a["unlinked_sharing"]:
+            parts.append(f"{a['unlinked_sharing']} other pairs of pairs share a shot "
+                         "(not counted: SEM optimistic)")
         return "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -725,8 +732,9 @@ class ProcessingPlan:
             w = what[suffix]
             data[f"corr{suffix}"] = ((dim, "dphi"), st.mean[sl], {"long_name": f"mean {w}"})
             data[f"corr{suffix}_sem"] = ((dim, "dphi"), st.sem[sl], {
-                "long_name": "standard error of the mean over pairs (pairs taken as "
-                             "independent)"})
+                "long_name": "standard error of the mean over pairs (pairs sharing a "
+                             "shot with the pair before them counted as correlated: "
+                             "attrs linked_pairs, unlinked_sharing)"})
             data[f"corr{suffix}_count"] = ((dim, "dphi"), st.count[sl], {
                 "long_name": "pairs with data in the bin (0: no valid bin pair, mean NaN)"})
             f = fourier[sl].real if suffix == "" else fourier[sl]
@@ -796,10 +804,15 @@ class ProcessingPlan:
             qp = "none" if self.q_pairs in (None, "auto", "none") else str(self.q_pairs)
         else:
             qp = ",".join(f"{a}:{b}" for a, b in np.asarray(self.q_pairs).reshape(-1, 2))
+        pairs = np.stack([self.ia, self.ib], axis=1)
+        order = pair_order(self.ia, self.ib)
+        linked = int(pair_links(self.ia[order], self.ib[order]).sum())
         return {
             "pairing": self.pairing,
             "n_pairs_requested": int(len(self.pairs)),
-            "shared_shots": shared_shots(np.stack([self.ia, self.ib], axis=1)),
+            "shared_shots": shared_shots(pairs),
+            "linked_pairs": linked,
+            "unlinked_sharing": sharing_pairs(pairs) - linked,
             "q_pairs": qp,
             "bragg_nsigma": float(self.bragg or 0),
             "reject_nsigma": float(self.reject_outliers or 0),

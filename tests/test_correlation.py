@@ -69,6 +69,21 @@ def random_polar(rng, ntag, nq, nphi, pm, spots=0.0):
     return x
 
 
+def linked_sem(per, links):
+    """Standard error of the mean over pairs ``per`` (npair, ...; NaN = no data) when pair
+    ``k`` is correlated with pair ``k - 1`` where ``links[k]`` (a 1-dependent sequence):
+    ``(gamma0 + 2 gamma1 n12 / n) / n``, gamma1 the lag-1 autocovariance over the linked
+    pairs with data in the bin."""
+    n = np.isfinite(per).sum(0)
+    m = np.nanmean(per, 0)
+    gamma0 = np.nanvar(per, 0, ddof=1)
+    prod = np.where(np.reshape(links[1:], (-1,) + (1,) * (per.ndim - 1)),
+                    per[1:] * per[:-1], np.nan)
+    n12 = np.isfinite(prod).sum(0)
+    gamma1 = np.where(n12 > 0, np.nansum(prod, 0) / np.maximum(n12, 1) - m * m, 0.0)
+    return np.sqrt(np.clip(gamma0 + 2 * gamma1 * n12 / n, 0, None) / n)
+
+
 def no_compute(*args, **kwargs):
     raise AssertionError("a dask computation ran while building the graph")
 
@@ -168,13 +183,84 @@ def test_statistics_equal_direct_numpy_over_pairs():
     cnt = np.isfinite(per).sum(0)
     np.testing.assert_array_equal(res["count"], cnt)
     np.testing.assert_allclose(res["mean"], np.nanmean(per, 0), rtol=1e-10)
-    sem = np.nanstd(per, 0, ddof=1) / np.sqrt(cnt)
-    np.testing.assert_allclose(res["sem"], sem, rtol=1e-8)
+    # consecutive pairs share a shot: each is linked to the one before
+    np.testing.assert_allclose(res["sem"], linked_sem(per, np.r_[False, [True] * 10]),
+                               rtol=1e-8)
     np.testing.assert_allclose(res["pairs"], per, rtol=1e-5, atol=1e-7)
     d = pol[ia] - pol[ib]
     stat = [np.nanmean(x[pm & np.isfinite(x)] ** 2) for x in d]
     np.testing.assert_allclose(res["stat"], stat, rtol=1e-12)
     np.testing.assert_allclose(difference_statistic(pol[ia], pol[ib], pm), stat, rtol=1e-12)
+
+
+def test_sem_of_pairs_sharing_shots_and_of_disjoint_pairs():
+    """The standard error counts the correlation of pairs that share a shot with the pair
+    before them (in pair_order), also with shot-specific masked bins; pairs given out of
+    order are summed in that order; disjoint pairs keep the independent-pairs formula."""
+    from sacla_dask.correlation import pair_links, pair_order
+
+    rng = np.random.default_rng(21)
+    pm = rng.random((2, 16)) > 0.2
+    pol = random_polar(rng, 14, 2, 16, pm, spots=0.08)
+    # chains t0..t6 and t8..t13 (a dark shot t7 between), given shuffled; and a pair
+    # (t3, t10) whose shots are also in other pairs but that is next to none of them
+    ia = np.r_[np.arange(6), np.arange(8, 13), 3]
+    ib = np.r_[np.arange(1, 7), np.arange(9, 14), 10]
+    shuffle = rng.permutation(ia.size)
+    order = pair_order(ia[shuffle], ib[shuffle])
+    sa, sb = ia[shuffle][order], ib[shuffle][order]
+    links = pair_links(sa, sb)
+    # sorted by later then earlier shot, (t3, t10) falls between (t8, t9) and (t9, t10):
+    # linked to (t9, t10) by t10; (t8, t9) - (t9, t10) and the pairs holding t3 are not
+    # next to each other, so those shared shots are not counted
+    assert [(int(a), int(b)) for a, b in zip(sa, sb, strict=True)][6:9] == [(8, 9), (3, 10),
+                                                                           (9, 10)]
+    assert links.tolist() == [False] + [True] * 5 + [False] * 2 + [True] * 4
+    plan = make_plan(pm)
+    res = summarize_pairs(pol, ia[shuffle], ib[shuffle], plan)
+    per = np.stack([brute_correlation(pol[a], pol[b], pm, plan.q1, plan.q2)
+                    for a, b in zip(sa, sb, strict=True)])
+    np.testing.assert_allclose(res["mean"], np.nanmean(per, 0), rtol=1e-10)
+    np.testing.assert_allclose(res["sem"], linked_sem(per, links), rtol=1e-8)
+    naive = np.nanstd(per, 0, ddof=1) / np.sqrt(np.isfinite(per).sum(0))
+    assert not np.allclose(res["sem"], naive, rtol=1e-3)
+    # disjoint pairs: nothing linked, the independent-pairs standard error
+    ia, ib = np.arange(0, 14, 2), np.arange(1, 14, 2)
+    res = summarize_pairs(pol, ia, ib, plan)
+    per = np.stack([brute_correlation(pol[a], pol[b], pm, plan.q1, plan.q2)
+                    for a, b in zip(ia, ib, strict=True)])
+    np.testing.assert_allclose(res["sem"], np.nanstd(per, 0, ddof=1)
+                               / np.sqrt(np.isfinite(per).sum(0)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("amplitude", [0.0, 0.3])
+def test_sem_of_overlapping_pairs_is_the_spread_of_the_mean(amplitude):
+    """Monte Carlo truth: over many independent runs, the spread of the mean correlation of
+    overlapping consecutive pairs equals the standard error each run reports; the
+    independent-pairs formula underestimates it (white noise: by sqrt(1.5); with a
+    shot-to-shot angular signal, more)."""
+    rng = np.random.default_rng(22)
+    nq, nphi, nshot, nrun = 2, 32, 41, 300
+    pm = np.ones((nq, nphi), bool)
+    plan = make_plan(pm)
+    phi = np.linspace(0, 2 * np.pi, nphi, endpoint=False)
+    ia = np.arange(nshot - 1)
+    means, sems, naive = [], [], []
+    for _ in range(nrun):
+        pol = 1 + 0.1 * rng.standard_normal((nshot, nq, nphi))
+        amp = amplitude * rng.standard_normal((nshot, nq, 1))
+        pol += amp * np.cos(6 * phi + rng.uniform(0, 2 * np.pi, (nshot, nq, 1)))
+        res = summarize_pairs(pol, ia, ia + 1, plan, keep_pairs=True)
+        means.append(res["mean"])
+        sems.append(res["sem"])
+        per = np.asarray(res["pairs"], np.float64)
+        naive.append(per.std(0, ddof=1) / np.sqrt(per.shape[0]))
+    lags = slice(1, nphi // 2)  # lag 0 and the mirrored lags add nothing new
+    spread = np.var(np.stack(means), 0, ddof=1)[:, lags].mean()
+    reported = np.mean(np.square(sems), 0)[:, lags].mean()
+    independent = np.mean(np.square(naive), 0)[:, lags].mean()
+    assert 0.85 < spread / reported < 1.15, spread / reported
+    assert spread / independent > 1.3, spread / independent
 
 
 @pytest.mark.parametrize("nphi", [24, 25])
@@ -200,7 +286,7 @@ def test_autocorrelation_sums_hold_half_the_lags(nphi):
     cnt = np.isfinite(per).sum(0)
     np.testing.assert_array_equal(res["count"], cnt)
     np.testing.assert_allclose(res["mean"], np.nanmean(per, 0), rtol=1e-10)
-    np.testing.assert_allclose(res["sem"], np.nanstd(per, 0, ddof=1) / np.sqrt(cnt), rtol=1e-8)
+    np.testing.assert_allclose(res["sem"], linked_sem(per, np.r_[False, [True] * 7]), rtol=1e-8)
     np.testing.assert_allclose(res["pairs"], per, rtol=1e-5, atol=1e-7)
     # the bootstrap bounds of every lag: those of the mirrored lag
     for key in ("ci_low", "ci_high"):
@@ -359,6 +445,50 @@ def test_subtracting_a_wild_pair_keeps_float64_precision():
     sub = pair_statistics(da.from_array(pol, chunks=(4, -1, -1)), ia, ib, plan, reject=5,
                           hold_out_max=0)
     assert_eq(sub.mean, eager["mean"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 5])
+def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks):
+    """Pairs held out of the one pass (enormous statistic) and then kept: their products
+    with the linked pairs around them are added afterwards, so the lazy standard error is
+    the eager one and the 1-dependent reference, whatever the chunking."""
+    rng = np.random.default_rng(30)
+    pm = rng.random((2, 16)) > 0.1
+    pol = 100.0 * random_polar(rng, 13, 2, 16, pm)  # every pair's statistic > 100: held
+    ia = np.arange(12)
+    plan = make_plan(pm)
+    eager = summarize_pairs(pol, ia, ia + 1, plan, reject=8)
+    assert not eager["rejected"].any()
+    per = np.stack([brute_correlation(pol[a], pol[a + 1], pm, plan.q1, plan.q2) for a in ia])
+    np.testing.assert_allclose(eager["sem"], linked_sem(per, np.r_[False, [True] * 11]),
+                               rtol=1e-8)
+    for hold in (2, 16):  # some held and some summed in the pass, or all held
+        lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1, plan,
+                               reject=8, hold_out_max=hold, split_every=2)
+        assert_eq(lazy.mean, eager["mean"], rtol=1e-10, atol=0)
+        assert_eq(lazy.sem, eager["sem"], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 7])
+def test_rejected_linked_pairs_leave_the_sem(chunks):
+    """A rejected pair summed in the one pass is subtracted with its products with the
+    linked pairs on either side: the lazy standard error is that of the kept pairs."""
+    rng = np.random.default_rng(31)
+    pm = rng.random((2, 16)) > 0.1
+    pol = random_polar(rng, 20, 2, 16, pm)
+    pol[9] = 1 + 4 * (pol[9] - 1)  # a wild shot: its two pairs are rejected (not held)
+    ia = np.arange(19)
+    plan = make_plan(pm)
+    eager = summarize_pairs(pol, ia, ia + 1, plan, reject=5)
+    assert np.flatnonzero(eager["rejected"]).tolist() == [8, 9]
+    assert np.nanmax(eager["stat"]) < 100  # not held out: summed, then subtracted
+    kept = ia[~eager["rejected"]]
+    per = np.stack([brute_correlation(pol[a], pol[a + 1], pm, plan.q1, plan.q2) for a in kept])
+    links = np.r_[False, np.diff(kept) == 1]  # (t7, t8) and (t10, t11) are not linked
+    np.testing.assert_allclose(eager["sem"], linked_sem(per, links), rtol=1e-8)
+    lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1, plan,
+                           reject=5)
+    assert_eq(lazy.sem, eager["sem"], rtol=1e-9, atol=0)
 
 
 # -- lazy == eager over chunkings --------------------------------------------------

@@ -13,6 +13,7 @@ from sacla_dask.pairs import (
     pair_indices,
     read_pairs_file,
     shared_shots,
+    sharing_pairs,
     similar_pairs,
     write_pairs_file,
 )
@@ -34,6 +35,8 @@ def test_consecutive_pairs_skip_dark_shots_without_breaking_the_chain():
                                   [[12, 14], [18, 20]])
     assert shared_shots(consecutive_pairs(tags, bright)) == 3
     assert shared_shots(consecutive_pairs(tags, bright, overlapping=False)) == 0
+    assert sharing_pairs(consecutive_pairs(tags, bright)) == 3
+    assert sharing_pairs(consecutive_pairs(tags, bright, overlapping=False)) == 0
     with pytest.raises(PairingError, match="at least two bright"):
         consecutive_pairs(tags, np.eye(1, 7, 2, dtype=bool)[0])
 
@@ -163,3 +166,19 @@ def test_pipeline_pairs_file_with_missing_tags(small_run, small_params, tmp_path
         plan_run(small_run.path, pairs=p, pairing="intensity", **small_params)
     with pytest.raises(ParameterError, match="pairing must be one of"):
         plan_run(small_run.path, pairing="random", **small_params)
+
+
+def test_sharing_pairs_counts_pairs_of_pairs_with_a_shot_in_common():
+    from itertools import combinations
+
+    def brute(pairs):
+        return sum(bool(set(a) & set(b)) for a, b in combinations(map(tuple, pairs), 2))
+
+    rng = np.random.default_rng(3)
+    cases = [np.zeros((0, 2), int), [[1, 2]], [[1, 2], [3, 4]], [[1, 2], [2, 1], [1, 2]],
+             [[5, 1], [5, 2], [5, 3], [2, 3]]]
+    cases += [rng.integers(0, 9, (12, 2)) for _ in range(20)]
+    for pairs in cases:
+        p = np.asarray(pairs).reshape(-1, 2)
+        p = p[p[:, 0] != p[:, 1]]
+        assert sharing_pairs(p) == brute(p), p

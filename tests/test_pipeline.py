@@ -131,6 +131,12 @@ def test_output_contract(small_run, small_params, tmp_path):
     bright_tags = small_run.tags[small_run.bright]
     assert set(pa) | set(pb) <= set(bright_tags)
     np.testing.assert_array_equal(np.sort(pa), bright_tags[:-1])
+    # one chain of overlapping consecutive pairs: each linked to the one before, counted
+    # in corr_sem; no other pairs share a shot
+    npair = bright_tags.size - 1
+    assert ds.attrs["shared_shots"] == npair - 1 == ds.attrs["linked_pairs"]
+    assert ds.attrs["unlinked_sharing"] == 0
+    assert "linked_pairs" in ds["corr_sem"].attrs["long_name"]
 
 
 def test_real_image_polar_transform_with_mask():
@@ -172,6 +178,7 @@ def test_plan_repr_and_nothing_read(small_run, small_params, monkeypatch):
     ds = plan.dataset()
     text = repr(plan)
     assert "q band" in text and "pairs" in text and "34" in text
+    assert "33 pairs share a shot with the pair before" in text
     assert "<table>" in plan._repr_html_()
     assert calls == []
     ds["corr"].compute()
