@@ -73,6 +73,9 @@ MAD_TO_SIGMA = 1.4826
 HOLD_OUT_STAT = 100.0
 #: at most this many held-out pairs per group task (beyond, they are summed)
 HOLD_OUT_MAX = 16
+#: linked pairs (overlapping consecutive pairs) are bootstrapped in blocks of this many
+#: (:func:`bootstrap_blocks`)
+BOOT_BLOCK = 10
 
 
 # -- plan ---------------------------------------------------------------------
@@ -814,6 +817,31 @@ class PairSums:
         return PairSums.total([self, other], [1, -1])
 
 
+def bootstrap_blocks(links: np.ndarray, length: int = BOOT_BLOCK) -> np.ndarray:
+    """The first pair of each pair's bootstrap block (indices, in the order of ``links``).
+
+    Pairs linked to the pair before them (:func:`pair_links`) are
+    correlated, which a bootstrap drawing pairs independently ignores: its
+    intervals would be too narrow. Each chain of linked pairs is cut into
+    blocks of ``length`` consecutive pairs, which are drawn together (a
+    block bootstrap; pairs not linked are blocks of their own): the
+    resampled variance of the mean then holds the covariance of linked
+    pairs but for a fraction ``1 / length`` of it (a 1-dependent sequence).
+    Give each pair the key of its block's first pair in
+    :func:`bootstrap_weights`.
+    """
+    links = np.asarray(links, dtype=bool)
+    if length < 1:
+        raise ParameterError(f"bootstrap block length must be >= 1 (got {length})")
+    n = links.size
+    idx = np.arange(n)
+    start = ~links
+    if n:
+        start[0] = True
+    chain_start = np.maximum.accumulate(np.where(start, idx, 0))
+    return idx - (idx - chain_start) % int(length)
+
+
 def bootstrap_weights(keys: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
     """Poisson(1) bootstrap weights of pairs, reproducible from each pair's identity.
 
@@ -1286,7 +1314,9 @@ def summarize_pairs(polar: np.ndarray, ia: np.ndarray, ib: np.ndarray, plan: Cor
     inv = np.argsort(order)
     sa, sb = ia[order], ib[order]
     links = pair_links(sa, sb)
-    w = bootstrap_weights(keys[order], n_boot, seed) if n_boot else None
+    # linked pairs are drawn in blocks: each takes the weights of its block's first pair
+    w = (bootstrap_weights(keys[order][bootstrap_blocks(links)], n_boot, seed) if n_boot
+         else None)
     sums, stat, kept, _ = pair_sums(polar, polar, plan, ia=sa, ib=sb, weights=w,
                                     keep=keep_pairs, links=links)
     rej = np.zeros(ia.size, dtype=bool)
@@ -1688,7 +1718,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     seed : int
         Bootstrap seed; ``keys`` (npair, 2) non-negative pair identities
         (default the positions; tag numbers make the resamples independent
-        of the selection).
+        of the selection). Linked pairs (overlapping consecutive pairs) are
+        drawn in blocks of ``BOOT_BLOCK`` (:func:`bootstrap_blocks`).
     keep_pairs : bool
         Also return the per-pair correlations (float32).
     reload : callable or dask Delayed, optional
@@ -1734,6 +1765,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     sa, sb, sk = ia[order], ib[order], keys[order]
     links = pair_links(sa, sb)
     linked = bool(links.any())
+    if linked:  # bootstrap weights: linked pairs drawn in blocks (bootstrap_blocks)
+        sk = sk[bootstrap_blocks(links)]
     inv: np.ndarray | None = np.argsort(order)
     if np.array_equal(order, np.arange(order.size)):
         inv = None

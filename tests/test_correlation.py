@@ -737,6 +737,42 @@ def test_bootstrap_interval_brackets_mean_and_matches_standard_error():
     assert 0.8 < np.median(ratio) < 1.2, np.median(ratio)
 
 
+def test_bootstrap_blocks_cut_chains_of_linked_pairs():
+    from sacla_dask.correlation import bootstrap_blocks
+
+    links = np.array([0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1], bool)
+    assert bootstrap_blocks(links, 2).tolist() == [0, 0, 2, 2, 4, 5, 6, 6, 8, 8, 10, 10, 12]
+    assert bootstrap_blocks(links, 1).tolist() == list(range(13))
+    assert bootstrap_blocks(links, 10).tolist() == [0] * 5 + [5] + [6] * 7
+    assert bootstrap_blocks(np.ones(3, bool), 2).tolist() == [0, 0, 2]  # first: a start
+    assert bootstrap_blocks(np.zeros(0, bool)).size == 0
+    with pytest.raises(ParameterError, match="block length"):
+        bootstrap_blocks(links, 0)
+
+
+def test_bootstrap_interval_of_overlapping_pairs_agrees_with_the_sem():
+    """Overlapping consecutive pairs are drawn in blocks: the bootstrap interval's width
+    is that of the standard error that counts linked pairs (drawing pairs one by one, it
+    would be sqrt(1 / (1 + 2 rho1)) ~ 0.7-0.8 of it)."""
+    rng = np.random.default_rng(23)
+    nq, nphi, nshot = 2, 24, 401
+    pm = np.ones((nq, nphi), bool)
+    phi = np.linspace(0, 2 * np.pi, nphi, endpoint=False)
+    pol = 1 + 0.1 * rng.standard_normal((nshot, nq, nphi))
+    pol += 0.3 * rng.standard_normal((nshot, nq, 1)) * np.cos(
+        6 * phi + rng.uniform(0, 2 * np.pi, (nshot, nq, 1)))
+    ia = np.arange(nshot - 1)
+    res = summarize_pairs(pol, ia, ia + 1, make_plan(pm), n_boot=400, ci=0.95)
+    per = np.asarray(summarize_pairs(pol, ia, ia + 1, make_plan(pm), keep_pairs=True)["pairs"],
+                     np.float64)
+    naive = per.std(0, ddof=1) / np.sqrt(per.shape[0])
+    lags = slice(1, nphi // 2)
+    inflation = np.median((res["sem"] / naive)[:, lags])
+    assert inflation > 1.15, inflation  # the pairs are correlated
+    ratio = ((res["ci_high"] - res["ci_low"]) / (2 * 1.96 * res["sem"]))[:, lags]
+    assert 0.86 < np.median(ratio) < 1.12, np.median(ratio)  # seeds 20-29: 0.90-1.01
+
+
 def test_vectorised_nan_percentile_matches_numpy():
     import warnings
 
