@@ -22,6 +22,12 @@ Statistics over pairs are sums (:class:`PairSums`: number of pairs, per-bin
 sum, sum of squares and count, optional Poisson-bootstrap sums) that merge
 by ``+`` and remove pairs by ``-``; :func:`finalize` turns them into the
 mean, standard error, count and bootstrap percentile interval per bin.
+Overlapping consecutive pairs share shots, so their correlations are
+correlated: pairs are summed in :func:`pair_order`, the product of each
+pair's correlation with that of the pair before it when they share a shot
+(:func:`pair_links`) is summed too, and the standard error is that of a
+1-dependent sequence; the bootstrap draws such pairs in blocks
+(:func:`bootstrap_blocks`).
 :func:`robust_outliers` rejects pairs whose difference statistic (the mean
 squared normalised difference) stands out robustly.
 
