@@ -79,6 +79,9 @@ MAD_TO_SIGMA = 1.4826
 HOLD_OUT_STAT = 100.0
 #: at most this many held-out pairs per group task (beyond, they are summed)
 HOLD_OUT_MAX = 16
+#: bytes of polar rows read back at once to recompute rejected pairs (and the products
+#: of the linked pairs around them)
+CORRECT_BYTES = 256 * 2**20
 #: linked pairs (overlapping consecutive pairs) are bootstrapped in blocks of this many
 #: (:func:`bootstrap_blocks`)
 BOOT_BLOCK = 10
@@ -1587,9 +1590,16 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
                   plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
                   keys: np.ndarray, n_boot: int, seed: int, block_bytes: int,
                   source: Callable[[np.ndarray], np.ndarray],
-                  links: np.ndarray | None = None) -> PairSums:
+                  links: np.ndarray | None = None,
+                  batch_bytes: int | None = None) -> PairSums:
     """Final sums: add the held-out pairs that are kept, subtract the other rejected
-    pairs; and the products of linked pairs (:func:`_relinked`)."""
+    pairs; and the products of linked pairs (:func:`_relinked`).
+
+    The pairs to recompute are taken a batch at a time, in pair order, so
+    that a batch's polar rows take about ``batch_bytes`` (a wide band's
+    polar image is 28 MB, and a long run may reject a hundred pairs;
+    default ``CORRECT_BYTES``).
+    """
     rej, _ = rejection
     total, h = root.sums, root.held
     if h.index.size:
@@ -1604,31 +1614,51 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
                     else _relinked(links, rej, was_held))
     if idx.size == 0 and unlink.size == 0 and link.size == 0:
         return total
-    need = np.unique(np.concatenate([idx, unlink - 1, unlink, link - 1, link]))
-    pos = np.unique(np.concatenate([sa[need], sb[need]]))
-    rows = np.asarray(source(pos))
-    if idx.size:
-        la = np.searchsorted(pos, sa[idx])
-        lb = np.searchsorted(pos, sb[idx])
-        w = bootstrap_weights(keys[idx], n_boot, seed) if n_boot else None
-        sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la, ib=lb, weights=w,
-                                    block_bytes=block_bytes, links=np.zeros(idx.size, bool))
-        first = root.stat[idx]
-        if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
-            raise SaclaDaskError(
-                "the shots of rejected pairs read back differently from the first pass "
-                f"(difference statistic {first[:3].tolist()} then {stat[:3].tolist()}): did "
-                "the run files change while processing?")
-        total = total - sub
-    elif total is root.sums:
+    if total is root.sums:
         total = PairSums.total([total])  # a task's input is not changed in place
-    if unlink.size or link.size:
-        edges = dict(zip(need.tolist(), _pair_edges(
-            rows, plan, np.searchsorted(pos, sa[need]), np.searchsorted(pos, sb[need]),
-            block_bytes), strict=True))
-        for ks, sign in ((unlink, -1), (link, 1)):
-            for k in ks.tolist():
-                total.add_product(edges[k - 1], edges[k], sign)
+    sign = dict.fromkeys(unlink.tolist(), -1) | dict.fromkeys(link.tolist(), 1)
+    # every pair whose correlation is needed, in pair order: a product's pairs k - 1
+    # and k are next to each other here, in one batch or across two
+    need = np.unique(np.concatenate([idx, unlink - 1, unlink, link - 1, link]))
+    batch_bytes = CORRECT_BYTES if batch_bytes is None else batch_bytes
+    per = max(1, int(batch_bytes) // max(1, 2 * plan.nq * plan.nphi * 4))
+    subtract = np.zeros(rej.size, dtype=bool)
+    subtract[idx] = True
+    before: tuple[int, Edge] | None = None  # the last pair of the previous batch
+    for lo in range(0, need.size, per):
+        batch = need[lo:lo + per]
+        pos = np.unique(np.concatenate([sa[batch], sb[batch]]))
+        rows = np.asarray(source(pos))
+        la, lb = np.searchsorted(pos, sa[batch]), np.searchsorted(pos, sb[batch])
+        sub_here = subtract[batch]
+        if sub_here.any():
+            kk = batch[sub_here]
+            w = bootstrap_weights(keys[kk], n_boot, seed) if n_boot else None
+            sub, stat, _, _ = pair_sums(rows, rows, plan, ia=la[sub_here], ib=lb[sub_here],
+                                        weights=w, block_bytes=block_bytes,
+                                        links=np.zeros(kk.size, bool))
+            first = root.stat[kk]
+            if not np.allclose(stat, first, rtol=1e-6, atol=0, equal_nan=True):
+                raise SaclaDaskError(
+                    "the shots of rejected pairs read back differently from the first pass "
+                    f"(difference statistic {first[:3].tolist()} then {stat[:3].tolist()}): "
+                    "did the run files change while processing?")
+            total = total.absorb([sub], [-1])
+        linked_here = [j for j, k in enumerate(batch.tolist()) if k in sign or k + 1 in sign]
+        if not linked_here:
+            before = None
+            continue
+        sel = np.asarray(linked_here)
+        edges = dict(zip(batch[sel].tolist(),
+                         _pair_edges(rows, plan, la[sel], lb[sel], block_bytes), strict=True))
+        del rows
+        if before is not None:
+            edges[before[0]] = before[1]
+        for k in batch[sel].tolist():
+            if k in sign:
+                total.add_product(edges[k - 1], edges[k], sign[k])
+        last = int(batch[-1])
+        before = (last, edges[last]) if last in edges else None
     return total
 
 

@@ -448,10 +448,16 @@ def test_subtracting_a_wild_pair_keeps_float64_precision():
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 5])
-def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks):
+@pytest.mark.parametrize("batch", [None, 1])
+def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch, monkeypatch):
     """Pairs held out of the one pass (enormous statistic) and then kept: their products
     with the linked pairs around them are added afterwards, so the lazy standard error is
-    the eager one and the 1-dependent reference, whatever the chunking."""
+    the eager one and the 1-dependent reference, whatever the chunking and the batches
+    in which the pairs are recomputed."""
+    import sacla_dask.correlation as corrmod
+
+    if batch is not None:
+        monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
     rng = np.random.default_rng(30)
     pm = rng.random((2, 16)) > 0.1
     pol = 100.0 * random_polar(rng, 13, 2, 16, pm)  # every pair's statistic > 100: held
@@ -470,9 +476,15 @@ def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks):
 
 
 @pytest.mark.parametrize("chunks", [1, 4, 7])
-def test_rejected_linked_pairs_leave_the_sem(chunks):
+@pytest.mark.parametrize("batch", [None, 1])
+def test_rejected_linked_pairs_leave_the_sem(chunks, batch, monkeypatch):
     """A rejected pair summed in the one pass is subtracted with its products with the
-    linked pairs on either side: the lazy standard error is that of the kept pairs."""
+    linked pairs on either side: the lazy standard error is that of the kept pairs (also
+    when the pairs are recomputed one per batch, a product across two batches)."""
+    import sacla_dask.correlation as corrmod
+
+    if batch is not None:
+        monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
     rng = np.random.default_rng(31)
     pm = rng.random((2, 16)) > 0.1
     pol = random_polar(rng, 20, 2, 16, pm)
