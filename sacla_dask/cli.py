@@ -584,6 +584,11 @@ def _result_lines(path: str) -> list[str]:
                 f" ({why_txt})" if why_txt else "")
     if "n_pairs_dropped" in a:
         ptxt += f", {a['n_pairs_dropped']} dropped (a tag not in the run)"
+    if a.get("linked_pairs"):
+        ptxt += (f"; {a['linked_pairs']} share a shot with the pair before "
+                 "(counted in corr_sem)")
+    if a.get("unlinked_sharing"):
+        ptxt += f"; {a['unlinked_sharing']} other sharing pairs not counted (SEM optimistic)"
     lines.append(f"  pairs      : {ptxt}")
     try:
         lines.append(f"  geometry   : centre ({a['center_x']:.3f}, {a['center_y']:.3f}) px, "

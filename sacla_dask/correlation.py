@@ -675,25 +675,23 @@ class PairSums:
         """An array over these sums' lags (last axis) over every lag (:func:`full_lags`)."""
         return x if self.nphi is None else full_lags(x, self.nphi)
 
+    def _per_bin(self, own: np.ndarray | None, shared: int) -> np.ndarray:
+        c = np.zeros(self.s1.shape, dtype=np.int64)
+        if own is not None:
+            c += own
+        if shared:
+            c += shared * self.shared_ok  # type: ignore[operator]
+        return c
+
     @property
     def count(self) -> np.ndarray:
         """Pairs with data in each bin, int64 (nqp, nlag)."""
-        c = np.zeros(self.s1.shape, dtype=np.int64)
-        if self.own_count is not None:
-            c += self.own_count
-        if self.shared:
-            c += self.shared * self.shared_ok  # type: ignore[operator]
-        return c
+        return self._per_bin(self.own_count, self.shared)
 
     @property
     def count12(self) -> np.ndarray:
         """Products of linked pairs in each bin (``s12``'s count), int64 (nqp, nlag)."""
-        c = np.zeros(self.s1.shape, dtype=np.int64)
-        if self.own_count12 is not None:
-            c += self.own_count12
-        if self.shared12:
-            c += self.shared12 * self.shared_ok  # type: ignore[operator]
-        return c
+        return self._per_bin(self.own_count12, self.shared12)
 
     def add_count(self, ok: np.ndarray, rows: slice = slice(None)) -> None:
         """Count the bins ``ok`` (bool, rows ``rows``) of one or more pairs, in place."""

@@ -141,6 +141,9 @@ def test_info_result_store(store, small_run):
     assert field(out, "nphi").startswith("240 (1.500 deg bins")
     # consecutive bright pairs: 35 bright shots -> 34 overlapping pairs
     assert field(out, "pairs").startswith("34 correlated")
+    # ... of which each but the first shares a shot with the one before: counted in the SEM
+    assert "33 share a shot with the pair before (counted in corr_sem)" in field(out, "pairs")
+    assert "SEM optimistic" not in field(out, "pairs")
     geo = field(out, "geometry")
     assert f"centre ({small_run.center_x:.3f}, {small_run.center_y:.3f}) px" in geo
     assert "pixel 50 um" in geo and "distance 53 mm" in geo
