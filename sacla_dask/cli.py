@@ -230,7 +230,8 @@ def _performance_report(path: str | None) -> Any:
                    "robust sigmas (of its log) above the median (recorded in pair_rejected).")
 @click.option("--bootstrap", type=int, default=0, show_default=True, metavar="N",
               help="Poisson-bootstrap resamples for percentile confidence intervals "
-                   "(corr_ci_low/high); 0 = none. N = 100 costs about 5x the correlation.")
+                   "(corr_ci_low/high; overlapping pairs drawn in blocks of 10); 0 = none. "
+                   "N = 100 costs about 5x the correlation.")
 @click.option("--ci-level", type=float, default=0.95, show_default=True,
               help="Confidence level of the bootstrap intervals.")
 @click.option("--keep-pairs", is_flag=True,
