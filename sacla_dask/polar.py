@@ -58,6 +58,7 @@ import concurrent.futures
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -649,12 +650,24 @@ def _fit_tile(lo: int, hi: int, n: int, t: int) -> tuple[int, int] | None:
     return None if lo2 < 0 else (lo2, hi2)
 
 
-def _operator_token(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
-                    good: np.ndarray, *args: Any) -> str:
+#: The operators alive in this process, by the token of their inputs: building one again
+#: for the same geometry, grid, mask and method (a notebook planning a run again with
+#: other pairing or statistics, or the next run of a session while the last plan is held)
+#: returns the one built (operators are not changed once built). Weak references: this
+#: keeps no operator alive.
+_OPERATORS: weakref.WeakValueDictionary[str, PolarOperator] = weakref.WeakValueDictionary()
+
+
+def dask_tokenize(*args: Any) -> str:
     import dask.base
 
-    return dask.base.tokenize(dataclasses.astuple(geometry), grid.radius, grid.phi.size,
-                              tuple(image_shape), good, *args)
+    return dask.base.tokenize(*args)
+
+
+def _operator_token(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
+                    good: np.ndarray, *args: Any) -> str:
+    return dask_tokenize(dataclasses.astuple(geometry), grid.radius, grid.phi.size,
+                         tuple(image_shape), good, *args)
 
 
 def build_operator(
@@ -715,6 +728,23 @@ def build_operator(
     ny, nx = (int(s) for s in image_shape)
     geometry.check_on_detector((ny, nx))
     good = check_mask(mask, (ny, nx))
+    key = _operator_token(geometry, grid, (ny, nx), good, method, float(min_coverage),
+                          bool(solid_angle), polarization, int(subdivision), tile)
+    built = _OPERATORS.get(key)
+    if built is not None:
+        return built
+    op = _build_operator(geometry, grid, (ny, nx), good, method, float(min_coverage),
+                         bool(solid_angle), polarization, int(subdivision), tile, key)
+    _OPERATORS[key] = op
+    return op
+
+
+def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
+                    good: np.ndarray, method: Method, min_coverage: float, solid_angle: bool,
+                    polarization: float | None, subdivision: int, tile: bool | None,
+                    key: str) -> PolarOperator:
+    """:func:`build_operator` for checked inputs, named ``key`` (their token)."""
+    ny, nx = image_shape
     good_flat = good.ravel()
     nq, nphi = grid.shape
     nbins = nq * nphi
@@ -832,8 +862,7 @@ def build_operator(
         method=method,
         tile=tshape,
         corrections=",".join(names) or "none",
-        token=_operator_token(geometry, grid, (ny, nx), good, method, float(min_coverage),
-                              bool(solid_angle), polarization, int(subdivision), tshape),
+        token=dask_tokenize(key, tshape),
     )
 
 

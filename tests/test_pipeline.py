@@ -185,6 +185,16 @@ def test_plan_repr_and_nothing_read(small_run, small_params, monkeypatch):
     assert calls
 
 
+def test_planning_again_reuses_the_polar_operator(small_run, small_params):
+    """A run planned again with the same geometry (other statistics) while the first plan
+    is held shares its operator (built once); another band builds its own."""
+    first = plan_run(small_run.path, **small_params)
+    again = plan_run(small_run.path, bootstrap=5, **small_params)
+    assert again.transform.operator is first.transform.operator
+    other = dict(small_params, qmax=small_params["qmax"] * 1.01)
+    assert plan_run(small_run.path, **other).transform.operator is not first.transform.operator
+
+
 def test_nphi_default_uses_outer_radius_in_pixels(small_run, small_params):
     plan = plan_run(small_run.path, **small_params)
     r_out = plan.geometry.q_to_radius(small_params["qmax"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
+import weakref
 
 import dask
 import numpy as np
@@ -361,6 +362,7 @@ def test_operator_built_in_blocks_on_threads_equals_one_block(monkeypatch, metho
     def build(chunk_bins, threads):
         monkeypatch.setattr(polar, "_BUILD_CHUNK_BINS", chunk_bins)
         monkeypatch.setattr(polar, "_BUILD_THREADS", threads)
+        monkeypatch.setattr(polar, "_OPERATORS", weakref.WeakValueDictionary())  # build anew
         return build_operator(GEOM, grid, SHAPE, good, method, tile=tile, polarization=0.9)
 
     whole = build(1 << 30, 1)
@@ -374,6 +376,36 @@ def test_operator_built_in_blocks_on_threads_equals_one_block(monkeypatch, metho
                      (op.coverage, whole.coverage), (op.polar_mask, whole.polar_mask)):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+
+
+def test_an_operator_alive_is_reused_not_built_again(monkeypatch):
+    """The same geometry, grid, mask and method give the operator already built while it
+    is alive anywhere in the process (a plan made again); other inputs build another; none
+    is kept alive by the reuse."""
+    import gc
+
+    import sacla_dask.polar as polar
+
+    builds = []
+    real = polar._build_operator
+    monkeypatch.setattr(polar, "_build_operator", lambda *a: builds.append(1) or real(*a))
+    monkeypatch.setattr(polar, "_OPERATORS", weakref.WeakValueDictionary())
+    good = panel_gaps()
+    op = build_operator(GEOM, band(), SHAPE, good, "bilinear")
+    assert build_operator(GEOM, band(), SHAPE, good.copy(), "bilinear") is op
+    assert len(builds) == 1
+    for other in (dict(mask=~panel_gaps() | good), dict(method="nearest"),
+                  dict(polarization=0.99), dict(min_coverage=0.9)):
+        kw = dict(mask=good, method="bilinear") | other
+        mask, method = kw.pop("mask"), kw.pop("method")
+        assert build_operator(GEOM, band(), SHAPE, mask, method, **kw) is not op
+    assert build_operator(GEOM, band(r_in=31.0), SHAPE, good, "bilinear") is not op
+    assert len(builds) == 6
+    token = op.token
+    del op
+    gc.collect()
+    again = build_operator(GEOM, band(), SHAPE, good, "bilinear")
+    assert len(builds) == 7 and again.token == token  # built anew, the same operator
 
 
 def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
