@@ -1019,6 +1019,13 @@ class _Accumulator:
     Pairs whose valid bins are exactly the plan's mask (the usual case)
     share its lag counts: they are counted once at the end
     (:meth:`finish`) instead of bin by bin.
+
+    With ``links`` (:func:`pair_links`), the previous summed pair's
+    correlation is kept (``prev``, one (nqp, nlag) float64 array, reused)
+    and a linked pair's product with it is added into ``sums.s12`` block
+    by block; ``first`` and ``last`` are the :class:`Edge` of the first
+    pair (when linked to a pair before these) and of the last one, for the
+    fold to link its neighbours. A held-out pair breaks the chain.
     """
 
     def __init__(self, plan: CorrelationPlan, sums: PairSums, weights: np.ndarray | None,
