@@ -1788,13 +1788,6 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
     polar = _check_polar(polar, ia, ib)
-    if split_every is None:
-        # fold few group sums at a time when they are large (a wide band's pair of float64
-        # nq x nlag arrays is ~55 MB): a fold step holds the running sum and its inputs
-        part = 16 * plan.nqp * plan.nlag * (1 + int(n_boot))
-        split_every = int(min(8, max(1, MERGE_BYTES // max(part, 1) - 1)))
-    if split_every < 1:
-        raise ParameterError(f"split_every must be >= 1 (got {split_every})")
     if n_boot < 0:
         raise ParameterError(f"bootstrap resamples must be >= 0 (got {n_boot})")
     if n_boot and not 0 < ci < 1:
@@ -1808,6 +1801,15 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     linked = bool(links.any())
     if linked:  # bootstrap weights: linked pairs drawn in blocks (bootstrap_blocks)
         sk = sk[bootstrap_blocks(links)]
+    if split_every is None:
+        # fold few group sums at a time when they are large (a wide band's pair of float64
+        # nq x nlag arrays is ~55 MB; with linked pairs, their products and the first and
+        # last pairs' correlations and bins: 26 bytes per bin more): a fold step holds the
+        # running sum and its inputs
+        part = (16 * (1 + int(n_boot)) + (26 if linked else 0)) * plan.nqp * plan.nlag
+        split_every = int(min(8, max(1, MERGE_BYTES // max(part, 1) - 1)))
+    if split_every < 1:
+        raise ParameterError(f"split_every must be >= 1 (got {split_every})")
     inv: np.ndarray | None = np.argsort(order)
     if np.array_equal(order, np.arange(order.size)):
         inv = None
