@@ -703,31 +703,32 @@ class PairSums:
         """Add (``sign`` -1: remove) the product of two linked pairs' correlations.
 
         The product is formed as the pair kernel forms it, so that a
-        removal cancels an addition exactly.
+        removal cancels an addition exactly. Into writable sums (those
+        :meth:`absorb` and :meth:`total` return).
         """
+        prod = np.multiply(a.x, b.x)
         if self.s12 is None:
             self.s12 = np.zeros(self.s1.shape)
-        elif not self.s12.flags.writeable:
-            self.s12 = self.s12.copy()
-        prod = np.multiply(a.x, b.x)
         if sign > 0:
             self.s12 += prod
         else:
             self.s12 -= prod
+        self.count_product(a, b, sign)
+
+    def count_product(self, a: Edge, b: Edge, sign: int = 1) -> None:
+        """Count (``sign`` -1: uncount) the product of two linked pairs in their bins
+        with data: once for two pairs with the plan's bins, else bin by bin."""
         if a.common and b.common:
             self.shared12 += sign
             if self.shared_ok is None:
                 self.shared_ok = a.ok
             return
-        both = a.ok & b.ok
         if self.own_count12 is None:
             self.own_count12 = np.zeros(self.s1.shape, dtype=np.int32)
-        elif not self.own_count12.flags.writeable:
-            self.own_count12 = self.own_count12.copy()
         if sign > 0:
-            self.own_count12 += both
+            self.own_count12 += a.ok & b.ok
         else:
-            self.own_count12 -= both
+            self.own_count12 -= a.ok & b.ok
 
     def add(self, corr: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add per-pair correlations ``(k, nqp, nlag)`` (NaN = no data) in place."""
@@ -1123,17 +1124,8 @@ class _Accumulator:
             edge = Edge(self.prev, ok, False)  # type: ignore[arg-type]
         else:
             edge = Edge(self.prev, self.ok, True)  # type: ignore[arg-type]
-        if self._link:
-            p = self.prev_edge
-            s = self.sums
-            if p.common and edge.common:  # type: ignore[union-attr]
-                s.shared12 += 1
-                if s.shared_ok is None:
-                    s.shared_ok = self.ok
-            else:
-                if s.own_count12 is None:
-                    s.own_count12 = np.zeros(s.s1.shape, dtype=np.int32)
-                s.own_count12 += p.ok & edge.ok  # type: ignore[union-attr]
+        if self._link:  # its product was added block by block (_add_block)
+            self.sums.count_product(self.prev_edge, edge)  # type: ignore[arg-type]
         if k == 0 and self.links[0]:  # type: ignore[index]
             self.first = Edge(edge.x.copy(), edge.ok, edge.common)
         self.prev_edge = edge
@@ -1326,11 +1318,8 @@ def summarize_pairs(polar: np.ndarray, ia: np.ndarray, ib: np.ndarray, plan: Cor
     # summed in pair_order, in which linked pairs follow each other (as pair_statistics)
     order = pair_order(ia, ib)
     inv = np.argsort(order)
-    sa, sb = ia[order], ib[order]
-    links = pair_links(sa, sb)
-    # linked pairs are drawn in blocks: each takes the weights of its block's first pair
-    w = (bootstrap_weights(keys[order][bootstrap_blocks(links)], n_boot, seed) if n_boot
-         else None)
+    sa, sb, links, wkeys = _in_pair_order(ia, ib, keys, order)
+    w = bootstrap_weights(wkeys, n_boot, seed) if n_boot else None
     sums, stat, kept, _ = pair_sums(polar, polar, plan, ia=sa, ib=sb, weights=w,
                                     keep=keep_pairs, links=links)
     rej = np.zeros(ia.size, dtype=bool)
@@ -1565,6 +1554,16 @@ class _BlockRows:
                          for ci, p in zip(c, positions, strict=True)])
 
 
+def _in_pair_order(ia: np.ndarray, ib: np.ndarray, keys: np.ndarray,
+                   order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs in ``order`` (:func:`pair_order`): their shots, :func:`pair_links`, and
+    the keys of their bootstrap weights (each pair its block's first pair's,
+    :func:`bootstrap_blocks`)."""
+    sa, sb = ia[order], ib[order]
+    links = pair_links(sa, sb)
+    return sa, sb, links, keys[order][bootstrap_blocks(links)]
+
+
 def _relinked(links: np.ndarray, rejected: np.ndarray,
               held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Products of linked pairs ``(k - 1, k)`` to remove and to add, as positions ``k``.
@@ -1796,11 +1795,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         raise ParameterError(f"outlier threshold must be > 0 robust sigmas (got {reject})")
     keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
     order, bounds, groups = _home_groups(polar.chunks[0], ia, ib)
-    sa, sb, sk = ia[order], ib[order], keys[order]
-    links = pair_links(sa, sb)
+    sa, sb, links, sk = _in_pair_order(ia, ib, keys, order)
     linked = bool(links.any())
-    if linked:  # bootstrap weights: linked pairs drawn in blocks (bootstrap_blocks)
-        sk = sk[bootstrap_blocks(links)]
     if split_every is None:
         # fold few group sums at a time when they are large (a wide band's pair of float64
         # nq x nlag arrays is ~55 MB; with linked pairs, their products and the first and

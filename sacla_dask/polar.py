@@ -658,16 +658,16 @@ def _fit_tile(lo: int, hi: int, n: int, t: int) -> tuple[int, int] | None:
 _OPERATORS: weakref.WeakValueDictionary[str, PolarOperator] = weakref.WeakValueDictionary()
 
 
-def dask_tokenize(*args: Any) -> str:
-    import dask.base
+def _tokenize(*args: Any) -> str:
+    import dask.base  # (the kernels of this module need no Dask)
 
     return dask.base.tokenize(*args)
 
 
 def _operator_token(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
                     good: np.ndarray, *args: Any) -> str:
-    return dask_tokenize(dataclasses.astuple(geometry), grid.radius, grid.phi.size,
-                         tuple(image_shape), good, *args)
+    return _tokenize(dataclasses.astuple(geometry), grid.radius, grid.phi.size,
+                     tuple(image_shape), good, *args)
 
 
 def build_operator(
@@ -862,7 +862,7 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
         method=method,
         tile=tshape,
         corrections=",".join(names) or "none",
-        token=dask_tokenize(key, tshape),
+        token=_tokenize(key, tshape),
     )
 
 
