@@ -62,6 +62,7 @@ from .polar import (
     check_mask,
     normalize_rows,
     polar_from_columns,
+    polar_from_pick,
 )
 from .polar import polar_into as apply_polar_into
 from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
@@ -192,7 +193,10 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     With a compact operator (:meth:`PolarOperator.compact`, what the
     pipeline ships) only the pixels it reads are read
     (:func:`sacla_dask.run.read_pixels`): for the ring band ~0.8 MB of an
-    image instead of its ~10 MB window.
+    image instead of its ~10 MB window. A compact pixel pick (the default
+    ``nearest`` method without corrections) reads each bin's pixel straight
+    into the polar image (:meth:`PolarOperator.bin_offsets`,
+    :func:`polar_from_pick`).
     """
     _tune_worker_allocator(op.shape)
     first = 0
@@ -201,7 +205,14 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     nq, nphi = op.shape
     raw = np.empty((len(sources), nq, nphi), dtype=np.float32)
     nonfinite_pixels = np.zeros(len(sources), dtype=np.int64)
-    if op.pixels is not None:
+    if op.pixels is not None and op.gather is not None:
+        # a pixel pick: each bin's pixel read straight into the polar image, one gather
+        def picked(i: int, y: np.ndarray) -> None:
+            nonfinite_pixels[i] = polar_from_pick(y, op)
+
+        _run.read_pixels(sources, window, op.bin_pixels, op.bin_offsets, on_bad_tag,  # type: ignore[arg-type]
+                         picked, into=raw.reshape(len(sources), -1).__getitem__)
+    elif op.pixels is not None:
         def take(i: int, x: np.ndarray) -> None:
             nonfinite_pixels[i] = polar_from_columns(x, op, raw[i])
 

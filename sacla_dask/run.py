@@ -395,6 +395,7 @@ def read_pixels(
     on_bad_tag: OnBadTag,
     consume: Callable[[int, np.ndarray], None],
     direct: bool | None = None,
+    into: Callable[[int], np.ndarray] | None = None,
 ) -> None:
     """Read only the given pixels of each tag's window (the ring band's reader).
 
@@ -411,13 +412,17 @@ def read_pixels(
     next image's ahead (``posix_fadvise``) while this one is read. Any
     other dataset (``direct=False``, or chunked / compressed) is read by
     HDF5 as a window and the pixels taken from it. ``direct=None`` means
-    :data:`DIRECT_READ`. Errors as in :func:`_read_block`.
+    :data:`DIRECT_READ`. With ``into``, tag ``i``'s pixels are read into the
+    float32 vector ``into(i)`` (C-contiguous, ``pixels.size``; e.g. a row of
+    the caller's output) instead of the reused one: no copy left to make.
+    ``consume`` is given that vector. Errors as in :func:`_read_block` (an
+    unreadable tag's vector is NaN).
     """
     if direct is None:
         direct = DIRECT_READ
     (y0, y1), x0 = (window[0].start, window[0].stop), window[1].start
     wy, wx = y1 - y0, window[1].stop - x0
-    x = np.empty(pixels.size, dtype=np.float32)
+    reused = np.empty(pixels.size if into is None else 0, dtype=np.float32)
     win: list[np.ndarray] = []  # a window buffer, made if HDF5 has to read one
     rows: list[np.ndarray] = []  # the buffer of an image's rows read directly
 
@@ -440,6 +445,7 @@ def read_pixels(
                         where.append(exc)
                 for k, i in enumerate(idx):
                     src, w = sources[i], where[k]
+                    x = reused if into is None else into(i)
                     nxt = next((v for v in where[k + 1:] if isinstance(v, _Contiguous)), None)
                     try:
                         if isinstance(w, BaseException):

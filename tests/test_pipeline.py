@@ -396,18 +396,17 @@ def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
     import sacla_dask.run as run_mod
 
     calls = {"polar": 0, "read": 0}
-    polar, read = pipeline.polar_from_columns, run_mod.read_pixels
 
-    def counted_polar(*a, **k):
-        calls["polar"] += 1
-        return polar(*a, **k)
+    def counted(key, f):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return f(*a, **k)
+        return wrapped
 
-    def counted_read(*a, **k):
-        calls["read"] += 1
-        return read(*a, **k)
-
-    monkeypatch.setattr(pipeline, "polar_from_columns", counted_polar)
-    monkeypatch.setattr(run_mod, "read_pixels", counted_read)
+    # the per-image finish of a pick read bin by bin, or of pixels read as columns
+    for name in ("polar_from_pick", "polar_from_columns"):
+        monkeypatch.setattr(pipeline, name, counted("polar", getattr(pipeline, name)))
+    monkeypatch.setattr(run_mod, "read_pixels", counted("read", run_mod.read_pixels))
     return calls
 
 
@@ -491,3 +490,39 @@ def test_polar_operator_reports_its_size_to_dask(small_run, small_params):
     op = plan_run(small_run.path, **small_params).transform.operator
     m = op.matrix
     assert sizeof(op) == op.nbytes >= m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+
+
+@pytest.mark.parametrize("method", ["nearest", "bilinear"])
+def test_thin_band_task_equals_polar_chunk_of_windows(tmp_path, method):
+    """The pipeline's task on a thin band (the compact operator, pixels read from the file;
+    a pick reads each bin's pixel straight into its polar image) == polar_chunk of the
+    windows read by h5py with the full operator: normalised rows, row means, NaN bins,
+    with a tag holding a line of NaN pixels through the band and one of only NaN."""
+    import h5py
+
+    from sacla_dask.pipeline import polar_chunk, polar_chunk_from_run, worker_operator
+    from sacla_dask.polar import PolarTransform
+    from sacla_dask.synthetic import DETECTOR
+
+    t = write_synthetic_run(tmp_path / "thin.h5", n_tags=6, shape=(96, 96),
+                            center=(47.3, 49.1), ring_radii=(30.0,), ring_width=1.5, seed=2)
+    with h5py.File(t.path, "r+") as fh:
+        fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[1]}/detector_data"][49, :] = np.nan
+        fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[4]}/detector_data"][...] = np.nan
+    g = t.geometry
+    mask = np.ones((96, 96), bool)
+    mask[:, 60:63] = False
+    tr = PolarTransform(g, (96, 96), float(g.radius_to_q(27)), float(g.radius_to_q(33)),
+                        mask=mask, method=method)
+    op = worker_operator(tr.operator)
+    assert op.pixels is not None and (op.gather is not None) == (method == "nearest")
+    run = open_run(t.path)
+    with h5py.File(t.path, "r") as fh:
+        wins = np.stack([fh[f"run_{t.run}/{DETECTOR}/tag_{tag}/detector_data"][tr.window]
+                         for tag in t.tags])
+    want = polar_chunk(wins, tr.operator, tr.polar_mask)
+    got = polar_chunk_from_run(run.sources, tr.window, "fail", op, tr.polar_mask)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert got[2][1] > 0 and got[2][0] == 0
+    assert np.isnan(got[0][4][tr.polar_mask]).all()

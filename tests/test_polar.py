@@ -46,6 +46,7 @@ from sacla_dask.polar import (
     correction_factors,
     make_grid,
     polar_from_columns,
+    polar_from_pick,
 )
 
 SHAPE = (150, 170)
@@ -484,6 +485,22 @@ def test_compact_operator_reads_only_its_pixels_and_equals_the_window_one(method
         out = np.empty(op.shape, np.float32)
         assert polar_from_columns(x, o, out) == 1
         np.testing.assert_array_equal(out, want[0])
+        if o.gather is None:
+            with pytest.raises(ParameterError, match="not a compact pixel pick"):
+                o.bin_offsets(SHAPE[1])
+            continue
+        # a pick read bin by bin from the image's rows (the pipeline's ring reader)
+        rows = img[y0:].reshape(-1)
+        y = rows[o.bin_offsets(SHAPE[1])]
+        assert polar_from_pick(y, o) > 0                          # the NaN pixel's bins
+        np.testing.assert_array_equal(y.reshape(op.shape), want[0])
+        y = img[op.window].reshape(-1)[o.bin_pixels]             # from a window read whole
+        polar_from_pick(y, o)
+        np.testing.assert_array_equal(y.reshape(op.shape), want[0])
+        finite = np.where(np.isfinite(img), img, 0).astype(np.float32)
+        y = finite[y0:].reshape(-1)[o.bin_offsets(SHAPE[1])]
+        assert polar_from_pick(y, o) == 0
+        np.testing.assert_array_equal(y.reshape(op.shape), polar_of(finite, op))
     assert pickle.loads(pickle.dumps(c)).pixels.dtype == np.int32
 
 
@@ -494,6 +511,10 @@ def test_compact_operator_is_smaller_on_a_ring():
     assert len(pickle.dumps(c)) < len(pickle.dumps(op))
     with pytest.raises(ParameterError, match="not a compact operator"):
         op.row_offsets(SHAPE[1])
+    with pytest.raises(ParameterError, match="not a compact pixel pick"):
+        op.bin_offsets(SHAPE[1])
+    with pytest.raises(ParameterError, match="not a compact pixel pick"):
+        op.bin_pixels  # noqa: B018
 
 
 @pytest.mark.parametrize("method", ["nearest", "bilinear"])

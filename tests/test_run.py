@@ -426,17 +426,24 @@ def test_window_reads_only_its_rows(tmp_path, monkeypatch):
 
 
 # -- reading only a band's pixels ------------------------------------------------------
-def pixels_of(sources, window, pixels, nx, direct=None, on_bad_tag="fail"):
-    """read_pixels into a (tag, pixel) array; row offsets computed here, independently."""
+def pixels_of(sources, window, pixels, nx, direct=None, on_bad_tag="fail", into=False):
+    """read_pixels into a (tag, pixel) array; row offsets computed here, independently.
+    ``into``: the reader writes each tag's row of that array itself."""
     wx = window[1].stop - window[1].start
     offsets = (pixels // wx) * nx + pixels % wx + window[1].start
     got = np.full((len(sources), pixels.size), -1.0, np.float32)
+    seen = []
 
     def take(i, x):
-        got[i] = x
+        if into:
+            assert np.shares_memory(x, got[i])
+            seen.append(i)
+        else:
+            got[i] = x
 
     run_mod.read_pixels(sources, window, pixels, lambda n: offsets, on_bad_tag, take,
-                        direct=direct)
+                        direct=direct, into=got.__getitem__ if into else None)
+    assert not into or seen == list(range(len(sources)))
     return got
 
 
@@ -462,12 +469,14 @@ def test_read_pixels_equals_h5py(tmp_path, monkeypatch, kind, mapped):
     maps = []
     take_direct = run_mod._take_direct
     monkeypatch.setattr(run_mod, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
-    np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1]), ref)
-    assert len(maps) == (len(t.tags) if mapped else 0)
-    maps.clear()
-    np.testing.assert_array_equal(
-        pixels_of(run.sources, window, pixels, SHAPE[1], direct=False), ref)
-    assert not maps
+    for into in (False, True):                                  # reused buffer, or the caller's
+        np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1],
+                                                into=into), ref)
+        assert len(maps) == (len(t.tags) if mapped else 0)
+        maps.clear()
+        np.testing.assert_array_equal(
+            pixels_of(run.sources, window, pixels, SHAPE[1], direct=False, into=into), ref)
+        assert not maps
 
 
 def test_direct_read_maps_nothing_even_when_profiled(tmp_path):
@@ -566,9 +575,11 @@ def test_dataset_past_the_end_of_the_file_is_an_error(tmp_path):
         with pytest.raises(BadTagError, match=rf"e\.h5': tag {t.tags[1]} cannot be read.*"
                                               "truncated"):
             pixels_of(run.sources, window, pixels, SHAPE[1])
-        with pytest.warns(UserWarning, match=rf"tag {t.tags[1]} cannot be read"):
-            got = pixels_of(run.sources, window, pixels, SHAPE[1], on_bad_tag="skip")
-    assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
+        for into in (False, True):
+            with pytest.warns(UserWarning, match=rf"tag {t.tags[1]} cannot be read"):
+                got = pixels_of(run.sources, window, pixels, SHAPE[1], on_bad_tag="skip",
+                                into=into)
+            assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
     truncate_file(t.path, 0.7)
     with pytest.raises(RunFileError, match=r"e\.h5.*truncated"):
         pixels_of(run.sources, window, pixels, SHAPE[1])
