@@ -418,12 +418,23 @@ def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
     blob = pickle.dumps(op)
     back = pickle.loads(blob)
     assert "matrix" not in back.__dict__                  # a worker holds the pick only
+    # a copy that only passes the operator on (Dask's scheduler) converts nothing: its
+    # int32 index is pickled again as it came
+    passed = back.__getstate__()["_pick"]
+    assert passed[0].dtype == np.int32 and passed[0] is back._cache["pick32"][0]
+    assert "gather" not in back._cache
+    fresh = pickle.loads(blob)                            # the matrix straight from the pick
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(fresh.matrix, name), getattr(m, name))
     with_matrix = len(pickle.dumps({**op.__dict__, "_cache": {}}))
     assert len(blob) < with_matrix - csr_bytes // 2       # 4 bytes per bin instead of 12
     assert back.nbytes == op.nbytes - csr_bytes
     np.testing.assert_array_equal(back.used_columns, op.used_columns)
     relayed = pickle.loads(pickle.dumps(back))            # a worker's copy sent on
     assert "matrix" not in relayed.__dict__ and relayed.gather is not None
+    assert relayed.gather[0].dtype == np.intp and "pick32" not in relayed._cache
+    np.testing.assert_array_equal(relayed.gather[0], op.gather[0])
+    np.testing.assert_array_equal(relayed.gather[1], op.gather[1])
     img = smooth_image()
     want, nf_want = apply_polar(img[op.window][None], op)
     got, nf_got = apply_polar(img[op.window][None], back)
