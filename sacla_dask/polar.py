@@ -287,6 +287,20 @@ class PolarOperator:
     pixels: np.ndarray | None = None
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        # never the matrix: a worker's copy of a pick would rebuild it just to be shown
+        (y0, y1), (x0, x1) = ((s.start, s.stop) for s in self.window)
+        nq, nphi = self.shape
+        parts = [f"{self.method}", f"{nq} x {nphi} bins",
+                 f"window [{y0}:{y1}, {x0}:{x1}]"]
+        if self.corrections != "none":
+            parts.append(f"corrections {self.corrections}")
+        if self.pixels is not None:
+            parts.append(f"compact: {self.pixels.size} pixels")
+        if self.tile is not None:
+            parts.append(f"tiles {self.tile[0]}x{self.tile[1]}")
+        return f"PolarOperator({', '.join(parts)}, token {self.token!r})"
+
     @property
     def window_shape(self) -> tuple[int, int]:
         rows, cols = self.window
@@ -471,10 +485,13 @@ class PolarOperator:
         unpickling.
         """
         if "gather" not in self._cache:
-            shipped = self._cache.pop("pick32", None)
+            shipped = self._cache.get("pick32")
             if shipped is not None:  # as unpickled: int32 until used
-                self._cache["gather"] = (shipped[0].astype(np.intp), shipped[1])
-                return self._cache["gather"]
+                # the pick is in the cache in one form or the other at every moment: a
+                # worker may pickle this operator (to send it on) from another thread
+                g = self._cache["gather"] = (shipped[0].astype(np.intp), shipped[1])
+                self._cache.pop("pick32", None)
+                return g
             m = self.matrix
             counts = np.diff(m.indptr)
             g = None

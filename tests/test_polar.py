@@ -418,6 +418,8 @@ def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
     blob = pickle.dumps(op)
     back = pickle.loads(blob)
     assert "matrix" not in back.__dict__                  # a worker holds the pick only
+    assert repr(back) == repr(op) and "nearest" in repr(op)
+    assert "matrix" not in back.__dict__                  # (shown without rebuilding it)
     # a copy that only passes the operator on (Dask's scheduler) converts nothing: its
     # int32 index is pickled again as it came
     passed = back.__getstate__()["_pick"]
@@ -430,6 +432,28 @@ def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
     assert len(blob) < with_matrix - csr_bytes // 2       # 4 bytes per bin instead of 12
     assert back.nbytes == op.nbytes - csr_bytes
     np.testing.assert_array_equal(back.used_columns, op.used_columns)
+    # a worker pickles its copy on another thread while a task first uses the pick: at
+    # every change of the cache the operator pickles whole (a race the benchmark met)
+    racing = pickle.loads(blob)
+    copies = []
+
+    class Snapshots(dict):
+        def __setitem__(self, key, value):
+            copies.append(pickle.loads(pickle.dumps(racing)))
+            super().__setitem__(key, value)
+            copies.append(pickle.loads(pickle.dumps(racing)))
+
+        def pop(self, *args):
+            copies.append(pickle.loads(pickle.dumps(racing)))
+            out = super().pop(*args)
+            copies.append(pickle.loads(pickle.dumps(racing)))
+            return out
+
+    racing._cache = Snapshots(racing._cache)
+    assert racing.gather[0].dtype == np.intp
+    assert len(copies) == 4
+    for c in copies:
+        np.testing.assert_array_equal(c.gather[0], op.gather[0])
     relayed = pickle.loads(pickle.dumps(back))            # a worker's copy sent on
     assert "matrix" not in relayed.__dict__ and relayed.gather is not None
     assert relayed.gather[0].dtype == np.intp and "pick32" not in relayed._cache
