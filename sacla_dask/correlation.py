@@ -161,8 +161,13 @@ class CorrelationPlan:
 
     def __getstate__(self) -> dict[str, Any]:
         # the derived arrays are recomputed where the plan lands, and only those used (a
-        # wide band's inverse is 55 MB per worker not shipped)
-        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+        # wide band's inverse is 55 MB per worker not shipped). One copy of the dict (C,
+        # under the GIL) first: a worker may pickle the plan to send it on while a task
+        # adds a derived array on another thread
+        state = dict(self.__dict__)
+        for k in self._DERIVED:
+            state.pop(k, None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
