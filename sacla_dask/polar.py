@@ -1051,6 +1051,8 @@ def polar_from_pick(y: np.ndarray, op: PolarOperator) -> int:
     for bit. Returns the number of bins that read a non-finite pixel (0 when
     none did).
     """
+    if not y.flags.c_contiguous:  # (a reshape would copy, and the work be lost)
+        raise ParameterError("polar_from_pick: the polar image must be C-contiguous")
     y = y.reshape(-1)
     y[op.gather[1]] = 0  # type: ignore[index]
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, caught below

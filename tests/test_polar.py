@@ -529,6 +529,8 @@ def test_compact_operator_reads_only_its_pixels_and_equals_the_window_one(method
         y = rows[o.bin_offsets(SHAPE[1])]
         assert polar_from_pick(y, o) > 0                          # the NaN pixel's bins
         np.testing.assert_array_equal(y.reshape(op.shape), want[0])
+        with pytest.raises(ParameterError, match="C-contiguous"):
+            polar_from_pick(np.zeros((op.shape[1], op.shape[0]), np.float32).T, o)
         y = img[op.window].reshape(-1)[o.bin_pixels]             # from a window read whole
         polar_from_pick(y, o)
         np.testing.assert_array_equal(y.reshape(op.shape), want[0])
