@@ -14,33 +14,63 @@ The public API::
 
 from __future__ import annotations
 
-from ._version import __version__
-from .center import find_center, fit_center, mean_image, refine_center_by_sharpness
-from .errors import (
-    BadTagError,
-    GeometryError,
-    IncompleteStoreError,
-    LayoutError,
-    MaskError,
-    NoRingFoundError,
-    OutputError,
-    PairingError,
-    ParameterError,
-    RunFileError,
-    SaclaDaskError,
-)
-from .geometry import Geometry, default_nphi, energy_to_wavelength
-from .pipeline import ProcessingPlan, plan_run, process_run
-from .polar import PolarTransform
-from .run import Run, open_run
-from .store import open_result
-from .versions import show_versions
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "__version__", "open_run", "Run", "Geometry", "PolarTransform", "plan_run", "process_run",
-    "ProcessingPlan", "open_result", "default_nphi", "energy_to_wavelength", "show_versions",
-    "SaclaDaskError", "RunFileError", "LayoutError", "BadTagError", "ParameterError",
-    "GeometryError", "MaskError", "PairingError", "NoRingFoundError", "OutputError",
-    "IncompleteStoreError", "fit_center", "find_center", "refine_center_by_sharpness",
-    "mean_image",
-]
+from ._version import __version__
+
+# Names are imported on first use (PEP 562), so that ``import sacla_dask`` and the
+# command line's ``--help`` do not pay for Dask, xarray, zarr and scipy up front.
+_LAZY = {
+    "find_center": "center", "fit_center": "center", "mean_image": "center",
+    "refine_center_by_sharpness": "center",
+    "BadTagError": "errors", "GeometryError": "errors", "IncompleteStoreError": "errors",
+    "LayoutError": "errors", "MaskError": "errors", "NoRingFoundError": "errors",
+    "OutputError": "errors", "PairingError": "errors", "ParameterError": "errors",
+    "RunFileError": "errors", "SaclaDaskError": "errors",
+    "Geometry": "geometry", "default_nphi": "geometry", "energy_to_wavelength": "geometry",
+    "ProcessingPlan": "pipeline", "plan_run": "pipeline", "process_run": "pipeline",
+    "PolarTransform": "polar",
+    "Run": "run", "open_run": "run",
+    "open_result": "store",
+    "show_versions": "versions",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sacla_dask' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
+    from .center import find_center, fit_center, mean_image, refine_center_by_sharpness
+    from .errors import (
+        BadTagError,
+        GeometryError,
+        IncompleteStoreError,
+        LayoutError,
+        MaskError,
+        NoRingFoundError,
+        OutputError,
+        PairingError,
+        ParameterError,
+        RunFileError,
+        SaclaDaskError,
+    )
+    from .geometry import Geometry, default_nphi, energy_to_wavelength
+    from .pipeline import ProcessingPlan, plan_run, process_run
+    from .polar import PolarTransform
+    from .run import Run, open_run
+    from .store import open_result
+    from .versions import show_versions

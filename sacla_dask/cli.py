@@ -126,7 +126,8 @@ def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
 def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--workers", type=int, default=None,
-                     help="LocalCluster worker processes (default: number of cores)."),
+                     help="LocalCluster worker processes (default: number of cores; with "
+                          "--engine threads, threads)."),
         click.option("--scheduler", default=None,
                      help="Attach to a running scheduler, e.g. tcp://host:8786."),
         click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None,
@@ -146,9 +147,17 @@ def _cluster_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @contextlib.contextmanager
 def _client_from(workers: int | None, scheduler: str | None, scheduler_file: str | None,
                  cluster: str, jobs: int | None) -> Any:
-    import distributed  # noqa: F401  (configures its loggers on import)
-
     from .cluster import dask_client
+
+    _quiet_distributed()
+    with dask_client(workers=workers, scheduler=scheduler, scheduler_file=scheduler_file,
+                     cluster=cluster, jobs=jobs) as client:
+        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        yield client
+
+
+def _quiet_distributed() -> None:
+    import distributed  # noqa: F401  (configures its loggers on import)
 
     # distributed logs every worker start/stop at INFO: keep the terminal for
     # what the user asked unless -v was given.
@@ -157,9 +166,20 @@ def _client_from(workers: int | None, scheduler: str | None, scheduler_file: str
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:  # the dashboard listens on loopback: bokeh's wildcard-host notice is noise
         logging.getLogger("bokeh.server.util").setLevel(logging.ERROR)
-    with dask_client(workers=workers, scheduler=scheduler, scheduler_file=scheduler_file,
-                     cluster=cluster, jobs=jobs) as client:
-        click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+
+
+@contextlib.contextmanager
+def _engine(engine: Any, scheduler: str | None, scheduler_file: str | None,
+            jobs: int | None) -> Any:
+    """Run the block on ``engine`` (:mod:`sacla_dask.engine`), saying where it runs."""
+    from .engine import engine_context
+
+    if engine.kind != "threads":
+        _quiet_distributed()
+    with engine_context(engine, jobs=jobs, scheduler=scheduler,
+                        scheduler_file=scheduler_file) as client:
+        if client is not None:
+            click.echo(f"dask dashboard: {client.dashboard_link}", err=True)
         yield client
 
 
@@ -264,7 +284,14 @@ def _performance_report(path: str | None) -> Any:
               help="Show a progress bar.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write a Dask performance report (HTML: task stream, worker profiles, "
-                   "bandwidth) of the computation to this file.")
+                   "bandwidth) of the computation to this file (runs on worker processes).")
+@click.option("--engine", type=click.Choice(["auto", "threads", "processes"]), default="auto",
+              show_default=True,
+              help="On this machine: threads in this process (nothing to start; parallel "
+                   "where reads and kernels release the GIL), or a LocalCluster of worker "
+                   "processes. auto: threads for contiguous uncompressed images, processes "
+                   "for compressed ones (decoded under HDF5's lock) or when --workers or "
+                   "--report is given.")
 @_cluster_options
 @_handle_errors
 def process(runs: tuple[str, ...], out: str, geometry: str | None,
@@ -280,7 +307,8 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
             bootstrap: int = 0, ci_level: float = 0.95, keep_pairs: bool = False,
             solid_angle: bool = False, polarization: float | None = None,
             tag_range: tuple[int, int] | None = None, min_pulse_energy: float | None = None,
-            skip_first: int | None = None, drop_unselected: bool = False) -> None:
+            skip_first: int | None = None, drop_unselected: bool = False,
+            engine: str = "auto") -> None:
     """Process run file(s) into a labelled correlation Zarr store.
 
     The store is written tag chunk by tag chunk: if the run is killed,
@@ -319,13 +347,18 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
                     keep_pairs=keep_pairs, tag_range=tag_range or None,
                     min_pulse_energy=min_pulse_energy, skip_first=skip_first,
                     drop_unselected=drop_unselected)
+    from .engine import choose_engine
+
+    plan.engine = choose_engine(plan.run, engine, workers=workers, scheduler=scheduler,
+                                scheduler_file=scheduler_file, cluster=cluster,
+                                report=report is not None)
     click.echo(repr(plan))
     if dry_run:
         return
     plan.check_output(overwrite=overwrite)   # refuse a bad --out before starting a cluster
     t0 = time.perf_counter()
     try:
-        with _client_from(workers, scheduler, scheduler_file, cluster, jobs), \
+        with _engine(plan.engine, scheduler, scheduler_file, jobs), \
                 _performance_report(report):
             ds = plan.execute(progress=progress, overwrite=overwrite)
     except KeyboardInterrupt:
@@ -345,20 +378,25 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
 @click.option("--tags", "n_tags", default=200, show_default=True, help="Tags to synthesise.")
 @click.option("--shape", nargs=2, type=int, default=(1024, 1024), show_default=True,
               help="Image shape NY NX in pixels.")
-@click.option("--workers", type=int, default=2, show_default=True,
-              help="LocalCluster worker processes.")
+@click.option("--engine", type=click.Choice(["auto", "threads", "processes"]), default="auto",
+              show_default=True, help="Where it runs, as for 'process --engine'.")
+@click.option("--workers", type=int, default=None,
+              help="Threads or worker processes (default: number of cores).")
 @_handle_errors
-def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int) -> None:
-    """The whole job end to end on a synthetic run, on a LocalCluster.
+def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int | None,
+         engine: str = "auto") -> None:
+    """The whole job end to end on a synthetic run.
 
     Writes a synthetic run with dark shots, a known centre, powder rings
     and a 6-fold angular modulation; processes the band around the outer
-    ring on a LocalCluster; checks the result against the known truth.
+    ring with the default engine (as 'process' would); checks the result
+    against the known truth.
 
     \b
     Example:
-      sacla-dask demo --dir demo --tags 200 --workers 2
+      sacla-dask demo --dir demo --tags 200
     """
+    from .engine import choose_engine
     from .pipeline import plan_run
     from .synthetic import panel_mask, write_synthetic_run
 
@@ -381,12 +419,13 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int) -> Non
     plan = plan_run(run_path, qmin=qmin, qmax=qmax, center=(truth.center_x, truth.center_y),
                     pixel_size=truth.pixel_size, distance=truth.distance, mask=mask_path,
                     out=out, chunks="64MiB")
+    plan.engine = choose_engine(plan.run, engine, workers=workers)
     click.echo("2. plan:\n" + repr(plan))
     t0 = time.perf_counter()
-    with _client_from(workers, None, None, "local", None):
+    with _engine(plan.engine, None, None, None):
         ds = plan.execute(progress=True, overwrite=True)
     dt = time.perf_counter() - t0
-    click.echo(f"3. processed on a LocalCluster of {workers} workers in {dt:.1f} s "
+    click.echo(f"3. processed on {plan.engine.kind} in {dt:.1f} s "
                f"({ds.sizes['tag'] / dt:.1f} tags/s) -> {out}")
     bright = ds["bright"].values
     prof = ds["polar"].where(ds["polar_mask"]).isel(tag=bright).mean(("tag", "phi"))

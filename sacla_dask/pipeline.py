@@ -44,6 +44,7 @@ from .correlation import (
     pair_statistics,
     parse_q_pairs,
 )
+from .engine import Engine
 from .errors import MaskError, PairingError, ParameterError
 from .geometry import Geometry
 from .pairs import (
@@ -514,6 +515,8 @@ class ProcessingPlan:
     #: ``tags_per_chunk`` came from ``chunks="auto"``: :meth:`execute` sizes it again for
     #: the workers that run it (:meth:`settle_chunks`)
     auto_chunks: bool = False
+    #: where :meth:`execute` will run, when known (:func:`sacla_dask.engine.choose_engine`)
+    engine: Engine | None = None
     #: the halo (:data:`HALO_IMAGE_BYTES`) of each normalised polar array :meth:`polar`
     #: made, by the array's name
     _halos: dict[str, da.Array] = dataclasses.field(default_factory=dict, init=False,
@@ -575,6 +578,7 @@ class ProcessingPlan:
                       + (" (auto: sized again for the workers that run it)"
                          if self.auto_chunks else ""),
             "operator": dask.utils.format_bytes(self.transform.operator.nbytes),
+            **({"engine": str(self.engine)} if self.engine is not None else {}),
             "output": (f"{self.out or '(in memory)'}"
                        + (f", polar {dask.utils.format_bytes(self.polar_nbytes)} "
                           f"({self.compression})" if self.store_polar else ", correlation only")),
@@ -1008,6 +1012,8 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def _active_client() -> Any:
+    if "distributed" not in sys.modules:  # no client without it (and no import for nothing)
+        return None
     try:
         from distributed import get_client
 
