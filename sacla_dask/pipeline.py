@@ -996,7 +996,12 @@ class ProcessingPlan:
                   if isinstance(v.data, da.Array) and k not in names and k not in derived}
         # the picks of the polar chunks' outputs run inside their consumers (3 tasks fewer
         # per tag chunk)
-        with dask.config.set(delayed_optimize=inline_picks):
+        # the graph carries the operator and the correlation plan once (each worker fetches
+        # them once): that is by design, not the "large graph" distributed warns about
+        shipped = self.transform.operator.nbytes + sizeof(self.correlation_plan())
+        with dask.config.set({"delayed_optimize": inline_picks,
+                              "distributed.admin.large-graph-warning-threshold":
+                                  max(10 << 20, 2 * shipped)}):
             _compute([writes, _store.array_writes(out, finals)], progress=progress)
         self._record_unreadable(out, _store.read_array(out, "image_ok"))
         _store.finish(out)

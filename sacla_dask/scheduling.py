@@ -126,22 +126,33 @@ def memory_per_thread() -> int | None:
     Dask would run (``num_workers`` or the CPU count; 1 for ``sync``).
     """
     import os
+    import sys
 
     import dask.base
     import dask.local
-
-    sched = dask.base.get_scheduler()
-    client = getattr(sched, "__self__", None)
-    if client is not None and hasattr(client, "scheduler_info"):
-        try:
-            workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        except Exception:  # noqa: BLE001 - an unreachable scheduler: not known
-            return None
-        per = [w["memory_limit"] / max(1, int(w.get("nthreads") or 1)) for w in workers
-               if w.get("memory_limit")]
-        return int(min(per)) if per else None
     import psutil
 
-    threads = 1 if sched is dask.local.get_sync else int(
-        dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    named = dask.config.get("scheduler", None)
+    if "distributed" in sys.modules and named not in _IN_PROCESS:
+        # (no client can exist without distributed imported: it is not imported for this)
+        sched = dask.base.get_scheduler()
+        client = getattr(sched, "__self__", None)
+        if client is not None and hasattr(client, "scheduler_info"):
+            try:
+                workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            except Exception:  # noqa: BLE001 - an unreachable scheduler: not known
+                return None
+            per = [w["memory_limit"] / max(1, int(w.get("nthreads") or 1)) for w in workers
+                   if w.get("memory_limit")]
+            return int(min(per)) if per else None
+        sync = sched is dask.local.get_sync
+    else:
+        sync = named in ("sync", "synchronous", "single-threaded")
+    threads = 1 if sync else int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
     return int(psutil.virtual_memory().total // max(1, threads))
+
+
+#: names of Dask's schedulers that run in this process
+_IN_PROCESS = ("threads", "threading", "sync", "synchronous", "single-threaded", "processes",
+               "multiprocessing")
+

@@ -29,13 +29,15 @@ then recomputed from the stored plus the fresh chunks (cheap next to reading
 the raw images). In correlation-only mode (no ``polar`` in the result) no
 polar images are written, not even as scratch (a wide band's outweigh the
 raw data): a resumed run keeps the finished chunks' per-tag arrays but
-computes their polar images again for the pairs. (Stores of earlier
-versions may hold a scratch array ``_resume_polar``; :func:`finish`
-removes it.)
+computes their polar images again for the pairs.
 
-Consolidated metadata is not part of the Zarr v3 specification; stores are
-written without it and read with ``consolidated=False``: one metadata read
-per array, which is negligible for the handful of arrays in a result.
+A finished store gets consolidated metadata (:func:`consolidate`), so that a
+plain ``xr.open_zarr(path)`` opens it silently with one metadata read.
+Consolidated metadata is not part of the Zarr v3 specification: it is an
+index that zarr-python and xarray read, and :func:`open_result` does not
+depend on it (it reads each array's own metadata, ``consolidated=False``),
+so a store whose index went stale still opens correctly there. An
+unfinished store has none (its arrays are still changing).
 """
 
 from __future__ import annotations
@@ -70,10 +72,8 @@ COMPRESSIONS = ("none", "lz4", "zstd")
 DONE = "_chunk_done"
 #: dimension of :data:`DONE`
 DONE_DIM = "resume_chunk"
-#: scratch polar images of correlation-only runs of earlier versions (removed by finish)
-SCRATCH = "_resume_polar"
 #: arrays that exist only while a store is being written
-BOOKKEEPING = (DONE, SCRATCH)
+BOOKKEEPING = (DONE,)
 #: attrs keys of the run's parameters (JSON text) and their SHA-256
 PARAMETERS = "parameters"
 FINGERPRINT = "parameters_sha256"
@@ -646,6 +646,21 @@ def finish(path: str | os.PathLike[str]) -> None:
                 del g[name]
     except OSError as exc:  # complete all the same: open_result hides the leftovers
         log.warning("could not remove the bookkeeping arrays of %s: %s", p, exc)
+    consolidate(p)
+
+
+def consolidate(path: str | os.PathLike[str]) -> None:
+    """Write the consolidated metadata of a finished store (see the module docstring).
+
+    Called again by anything that changes a finished store's arrays or attrs.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # zarr warns that consolidated metadata is outside the v3 spec: known, and chosen
+        warnings.filterwarnings("ignore", message="Consolidated metadata",
+                                category=UserWarning)
+        zarr.consolidate_metadata(os.fspath(path))
 
 
 def open_result(path: str | os.PathLike[str], allow_incomplete: bool = False,
