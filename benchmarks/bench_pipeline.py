@@ -123,7 +123,8 @@ def disk_write(workdir: str, mib: int = 1024) -> dict:
     return {"seconds": dt, "mb_per_s": n_blocks * len(block) / dt / 1e6}
 
 
-#: the steady state's long run, in multiples of --tags (runs 9-11: 2)
+#: the steady state's long run, in multiples of --tags (a longer span makes the marginal
+#: rate less sensitive to the host's noise)
 STEADY_SPAN = 3
 
 
@@ -133,9 +134,9 @@ def raw_pixels(path: str, names: list[str], radii: tuple[float, float]) -> dict:
     dataset's offset into a reused buffer; img/s.
 
     The floor of a reader that fetches only a thin band's pixels (what
-    ``sacla_dask.run.read_pixels`` does for a contiguous dataset since the
-    fifth session; before, both took the pixels from a memory map, which on
-    the EPYC VM costs 1.9 instead of 1.1 ms per ring image in page faults).
+    ``sacla_dask.run.read_pixels`` does for a contiguous dataset; taking the
+    pixels through a memory map instead costs more in page faults:
+    docs/benchmarks.md).
     """
     import h5py
 
@@ -326,7 +327,7 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
     if os.path.exists(out):
         shutil.rmtree(out)
     # no earlier run's writes still being flushed: a run pays for its own writes only
-    # (since run 15; before, a store run could wait on the previous runs' writeback)
+    # (without it, a store run could wait on the previous runs' writeback)
     os.sync()
     evicted = C.evict([path], cold) if cold else None
     pids = cl["pids"]
@@ -499,10 +500,10 @@ def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
     and the fold's fan-in follow from the band's real grid): ``execute()``
     writes the store's template, then its graph is built and optimised as
     the scheduler would get it (``collections_to_expr(...).optimize()``) and
-    counted, and the compute is stopped before it starts. (Up to run 16 the
-    graph was run on 64x64 images with the same tags per chunk: the fold's
-    fan-in, chosen from the size of the partial sums, was then that of tiny
-    images.)
+    counted, and the compute is stopped before it starts. (The real image
+    size matters: the fold's fan-in is chosen from the size of the partial
+    sums, so a graph of tiny images with the same tags per chunk would have
+    a different count.)
     """
     import collections
 
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run of ~1.5 minutes: 30 ring tags, 8 wide, one "
                          "repeat, ring RSS at 10 and 30 tags, no codec comparison (not the "
-                         "README's figures)")
+                         "figures of docs/benchmarks.md)")
     ap.add_argument("--workdir", default=C.WORK)
     ap.add_argument("--json", default=None, help="results file (default _work/results-*.json)")
     a = ap.parse_args(argv)
@@ -838,12 +839,12 @@ def main(argv: list[str] | None = None) -> dict:
     md = markdown(res)
     with open(fn[:-5] + ".md", "w") as fh:
         fh.write(md)
-    log(f"\nresults: {fn} (and the tables for the README: {fn[:-5]}.md)")
+    log(f"\nresults: {fn} (and as markdown tables for docs/benchmarks.md: {fn[:-5]}.md)")
     return res
 
 
 def markdown(res: dict) -> str:
-    """Every figure of a run as README-ready markdown tables."""
+    """Every figure of a run as markdown tables (for docs/benchmarks.md)."""
     m = res["machine"]
     v = m["versions"]
     out = [f"Run {res['started']} .. {res.get('finished')}: `bench_pipeline.py "
