@@ -171,9 +171,12 @@ def engine_context(engine: Engine, *, jobs: int | None = None, scheduler: str | 
     with :func:`sacla_dask.cluster.dask_client` and close what they started.
     """
     import dask
+    import dask.threaded
 
     if engine.kind == "threads":
-        with dask.config.set(scheduler="threads", num_workers=engine.workers):
+        # the scheduler function itself, not its name: Dask looks for a distributed client
+        # behind a name, importing distributed (about a second) for nothing
+        with dask.config.set(scheduler=dask.threaded.get, num_workers=engine.workers):
             yield None
         return
     from .cluster import dask_client

@@ -303,8 +303,8 @@ def _tune_worker_allocator(polar_shape: tuple[int, int]) -> None:
     """
     nq, nphi = polar_shape
     mode = "retain" if 4 * nq * nphi >= RETAIN_IMAGE_BYTES else "release"
-    if _ALLOCATOR_MODE == mode:
-        return
+    if _ALLOCATOR_MODE == mode or "distributed" not in sys.modules:
+        return  # (a worker has distributed imported; this process need not import it)
     try:
         from distributed import get_worker
 

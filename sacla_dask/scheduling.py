@@ -130,9 +130,12 @@ def memory_per_thread() -> int | None:
 
     import dask.base
     import dask.local
+    import dask.threaded
     import psutil
 
     named = dask.config.get("scheduler", None)
+    if named in (dask.threaded.get, dask.local.get_sync):
+        named = {dask.threaded.get: "threads", dask.local.get_sync: "sync"}[named]
     if "distributed" in sys.modules and named not in _IN_PROCESS:
         # (no client can exist without distributed imported: it is not imported for this)
         sched = dask.base.get_scheduler()
