@@ -101,3 +101,29 @@ def test_engines_write_identical_stores_without_warnings(small_run, small_params
     assert ({k: v for k, v in a.attrs.items() if k not in drop}
             == {k: v for k, v in b.attrs.items() if k not in drop})
     assert np.isfinite(a["corr"].values).any()
+
+
+def test_threads_engine_imports_no_distributed(small_run, small_params, tmp_path):
+    """Starting nothing means importing nothing of distributed either (about a second)."""
+    cx, cy = small_params["center"]
+    args = ["process", str(small_run.path), "--out", str(tmp_path / "t.zarr"),
+            "--center", repr(cx), repr(cy), "--qmin", repr(small_params["qmin"]),
+            "--qmax", repr(small_params["qmax"]), "--pixel-size",
+            repr(small_params["pixel_size"]), "--distance", repr(small_params["distance"])]
+    code = ("import sys\nfrom sacla_dask.cli import main\n"
+            f"main({args!r}, standalone_mode=False)\n"
+            "print('distributed imported:', 'distributed' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert "engine     : threads" in res.stdout
+    assert "distributed imported: False" in res.stdout
+
+
+def test_help_imports_no_scientific_stack():
+    code = ("import sys\nfrom sacla_dask.cli import main\n"
+            "try:\n    main(['process', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('dask', 'xarray', 'zarr', 'scipy', 'distributed', "
+            "'matplotlib', 'h5py') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip().endswith("[]"), res.stdout[-300:]
