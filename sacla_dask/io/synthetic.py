@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .geometry import HC_KEV_ANGSTROM, Geometry
+from ..geometry import HC_KEV_ANGSTROM, Geometry
 
 try:
     import hdf5plugin

@@ -61,7 +61,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .errors import BadTagError, LayoutError, ParameterError, RunFileError
+from ..errors import BadTagError, LayoutError, ParameterError, RunFileError
 
 try:  # registers bitshuffle/LZ4/zstd... HDF5 filters used for compressed exports
     import hdf5plugin  # noqa: F401
@@ -995,7 +995,7 @@ def open_run(
 
 def mean_wavelength(run: Run) -> float:
     """Mean wavelength (Angstrom) of the selected shots from the photon energy in eV."""
-    from .geometry import energy_to_wavelength
+    from ..geometry import energy_to_wavelength
 
     if "photon_energy" not in run.events:
         raise ParameterError(
