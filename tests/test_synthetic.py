@@ -1,6 +1,6 @@
 """The synthetic run writer: layout, truth, options, and the damaged files it makes.
 
-The images are checked against :func:`sacla_dask.synthetic.ring_image`, an
+The images are checked against :func:`sacla_dask.io.synthetic.ring_image`, an
 independent float64 formula, and the layout against plain h5py reads.
 """
 
@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from sacla_dask.run import DETECTOR
-from sacla_dask.synthetic import (
+from sacla_dask.io.run import DETECTOR
+from sacla_dask.io.synthetic import (
     corrupt_tag,
     ring_image,
     tag_dataset_path,
