@@ -4,10 +4,11 @@ Re-exports the names other modules import from here, so that they work
 unchanged until their imports point at :mod:`sacla_dask.io`; then this module
 goes.
 
-``_read_block`` and ``read_pixels`` are not copied here: each access looks
-them up in :mod:`sacla_dask.io.hdf5` (module ``__getattr__``), so
-``run.read_pixels(...)`` calls whatever that module holds at the time, e.g.
-a test's or a worker preload's wrapper.
+The readers and switches of :mod:`sacla_dask.io.hdf5` (``_read_block``,
+``read_pixels``, ``_contiguous_region``, ``DIRECT_READ``, ``READ_STRATEGY``)
+are not copied here: each access looks them up in that module (module
+``__getattr__``), so ``run.read_pixels(...)`` calls whatever it holds at the
+time, e.g. a test's or a worker preload's wrapper.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ from .io.run import (
 )
 
 if TYPE_CHECKING:
-    from .io.hdf5 import _read_block, read_pixels  # noqa: F401
+    from .io.hdf5 import (  # noqa: F401
+        DIRECT_READ,
+        READ_STRATEGY,
+        _contiguous_region,
+        _read_block,
+        read_pixels,
+    )
 
 #: names looked up in :mod:`sacla_dask.io.hdf5` at each access
-_FROM_HDF5 = ("_read_block", "read_pixels")
+_FROM_HDF5 = ("_read_block", "read_pixels", "_contiguous_region", "DIRECT_READ",
+              "READ_STRATEGY")
 
 
 def __getattr__(name: str) -> Any:

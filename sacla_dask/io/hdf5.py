@@ -35,7 +35,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -44,9 +44,9 @@ from ..errors import BadTagError, RunFileError
 try:  # registers bitshuffle/LZ4/zstd... HDF5 filters used for compressed exports
     import hdf5plugin  # noqa: F401
 except ImportError:  # pragma: no cover - hdf5plugin is a hard dependency
-    hdf5plugin = None
+    hdf5plugin = None  # type: ignore[assignment]
 
-import h5py
+import h5py  # type: ignore[import-untyped]
 
 if TYPE_CHECKING:
     from .run import TagSource
@@ -83,9 +83,9 @@ def _read_one(fid: h5py.h5f.FileID, src: TagSource, window: tuple[slice, slice],
 
     One HDF5 read call: ``"hyperslab"`` selects the 2-D window;
     ``"rows"`` reads the window's full rows as one contiguous run of bytes
-    and copies the columns (contiguous datasets only; see
-    benchmarks/bench_read.py for which is faster). HDF5 converts integer
-    pixels to float32 on the way.
+    and copies the columns (contiguous datasets only; which is faster
+    depends on the machine, see :data:`READ_STRATEGY`). HDF5 converts
+    integer pixels to float32 on the way.
     """
     (y0, y1), (x0, x1) = (window[0].start, window[0].stop), (window[1].start, window[1].stop)
     dsid = h5py.h5d.open(fid, src.dataset.encode())
@@ -151,7 +151,7 @@ def _read_block(
     wy = window[0].stop - window[0].start
     wx = window[1].stop - window[1].start
     out = None if consume else np.empty((len(sources), wy, wx), dtype=np.float32)
-    buf = np.empty((wy, wx), dtype=np.float32) if consume else None
+    buf = np.empty((wy, wx) if consume else (0, 0), dtype=np.float32)  # consume's window
     for path, idx in _by_file(sources).items():
         with _open_h5(path) as fh:
             fid = fh.id
@@ -168,6 +168,7 @@ def _read_block(
     return out
 
 
+# -- a band's pixels, read from the file directly ------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Contiguous:
     """A contiguous image in its file: byte ``offset``, pixel ``dtype``, ``nx`` columns."""
@@ -292,17 +293,16 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
     """``out[:] =`` rows ``y0:y1`` of ``image``, flat, at ``index``: one ``pread`` of
     those rows into the reused buffer ``buf[0]`` (made or grown here), then a gather.
 
-    One copy out of the page cache beats touching the pixels' pages through
-    a memory map: measured on the ring band (1569 rows of 2400 float32 per
-    image, 177k pixels), 1.1 ms per image against 1.9 ms of page faults
-    (AMD EPYC VM, warm cache; benchmarks/README.md).
+    One copy out of the page cache costs less than touching the pixels'
+    pages through a memory map (a page fault per page), and maps nothing
+    into the process.
 
     The rows are first read without waiting for the disk (``RWF_NOWAIT``,
     where the kernel and file system have it). Only when some of them are
     not in the page cache is the kernel asked to read ``ahead`` (``(first
     byte, bytes)``: the next image's rows) while this read waits: on a warm
-    cache that hint, a walk over pages already there, cost 0.13 ms per
-    ring image (12 % of the read).
+    cache that hint would only be a walk over pages already there, a cost
+    for nothing.
     """
     global _NOWAIT
     first, nbytes = image.rows(y0, y1)
@@ -312,7 +312,7 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
     got = 0
     if _NOWAIT:
         try:
-            got = os.preadv(fd, [view], first, _NOWAIT)
+            got = os.preadv(fd, [view], first, _NOWAIT)  # type: ignore[list-item]
         except BlockingIOError:  # nothing of it cached
             got = 0
         except OSError:  # not on this file system: hint and wait from now on
@@ -324,7 +324,7 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
             except OSError:
                 pass
         while got < nbytes:
-            n = os.preadv(fd, [view[got:]], first + got)
+            n = os.preadv(fd, [view[got:]], first + got)  # type: ignore[list-item]
             if n <= 0:
                 size = os.fstat(fd).st_size
                 raise OSError(f"the image's bytes run past the end of the file ({size} "
@@ -349,12 +349,13 @@ DIRECT_READ: bool = os.environ.get("SACLA_DASK_DIRECT_READ", "1").strip().lower(
     "0", "no", "false", "off")
 
 #: Default way to read a window of a contiguous dataset: "hyperslab" (2-D
-#: selection) or "rows" (full rows, then columns). Chosen from
-#: benchmarks/bench_read.py on this project's machines; both read the same
-#: rows (HDF5's sieve buffer reads whole rows of a contiguous dataset).
+#: selection) or "rows" (full rows, then columns, one copy more). Both read the
+#: same rows (HDF5's sieve buffer reads whole rows of a contiguous dataset);
+#: benchmarks/bench_read.py compares them.
 READ_STRATEGY: ReadStrategy = "hyperslab"
 
 
+# -- the images of a run as a dask array ---------------------------------------------
 class _TagReader:
     """Array-like over (tag, y, x) that dask's ``from_array`` slices per block.
 
@@ -382,6 +383,7 @@ class _TagReader:
         x = range(self.window[1].start, self.window[1].stop)[xsel]
         srcs = [self.sources[i] for i in idx]
         if y.step != 1 or x.step != 1:
-            return _read_block(srcs, self.window, self.on_bad_tag)[:, ysel, xsel]
+            block = cast(np.ndarray, _read_block(srcs, self.window, self.on_bad_tag))
+            return block[:, ysel, xsel]
         win = (slice(y.start, y.stop), slice(x.start, x.stop))
-        return _read_block(srcs, win, self.on_bad_tag)
+        return cast(np.ndarray, _read_block(srcs, win, self.on_bad_tag))

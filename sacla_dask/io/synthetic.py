@@ -8,6 +8,14 @@ difference correlation has a known signature), panel gaps for a mask,
 and the usual HDF5 compressions. It also damages files on purpose (a tag
 without ``detector_data``, a corrupt compressed chunk, a truncated file) for
 the tests of bad input.
+
+A run is described by a few small frozen groups: :class:`Shots` (tags,
+dark shots, event data), :class:`Detector` (image shape, beam centre, pixel
+size, distance, background, noise), :class:`Rings` (radii, widths,
+modulation), :class:`BraggSpots` and :class:`Storage` (compression, chunks,
+damaged tags). :func:`write_synthetic_run` takes the groups, or any of their
+fields as a flat keyword (``n_tags=``, ``ring_radii=``...); a new option is a
+field of a group.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -23,8 +32,8 @@ from ..geometry import HC_KEV_ANGSTROM, Geometry
 try:
     import hdf5plugin
 except ImportError:  # pragma: no cover
-    hdf5plugin = None
-import h5py
+    hdf5plugin = None  # type: ignore[assignment]
+import h5py  # type: ignore[import-untyped]
 
 from .run import DETECTOR
 
@@ -123,83 +132,154 @@ def ring_image(shape: tuple[int, int], center: tuple[float, float],
     return img
 
 
-def write_synthetic_run(
-    path: str | os.PathLike[str],
-    n_tags: int = 40,
-    n_dark: int = 5,
-    shape: tuple[int, int] = (256, 256),
-    center: tuple[float, float] | None = None,
-    ring_radii: Sequence[float] = (40.0, 80.0),
-    ring_width: float = 2.0,
-    ring_amplitudes: Sequence[float] | None = None,
-    pixel_size: float = 50e-6,
-    distance: float = 0.053,
-    photon_energy: float = 8600.0,
-    run: int = 178884,
-    first_tag: int = 166762140,
-    tag_step: int = 2,
-    modulation_order: int = 6,
-    modulation_amplitude: float = 0.2,
-    background: float = 5.0,
-    noise: bool = True,
-    compression: str = "none",
-    extra_event_tags: int = 0,
-    seed: int = 0,
-    first_image: int = 0,
-    pulse_selector: bool = True,
-    chunks: tuple[int, int] | None = None,
-    missing_data: Sequence[int] = (),
-    modulated_rings: Sequence[int] | None = None,
-    ring_phase_offsets: Sequence[float] | None = None,
-    spots: int = 0,
-    spot_amplitude: float = 2000.0,
-    spot_width: float = 1.0,
-) -> SyntheticTruth:
-    """Write a synthetic SACLA run in the DataConvert layout.
+# -- what a synthetic run is made of ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Shots:
+    """The run's exposures: their tags, which have images, which are dark, their event data.
 
-    Parameters
+    Attributes
     ----------
-    path : path
-        Output HDF5 file (overwritten).
     n_tags : int
         Number of tags with images.
     n_dark : int
         The run's first ``n_dark`` exposures have the pulse selector closed
         (dark: background and noise only). Counted from the first exposure
         of the run, not of the file (see ``first_image``).
-    shape : (ny, nx)
-        Image shape in pixels (MPCCD octal: about 2400x2400).
-    center : (x, y), optional
-        Beam centre in pixels (default: slightly off the image centre).
-    ring_radii, ring_width : float
-        Powder ring radii and gaussian width, in pixels.
-    pixel_size, distance : float
-        Metres. ``photon_energy`` in eV (stored per tag in event_info).
-    run, first_tag, tag_step : int
-        Run number; tag of the run's first exposure and the tag increment.
-    modulation_order, modulation_amplitude : int, float
-        Each bright shot's rings carry ``1 + a cos(n (phi - phase))`` with a
-        random phase per shot (returned in the truth).
-    noise : bool
-        Poisson noise on every pixel (``False`` is much faster for large
-        images, e.g. benchmarks at 2400x2400).
-    compression : {"none", "gzip", "bitshuffle-lz4", "zstd"}
-        HDF5 filter of the detector datasets.
-    extra_event_tags : int
-        Event data for this many more exposures than have images (as in a
-        subset file cut from a longer run: the tutorial's file holds 199
-        images and event data for 5050 tags).
-    seed : int
-        Random seed.
+    run : int
+        SACLA run number.
+    first_tag, tag_step : int
+        Tag of the run's first exposure, and the tag increment.
     first_image : int
         Index of the first exposure with an image: the file holds images for
         exposures ``first_image .. first_image + n_tags - 1`` of the run and
         event data for exposures ``0 .. first_image + n_tags +
         extra_event_tags - 1`` (a subset cut from the middle of a run, or
         one of several files of one run).
+    extra_event_tags : int
+        Event data for this many more exposures than have images (as in a
+        subset file cut from a longer run: the tutorial's file holds 199
+        images and event data for 5050 tags).
     pulse_selector : bool
         Write ``xfel_pulse_selector_status`` (``False``: a file without the
         status, where dark shots can only be skipped by count).
+    photon_energy : float
+        Mean photon energy in eV; event_info stores each exposure's, with a
+        1 eV rms jitter.
+    """
+
+    n_tags: int = 40
+    n_dark: int = 5
+    run: int = 178884
+    first_tag: int = 166762140
+    tag_step: int = 2
+    first_image: int = 0
+    extra_event_tags: int = 0
+    pulse_selector: bool = True
+    photon_energy: float = 8600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+    """The detector: image size, where the beam hits it, pixel size, distance, noise.
+
+    Attributes
+    ----------
+    shape : (ny, nx)
+        Image shape in pixels (MPCCD octal: about 2400x2400).
+    center : (x, y), optional
+        Beam centre in pixels (default: slightly off the image centre).
+    pixel_size : float
+        Pixel size in metres.
+    distance : float
+        Sample-detector distance in metres.
+    background : float
+        Detector units added to every pixel of every shot, dark ones too.
+    poisson_noise : bool
+        Poisson noise on every pixel (``False`` is much faster for large
+        images, e.g. benchmarks at 2400x2400).
+    """
+
+    shape: tuple[int, int] = (256, 256)
+    center: tuple[float, float] | None = None
+    pixel_size: float = 50e-6
+    distance: float = 0.053
+    background: float = 5.0
+    poisson_noise: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Rings:
+    """The sample's powder rings and their angular modulation.
+
+    Attributes
+    ----------
+    radii : sequence of float
+        Ring radii in pixels.
+    width : float
+        Gaussian width (sigma) of every ring in pixels.
+    amplitudes : sequence of float, optional
+        Peak height of each ring in detector units at a 1 mJ pulse (the
+        rings scale with each shot's pulse energy); default 1000 each.
+    modulation_order, modulation_amplitude : int, float
+        Each bright shot's rings carry ``1 + a cos(n (phi - phase))`` with a
+        random phase per shot (returned in the truth).
+    modulated : sequence of int, optional
+        Indices of the rings that carry the angular modulation (default:
+        all); the others are isotropic.
+    phase_offsets : sequence of float, optional
+        Per-ring phase offset ``d_k`` (radians): ring k carries
+        ``cos(n (phi - phase - d_k))`` (default: 0 for every ring).
+    """
+
+    radii: Sequence[float] = (40.0, 80.0)
+    width: float = 2.0
+    amplitudes: Sequence[float] | None = None
+    modulation_order: int = 6
+    modulation_amplitude: float = 0.2
+    modulated: Sequence[int] | None = None
+    phase_offsets: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("radii", "amplitudes", "modulated", "phase_offsets"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class BraggSpots:
+    """Bragg spots on the rings of every bright shot (a spotty nanocrystal powder).
+
+    Gaussian spots centred exactly on the ring radius at uniformly random
+    azimuths, with exponentially distributed peak heights; spots off the
+    detector are dropped. Combine with small ring amplitudes for a weak
+    continuous ring under the spots. The spots are drawn from their own
+    random stream, so adding them changes nothing else of the run.
+
+    Attributes
+    ----------
+    per_ring : int
+        Spots per ring on every bright shot (0: none).
+    amplitude : float
+        Mean peak height in detector units at a 1 mJ pulse (scaled by the
+        pulse energy like the rings).
+    width : float
+        Gaussian width (sigma) of a spot in pixels.
+    """
+
+    per_ring: int = 0
+    amplitude: float = 2000.0
+    width: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """How the images are stored in the file, and which tags it damages.
+
+    Attributes
+    ----------
+    compression : {"none", "gzip", "bitshuffle-lz4", "zstd"}
+        HDF5 filter of the detector datasets.
     chunks : (cy, cx), optional
         HDF5 chunk shape of the detector datasets (default: contiguous when
         uncompressed, one chunk per image when compressed).
@@ -207,46 +287,178 @@ def write_synthetic_run(
         Indices (0-based, among the image tags) of tags whose group is
         written without ``detector_data`` (a damaged export). Their truth
         is still listed in ``tags``; see ``SyntheticTruth.missing``.
-    modulated_rings : sequence of int, optional
-        Indices of the rings that carry the angular modulation (default:
-        all); the others are isotropic.
-    ring_phase_offsets : sequence of float, optional
-        Per-ring phase offset ``d_k`` (radians): ring k carries
-        ``cos(n (phi - phase - d_k))`` (default: 0 for every ring).
-    spots : int
-        Bragg spots per ring on every bright shot (a spotty nanocrystal
-        powder ring): gaussian spots of sigma ``spot_width`` pixels centred
-        exactly on the ring radius at uniformly random azimuths, with
-        exponentially distributed peak heights of mean ``spot_amplitude``
-        (detector units at 1 mJ, scaled by the pulse energy like the rings).
-        Spots off the detector are dropped. Combine with small
-        ``ring_amplitudes`` for a weak continuous ring under the spots. The
-        spots come from their own random stream, so ``spots=0`` writes
-        exactly what the writer wrote before this option existed.
+    """
+
+    compression: str = "none"
+    chunks: tuple[int, int] | None = None
+    missing_data: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "missing_data", tuple(self.missing_data))
+
+
+class SyntheticKeywords(TypedDict, total=False):
+    """The flat keywords of :func:`write_synthetic_run`, one per field of a group.
+
+    New options go into a group (:class:`Shots`, :class:`Detector`,
+    :class:`Rings`, :class:`BraggSpots`, :class:`Storage`), not here.
+    """
+
+    n_tags: int
+    n_dark: int
+    run: int
+    first_tag: int
+    tag_step: int
+    first_image: int
+    extra_event_tags: int
+    pulse_selector: bool
+    photon_energy: float
+    shape: tuple[int, int]
+    center: tuple[float, float] | None
+    pixel_size: float
+    distance: float
+    background: float
+    noise: bool
+    ring_radii: Sequence[float]
+    ring_width: float
+    ring_amplitudes: Sequence[float] | None
+    modulation_order: int
+    modulation_amplitude: float
+    modulated_rings: Sequence[int] | None
+    ring_phase_offsets: Sequence[float] | None
+    spots: int
+    spot_amplitude: float
+    spot_width: float
+    compression: str
+    chunks: tuple[int, int] | None
+    missing_data: Sequence[int]
+
+
+#: flat keyword of :func:`write_synthetic_run` -> (group, field)
+KEYWORD_FIELDS: dict[str, tuple[str, str]] = {
+    "n_tags": ("shots", "n_tags"),
+    "n_dark": ("shots", "n_dark"),
+    "run": ("shots", "run"),
+    "first_tag": ("shots", "first_tag"),
+    "tag_step": ("shots", "tag_step"),
+    "first_image": ("shots", "first_image"),
+    "extra_event_tags": ("shots", "extra_event_tags"),
+    "pulse_selector": ("shots", "pulse_selector"),
+    "photon_energy": ("shots", "photon_energy"),
+    "shape": ("detector", "shape"),
+    "center": ("detector", "center"),
+    "pixel_size": ("detector", "pixel_size"),
+    "distance": ("detector", "distance"),
+    "background": ("detector", "background"),
+    "noise": ("detector", "poisson_noise"),
+    "ring_radii": ("rings", "radii"),
+    "ring_width": ("rings", "width"),
+    "ring_amplitudes": ("rings", "amplitudes"),
+    "modulation_order": ("rings", "modulation_order"),
+    "modulation_amplitude": ("rings", "modulation_amplitude"),
+    "modulated_rings": ("rings", "modulated"),
+    "ring_phase_offsets": ("rings", "phase_offsets"),
+    "spots": ("bragg_spots", "per_ring"),
+    "spot_amplitude": ("bragg_spots", "amplitude"),
+    "spot_width": ("bragg_spots", "width"),
+    "compression": ("storage", "compression"),
+    "chunks": ("storage", "chunks"),
+    "missing_data": ("storage", "missing_data"),
+}
+
+
+# -- the writer ---------------------------------------------------------------------------
+def write_synthetic_run(
+    path: str | os.PathLike[str],
+    *,
+    shots: Shots | None = None,
+    detector: Detector | None = None,
+    rings: Rings | None = None,
+    bragg_spots: BraggSpots | None = None,
+    storage: Storage | None = None,
+    seed: int = 0,
+    **keywords: Unpack[SyntheticKeywords],
+) -> SyntheticTruth:
+    """Write a synthetic SACLA run in the DataConvert layout.
+
+    Powder rings about the beam centre on every bright shot, scaled by its
+    pulse energy and modulated by ``1 + a cos(n (phi - phase))`` with a
+    random phase per shot; the run's first exposures dark; per-tag event
+    data (pulse selector, photon energy, pulse energy).
+
+    Parameters
+    ----------
+    path : path
+        Output HDF5 file (overwritten).
+    shots : Shots, optional
+        The exposures, their tags and event data (default :class:`Shots`).
+    detector : Detector, optional
+        Image shape, beam centre, pixel size, distance, background and noise.
+    rings : Rings, optional
+        Ring radii, widths, amplitudes and their angular modulation.
+    bragg_spots : BraggSpots, optional
+        Bragg spots on the rings (default: none).
+    storage : Storage, optional
+        Compression and chunks of the images, tags written without them.
+    seed : int
+        Random seed.
+    **keywords
+        Any field of a group by its flat name (:class:`SyntheticKeywords`,
+        :data:`KEYWORD_FIELDS`): ``n_tags=``, ``shape=``, ``ring_radii=``,
+        ``noise=`` (``Detector.poisson_noise``), ``spots=``
+        (``BraggSpots.per_ring``), ``compression=``... A keyword replaces
+        that field of the group given (or of the default one).
 
     Returns
     -------
     SyntheticTruth
     """
+    groups: dict[str, Any] = {
+        "shots": Shots() if shots is None else shots,
+        "detector": Detector() if detector is None else detector,
+        "rings": Rings() if rings is None else rings,
+        "bragg_spots": BraggSpots() if bragg_spots is None else bragg_spots,
+        "storage": Storage() if storage is None else storage,
+    }
+    changes: dict[str, dict[str, Any]] = {}
+    for name, value in keywords.items():
+        if name not in KEYWORD_FIELDS:
+            raise TypeError(f"write_synthetic_run() got an unexpected keyword argument {name!r}")
+        group, field = KEYWORD_FIELDS[name]
+        changes.setdefault(group, {})[field] = value
+    for group, fields in changes.items():
+        groups[group] = dataclasses.replace(groups[group], **fields)
+    return _write(os.fspath(path), seed=seed, **groups)
+
+
+def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: BraggSpots,
+           storage: Storage, seed: int) -> SyntheticTruth:
+    """The writer of :func:`write_synthetic_run`, from its groups."""
+    n_tags, first_image, extra_event_tags = shots.n_tags, shots.first_image, shots.extra_event_tags
+    shape = detector.shape
+    compression = storage.compression
+    ring_radii, ring_width, order = rings.radii, rings.width, rings.modulation_order
+    spots = bragg_spots
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS} (got {compression!r})")
     if first_image < 0 or n_tags < 0 or extra_event_tags < 0:
         raise ValueError("n_tags, first_image and extra_event_tags must be >= 0")
     rng = np.random.default_rng(seed)
     ny, nx = shape
+    center = detector.center
     if center is None:
         center = ((nx - 1) / 2 + 3.3, (ny - 1) / 2 - 2.1)
     cx, cy = float(center[0]), float(center[1])
     n_event = first_image + n_tags + extra_event_tags
-    event_tags = first_tag + tag_step * np.arange(n_event, dtype=np.int64)
+    event_tags = shots.first_tag + shots.tag_step * np.arange(n_event, dtype=np.int64)
     img_idx = np.arange(first_image, first_image + n_tags)
     tags = event_tags[img_idx]
     bright = np.ones(n_event, dtype=bool)
-    bright[:n_dark] = False
+    bright[:shots.n_dark] = False
     phases = rng.uniform(0, 2 * np.pi, n_event)
     pulse_energy = np.where(bright, rng.normal(1.0e-3, 0.05e-3, n_event), 0.0)
-    energies = photon_energy + rng.normal(0, 1.0, n_event)
-    missing = sorted({int(i) for i in missing_data})
+    energies = shots.photon_energy + rng.normal(0, 1.0, n_event)
+    missing = sorted({int(i) for i in storage.missing_data})
     if missing and (missing[0] < 0 or missing[-1] >= n_tags):
         raise ValueError(f"missing_data indices must lie in 0..{n_tags - 1} (got {missing})")
 
@@ -256,18 +468,19 @@ def write_synthetic_run(
     r = np.hypot(dx, dy)
     phi = np.arctan2(dy, dx)
     del yy, xx, dx, dy
-    amps = list(ring_amplitudes) if ring_amplitudes is not None else [1000.0] * len(ring_radii)
+    amps = (list(rings.amplitudes) if rings.amplitudes is not None
+            else [1000.0] * len(ring_radii))
     ring_sum = np.zeros(shape, np.float32)
     for rk, a in zip(ring_radii, amps, strict=True):
         ring_sum += np.float32(a) * np.exp(-((r - np.float32(rk)) ** 2)
                                            / np.float32(2 * ring_width**2))
     per_ring = None
-    if modulated_rings is not None or ring_phase_offsets is not None:
+    if rings.modulated is not None or rings.phase_offsets is not None:
         per_ring = _ring_modulation(r, phi, ring_radii, amps, ring_width, ring_sum,
-                                    modulation_order, modulated_rings, ring_phase_offsets)
+                                    order, rings.modulated, rings.phase_offsets)
     del r
-    cos_n = np.cos(modulation_order * phi).astype(np.float32)
-    sin_n = np.sin(modulation_order * phi).astype(np.float32)
+    cos_n = np.cos(order * phi).astype(np.float32)
+    sin_n = np.sin(order * phi).astype(np.float32)
     if per_ring is not None:
         cos_n, sin_n = per_ring
     del phi
@@ -279,36 +492,36 @@ def write_synthetic_run(
         kw = dict(**hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
     elif compression == "zstd":
         kw = dict(**hdf5plugin.Zstd())
-    if chunks is not None:
-        kw["chunks"] = tuple(int(c) for c in chunks)
+    if storage.chunks is not None:
+        kw["chunks"] = tuple(int(c) for c in storage.chunks)
     elif kw:
         kw["chunks"] = tuple(shape)
 
-    if spots < 0 or spot_width <= 0 or spot_amplitude < 0:
+    if spots.per_ring < 0 or spots.width <= 0 or spots.amplitude < 0:
         raise ValueError("spots and spot_amplitude must be >= 0 and spot_width > 0")
     spot_rng = np.random.default_rng((seed, 1))
     img = np.empty(shape, np.float32)
-    p = os.fspath(path)
+    run = shots.run
     with h5py.File(p, "w") as fh:
         fh["file_info/run_number_list"] = np.array([run], dtype=np.int64)
         g = fh.create_group(f"run_{run}")
         det = g.create_group(DETECTOR)
         info = det.create_group("detector_info")
-        info["pixel_size_in_micro_meter"] = np.array([pixel_size * 1e6] * 2)
+        info["pixel_size_in_micro_meter"] = np.array([detector.pixel_size * 1e6] * 2)
         info["detector_name"] = np.bytes_("MPCCD-8N0-synthetic")
         ev = g.create_group("event_info")
         ev["tag_number_list"] = event_tags
-        if pulse_selector:
+        if shots.pulse_selector:
             ev["bl_3/eh_1/xfel_pulse_selector_status"] = bright.astype(np.int32)
         ev["bl_3/oh_2/photon_energy_in_eV"] = energies
         ev["bl_3/oh_2/bm_1_pulse_energy_in_joule"] = pulse_energy
         g["run_info/sacla_config/synthetic"] = np.bytes_("sacla_dask.synthetic")
         g.create_group("exp_info")
-        # h5py's high-level API costs ~0.5 ms per tag group; the low-level
-        # calls below write a 5000-tag run in about a second. Chunked or
-        # filtered datasets go through the high-level API, which sets the
-        # filters up (a copied creation property list would re-run the
-        # filters' set_local and garble their parameters).
+        # Contiguous datasets are written with h5py's low-level calls, much
+        # cheaper per tag group than the high-level API (a run has thousands).
+        # Chunked or filtered datasets go through the high-level API, which
+        # sets the filters up (a copied creation property list would re-run
+        # the filters' set_local and garble their parameters).
         ftype = h5py.h5t.py_create(np.dtype("<f4"))
         space = h5py.h5s.create_simple(tuple(shape))
         stype = h5py.h5t.py_create(np.dtype("<i4"))
@@ -316,12 +529,12 @@ def write_synthetic_run(
         one = np.array(1, dtype=np.int32)
         mset = set(missing)
         for k, (i, tag) in enumerate(zip(img_idx, tags, strict=True)):
-            _shot(img, bright[i], background, pulse_energy[i], ring_sum, cos_n, sin_n,
-                  modulation_amplitude, modulation_order, phases[i])
-            if spots and bright[i]:
-                _add_spots(img, spot_rng, spots, cx, cy, ring_radii, spot_width,
-                           spot_amplitude * pulse_energy[i] / 1.0e-3)
-            if noise:
+            _shot(img, bright[i], detector.background, pulse_energy[i], ring_sum, cos_n,
+                  sin_n, rings.modulation_amplitude, order, phases[i])
+            if spots.per_ring and bright[i]:
+                _add_spots(img, spot_rng, spots.per_ring, cx, cy, ring_radii, spots.width,
+                           spots.amplitude * pulse_energy[i] / 1.0e-3)
+            if detector.poisson_noise:
                 img[...] = rng.poisson(np.maximum(img, 0))
             gid = h5py.h5g.create(det.id, f"tag_{tag}".encode())
             if k in mset:
@@ -334,11 +547,11 @@ def write_synthetic_run(
             st = h5py.h5d.create(gid, b"detector_status", stype, sspace)
             st.write(h5py.h5s.ALL, h5py.h5s.ALL, one)
     return SyntheticTruth(
-        path=p, run=run, tags=tags, bright=bright[img_idx], shape=tuple(shape),
+        path=p, run=run, tags=tags, bright=bright[img_idx], shape=(ny, nx),
         center_x=cx, center_y=cy, ring_radii=tuple(float(x) for x in ring_radii),
-        ring_width=ring_width, pixel_size=pixel_size, distance=distance,
-        photon_energy=photon_energy, modulation_order=modulation_order,
-        modulation_amplitude=modulation_amplitude, phases=phases[img_idx],
+        ring_width=ring_width, pixel_size=detector.pixel_size, distance=detector.distance,
+        photon_energy=shots.photon_energy, modulation_order=order,
+        modulation_amplitude=rings.modulation_amplitude, phases=phases[img_idx],
         pulse_energy=pulse_energy[img_idx], event_tags=event_tags,
         missing=tags[missing] if missing else np.zeros(0, np.int64),
     )
