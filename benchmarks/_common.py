@@ -154,7 +154,7 @@ def ensure_run(workdir: str, n_tags: int, log=print) -> str:
     if free < need:
         raise SystemExit(f"not enough disk space in {workdir}: need {need / 2**30:.1f} GiB "
                          f"for {n_tags} tags, {free / 2**30:.1f} GiB free")
-    from sacla_dask.synthetic import write_synthetic_run
+    from sacla_dask.io.synthetic import write_synthetic_run
 
     path = run_file(workdir, n_tags)
     if os.path.exists(_meta_path(path)):
@@ -180,7 +180,7 @@ def ensure_layout_run(workdir: str, n_tags: int) -> str:
     the real image size without reading or computing it."""
     import h5py
 
-    from sacla_dask.run import DETECTOR
+    from sacla_dask.io.run import DETECTOR
 
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, f"layout_{SHAPE[0]}x{SHAPE[1]}_{n_tags}tags.h5")

@@ -321,8 +321,8 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
              cold: str | None = None, profile: str | None = None,
              chunks: int | str | None = None) -> dict:
     """open_run + plan_run + execute on the cluster ``cl``; wall, CPU, RSS, tasks."""
+    from sacla_dask.io.run import open_run
     from sacla_dask.pipeline import plan_run
-    from sacla_dask.run import open_run
 
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -473,8 +473,8 @@ def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequ
 
 def default_tags_per_chunk(path: str, n_tags: int, band: str, mask: np.ndarray) -> int:
     """Tags per chunk that plan_run chooses by default for the first ``n_tags`` tags."""
+    from sacla_dask.io.run import open_run
     from sacla_dask.pipeline import plan_run
-    from sacla_dask.run import open_run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -512,7 +512,7 @@ def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
     from dask.utils import key_split
 
     import sacla_dask.pipeline as pipeline
-    from sacla_dask.run import open_run
+    from sacla_dask.io.run import open_run
 
     path = C.ensure_layout_run(workdir, 5050)
     out = os.path.join(workdir, "out-graph.zarr")
@@ -636,8 +636,8 @@ def main(argv: list[str] | None = None) -> dict:
     path = C.ensure_run(a.workdir, n_file, log=log)
     res["run_file"] = path
 
-    from sacla_dask.run import open_run
-    from sacla_dask.synthetic import panel_mask
+    from sacla_dask.io.run import open_run
+    from sacla_dask.io.synthetic import panel_mask
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -11,7 +11,7 @@ images with ``read_direct`` (the raw HDF5 rate):
   allocates each image as any consumer that keeps them must (the first
   touch of fresh memory costs page faults, which the reused buffer hides);
 * ``reader full`` / ``reader window``: sacla_dask's task kernel
-  (``run._read_block``: file opened once per task, low-level hyperslab
+  (``hdf5._read_block``: file opened once per task, low-level hyperslab
   read straight into the block), on blocks of ``--chunk`` tags;
 * ``reader window rows``: the alternative for contiguous datasets, one
   read of the window's full rows then a copy of its columns;
@@ -52,9 +52,10 @@ import h5py
 import numpy as np
 
 from sacla_dask.geometry import Geometry
+from sacla_dask.io.hdf5 import _read_block
+from sacla_dask.io.run import open_run
+from sacla_dask.io.synthetic import write_synthetic_run
 from sacla_dask.polar import PolarTransform
-from sacla_dask.run import _read_block, open_run
-from sacla_dask.synthetic import write_synthetic_run
 
 
 def proc_io() -> dict[str, int]:

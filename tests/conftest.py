@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sacla_dask.synthetic import SyntheticTruth, write_synthetic_run
+from sacla_dask.io.synthetic import SyntheticTruth, write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -34,7 +34,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> SyntheticTruth:
 @pytest.fixture(scope="session")
 def small_mask(small_run: SyntheticTruth) -> np.ndarray:
     """A panel-gap mask for ``small_run`` (True = good)."""
-    from sacla_dask.synthetic import panel_mask
+    from sacla_dask.io.synthetic import panel_mask
 
     return panel_mask(small_run.shape, gap=4, edge=1)
 

@@ -33,7 +33,7 @@ def dask_setup(worker: Any) -> None:
     log = os.environ.get(READ_LOG_ENV, "")
     if delay <= 0 and not log:
         return
-    import sacla_dask.run as run
+    from sacla_dask.io import hdf5
 
     def logged(original: Any) -> Any:
         def read(sources: Any, *args: Any, **kwargs: Any) -> Any:
@@ -47,8 +47,8 @@ def dask_setup(worker: Any) -> None:
         return read
 
     # _TagReader and the pipeline's polar task look the functions up at call time
-    run._read_block = logged(run._read_block)
-    run.read_pixels = logged(run.read_pixels)
+    hdf5._read_block = logged(hdf5._read_block)
+    hdf5.read_pixels = logged(hdf5.read_pixels)
 
 
 def reads_logged(path: Path) -> int:

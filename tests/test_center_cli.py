@@ -1,6 +1,6 @@
 """Tests of ``sacla-dask center``: beam centre of a run, geometry YAML, picture, errors.
 
-The runs are written by :func:`sacla_dask.synthetic.write_synthetic_run` with a
+The runs are written by :func:`sacla_dask.io.synthetic.write_synthetic_run` with a
 known beam centre and spotty powder rings (a weak continuous ring under many
 random Bragg spots), so the centre, pixel size and wavelength asserted below
 are the writer's truth, not values copied from a previous run of the code.
@@ -18,8 +18,8 @@ import yaml
 from click.testing import CliRunner
 
 from sacla_dask.cli import _spread, main
-from sacla_dask.run import DETECTOR
-from sacla_dask.synthetic import panel_mask, write_synthetic_run
+from sacla_dask.io.run import DETECTOR
+from sacla_dask.io.synthetic import panel_mask, write_synthetic_run
 
 SHAPE = (256, 256)
 CENTER = (124.62, 131.37)

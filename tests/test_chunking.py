@@ -138,14 +138,14 @@ def test_execute_sizes_auto_chunks_for_the_workers_that_run_it(small_run, small_
 
 def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small_params,
                                                                 tmp_path, scaled, monkeypatch):
-    import sacla_dask.run
+    from sacla_dask.io import hdf5
 
     out = tmp_path / "r.zarr"
     scaled.memory = 0
     first = plan_run(small_run.path, out=out, **small_params)
     scaled.memory = _memory_for(first, 5)
     reads = {"n": 0}
-    original = sacla_dask.run._read_block, sacla_dask.run.read_pixels
+    original = hdf5._read_block, hdf5.read_pixels
 
     def interrupt_after(n, f):
         def read(*args, **kwargs):
@@ -156,8 +156,8 @@ def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small
         return read
 
     with monkeypatch.context() as m:
-        m.setattr(sacla_dask.run, "_read_block", interrupt_after(3, original[0]))
-        m.setattr(sacla_dask.run, "read_pixels", interrupt_after(3, original[1]))
+        m.setattr(hdf5, "_read_block", interrupt_after(3, original[0]))
+        m.setattr(hdf5, "read_pixels", interrupt_after(3, original[1]))
         with dask.config.set(scheduler="sync"), pytest.raises(KeyboardInterrupt):
             first.execute()
     assert first.tags_per_chunk == 5
@@ -171,8 +171,8 @@ def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small
     assert again.check_output() == "incomplete" and again.tags_per_chunk == 5
     reads["n"] = 0
     with monkeypatch.context() as m:
-        m.setattr(sacla_dask.run, "_read_block", interrupt_after(99, original[0]))
-        m.setattr(sacla_dask.run, "read_pixels", interrupt_after(99, original[1]))
+        m.setattr(hdf5, "_read_block", interrupt_after(99, original[0]))
+        m.setattr(hdf5, "read_pixels", interrupt_after(99, original[1]))
         with dask.config.set(scheduler="sync"):
             res = again.execute()
     assert reads["n"] == 8 - done  # only the missing chunks read

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from sacla_dask import plan_run
 from sacla_dask.cli import main
+from sacla_dask.io.synthetic import write_synthetic_run
 from sacla_dask.store import set_attrs
-from sacla_dask.synthetic import write_synthetic_run
 
 
 def invoke(*args: str) -> tuple[int, str]:

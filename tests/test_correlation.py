@@ -37,8 +37,8 @@ from sacla_dask.correlation import (
     summarize_pairs,
 )
 from sacla_dask.errors import ParameterError
+from sacla_dask.io.synthetic import panel_mask, write_synthetic_run
 from sacla_dask.pipeline import plan_run
-from sacla_dask.synthetic import panel_mask, write_synthetic_run
 
 
 # -- independent references ----------------------------------------------------

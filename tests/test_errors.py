@@ -42,10 +42,10 @@ from sacla_dask.errors import (
     RunFileError,
     SaclaDaskError,
 )
+from sacla_dask.io.run import DETECTOR, open_run
+from sacla_dask.io.synthetic import write_synthetic_run
 from sacla_dask.pipeline import plan_run
-from sacla_dask.run import DETECTOR, open_run
 from sacla_dask.store import store_state
-from sacla_dask.synthetic import write_synthetic_run
 
 SHAPE = (64, 64)
 CENTER = (33.0, 30.0)

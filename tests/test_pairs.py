@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sacla_dask.errors import PairingError, ParameterError
+from sacla_dask.io.run import open_run
 from sacla_dask.pairs import (
     consecutive_pairs,
     pair_indices,
@@ -18,7 +19,6 @@ from sacla_dask.pairs import (
     write_pairs_file,
 )
 from sacla_dask.pipeline import plan_run
-from sacla_dask.run import open_run
 
 
 def pulse_energy(path):

@@ -13,9 +13,9 @@ import xarray as xr
 from dask.array.utils import assert_eq
 
 import sacla_dask as sd
+from sacla_dask.io.run import open_run
+from sacla_dask.io.synthetic import write_synthetic_run
 from sacla_dask.pipeline import plan_run
-from sacla_dask.run import open_run
-from sacla_dask.synthetic import write_synthetic_run
 
 
 def tutorial_reference(images, tags, bright, geom, qmin, qmax, nphi, mask):
@@ -169,11 +169,11 @@ def test_wavelength_from_photon_energy(small_run, small_params):
 
 
 def test_plan_repr_and_nothing_read(small_run, small_params, monkeypatch):
-    from sacla_dask import run as runmod
+    from sacla_dask.io import hdf5
 
     calls = []
-    orig = runmod.read_pixels
-    monkeypatch.setattr(runmod, "read_pixels", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = hdf5.read_pixels
+    monkeypatch.setattr(hdf5, "read_pixels", lambda *a, **k: calls.append(1) or orig(*a, **k))
     plan = plan_run(small_run.path, **small_params)
     ds = plan.dataset()
     text = repr(plan)
@@ -393,7 +393,7 @@ def test_execute_graph_has_no_pick_tasks(small_run, small_params, tmp_path, monk
 def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
     """Calls of the pixel reader and of the per-image polar transform (counts, live)."""
     import sacla_dask.pipeline as pipeline
-    import sacla_dask.run as run_mod
+    from sacla_dask.io import hdf5
 
     calls = {"polar": 0, "read": 0}
 
@@ -406,7 +406,7 @@ def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
     # the per-image finish of a pick read bin by bin, or of pixels read as columns
     for name in ("polar_from_pick", "polar_from_columns"):
         monkeypatch.setattr(pipeline, name, counted("polar", getattr(pipeline, name)))
-    monkeypatch.setattr(run_mod, "read_pixels", counted("read", run_mod.read_pixels))
+    monkeypatch.setattr(hdf5, "read_pixels", counted("read", hdf5.read_pixels))
     return calls
 
 
@@ -500,9 +500,9 @@ def test_thin_band_task_equals_polar_chunk_of_windows(tmp_path, method):
     with a tag holding a line of NaN pixels through the band and one of only NaN."""
     import h5py
 
+    from sacla_dask.io.run import DETECTOR
     from sacla_dask.pipeline import polar_chunk, polar_chunk_from_run, worker_operator
     from sacla_dask.polar import PolarTransform
-    from sacla_dask.synthetic import DETECTOR
 
     t = write_synthetic_run(tmp_path / "thin.h5", n_tags=6, shape=(96, 96),
                             center=(47.3, 49.1), ring_radii=(30.0,), ring_width=1.5, seed=2)

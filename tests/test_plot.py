@@ -21,6 +21,7 @@ from matplotlib.image import imread
 from matplotlib.patches import Circle
 
 from sacla_dask import ParameterError, open_result, plan_run
+from sacla_dask.io.synthetic import panel_mask, ring_image
 from sacla_dask.plot import (
     format_pi,
     kept_dphi,
@@ -33,7 +34,6 @@ from sacla_dask.plot import (
     plot_result,
 )
 from sacla_dask.store import set_attrs
-from sacla_dask.synthetic import panel_mask, ring_image
 
 PI = math.pi
 

@@ -21,19 +21,19 @@ import xarray as xr
 import zarr
 from dask_procs import DaskProcesses, reads_logged
 
-import sacla_dask.run
 from sacla_dask import store
 from sacla_dask.errors import IncompleteStoreError, OutputError
+from sacla_dask.io import hdf5
 from sacla_dask.pipeline import plan_run
 
 CHUNK = 4  # tags per chunk: 40 tags -> 10 chunks
-_READERS = {name: getattr(sacla_dask.run, name) for name in ("_read_block", "read_pixels")}
+_READERS = {name: getattr(hdf5, name) for name in ("_read_block", "read_pixels")}
 
 
 class RawReads:
     """Counts blocks of raw images read (in this process); interrupts after ``fail_after``.
 
-    Wraps :func:`sacla_dask.run._read_block` and :func:`sacla_dask.run.read_pixels`, one
+    Wraps :func:`sacla_dask.io.hdf5._read_block` and :func:`sacla_dask.io.hdf5.read_pixels`, one
     of which every task reading a chunk of images calls once: this counts chunk
     computations from the raw data whatever the graph's key names.
     """
@@ -42,7 +42,7 @@ class RawReads:
         self.n = 0
         self.fail_after = fail_after
         for name, original in _READERS.items():
-            monkeypatch.setattr(sacla_dask.run, name, self._counted(original))
+            monkeypatch.setattr(hdf5, name, self._counted(original))
 
     def _counted(self, original):
         def read(*args, **kwargs):

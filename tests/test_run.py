@@ -1,7 +1,7 @@
 """Reading SACLA runs as they come: subsets, several files, compression, bad tags, shot
 selection, chunking by bytes, window reads, and the size of the graph of a 5050-tag run.
 
-Every run here is written by :mod:`sacla_dask.synthetic`, whose truth (tags, dark
+Every run here is written by :mod:`sacla_dask.io.synthetic`, whose truth (tags, dark
 shots, pulse energies, images) is the reference; images read back are compared with
 plain h5py reads of the same datasets.
 """
@@ -18,11 +18,12 @@ import h5py
 import numpy as np
 import pytest
 
-import sacla_dask.run as run_mod
+from sacla_dask.chunking import parse_chunk_size
 from sacla_dask.errors import BadTagError, LayoutError, ParameterError, RunFileError
+from sacla_dask.io import hdf5
+from sacla_dask.io.run import DETECTOR, BadTag, open_run
+from sacla_dask.io.synthetic import corrupt_tag, truncate_file, write_synthetic_run
 from sacla_dask.pipeline import plan_run
-from sacla_dask.run import DETECTOR, BadTag, open_run, parse_chunk_size
-from sacla_dask.synthetic import corrupt_tag, truncate_file, write_synthetic_run
 
 SHAPE = (40, 36)
 KW = dict(shape=SHAPE, center=(17.3, 19.6), ring_radii=(7.0, 13.0), ring_width=1.2,
@@ -393,7 +394,7 @@ def test_window_reads_only_its_rows(tmp_path, monkeypatch):
     def counting_open(path):
         return h5py.File(CountingFile(path, "r"), "r")
 
-    monkeypatch.setattr(run_mod, "_open_h5", counting_open)
+    monkeypatch.setattr(hdf5, "_open_h5", counting_open)
     win = (slice(100, 140), slice(30, 90))               # 40 of 256 rows
     img_bytes = shape[0] * shape[1] * 4
     rows_bytes = 40 * shape[1] * 4
@@ -441,7 +442,7 @@ def pixels_of(sources, window, pixels, nx, direct=None, on_bad_tag="fail", into=
         else:
             got[i] = x
 
-    run_mod.read_pixels(sources, window, pixels, lambda n: offsets, on_bad_tag, take,
+    hdf5.read_pixels(sources, window, pixels, lambda n: offsets, on_bad_tag, take,
                         direct=direct, into=got.__getitem__ if into else None)
     assert not into or seen == list(range(len(sources)))
     return got
@@ -467,8 +468,8 @@ def test_read_pixels_equals_h5py(tmp_path, monkeypatch, kind, mapped):
     pixels = rng.permutation(25 * 18)[:60].astype(np.int32)     # any order
     ref = h5_images(t.path, t.run, t.tags, window).reshape(len(t.tags), -1)[:, pixels]
     maps = []
-    take_direct = run_mod._take_direct
-    monkeypatch.setattr(run_mod, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
+    take_direct = hdf5._take_direct
+    monkeypatch.setattr(hdf5, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
     for into in (False, True):                                  # reused buffer, or the caller's
         np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1],
                                                 into=into), ref)
@@ -525,7 +526,7 @@ def test_direct_read_hints_the_next_image_only_when_reading_from_disk(tmp_path, 
     pixels = np.arange(0, 28 * 30, 5)
     ref = h5_images(t.path, t.run, t.tags, window).reshape(len(t.tags), -1)[:, pixels]
     real_preadv, nowait = os.preadv, 8
-    monkeypatch.setattr(run_mod, "_NOWAIT", nowait)
+    monkeypatch.setattr(hdf5, "_NOWAIT", nowait)
     nowait_calls, hints = [], []
 
     def preadv(fd, buffers, offset, flags=0):
@@ -539,14 +540,14 @@ def test_direct_read_hints_the_next_image_only_when_reading_from_disk(tmp_path, 
         n = real_preadv(fd, buffers, offset)
         return n if cache == "all" else n // 2  # "part": the first half was cached
 
-    monkeypatch.setattr(run_mod.os, "preadv", preadv)
-    monkeypatch.setattr(run_mod.os, "posix_fadvise",
+    monkeypatch.setattr(hdf5.os, "preadv", preadv)
+    monkeypatch.setattr(hdf5.os, "posix_fadvise",
                         lambda fd, off, n, advice: hints.append(off), raising=False)
     np.testing.assert_array_equal(pixels_of(run.sources, window, pixels, SHAPE[1]), ref)
     if cache == "all":
         assert len(nowait_calls) == len(t.tags) and not hints
     elif cache == "no-nowait":
-        assert len(nowait_calls) == 1 and run_mod._NOWAIT == 0
+        assert len(nowait_calls) == 1 and hdf5._NOWAIT == 0
         assert len(hints) == len(t.tags) - 1  # every image but the last hints its successor
     else:
         assert len(nowait_calls) == len(t.tags) and len(hints) == len(t.tags) - 1
@@ -559,11 +560,11 @@ def test_dataset_past_the_end_of_the_file_is_an_error(tmp_path):
     with h5py.File(t.path, "r") as fh:
         dsid = fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[1]}/detector_data"].id
         offset = dsid.get_offset()
-        assert run_mod._contiguous_region(dsid, offset + 4 * SHAPE[0] * SHAPE[1]) is not None
+        assert hdf5._contiguous_region(dsid, offset + 4 * SHAPE[0] * SHAPE[1]) is not None
         with pytest.raises(OSError, match="run past the end of the file.*truncated"):
-            run_mod._contiguous_region(dsid, offset + 100)
+            hdf5._contiguous_region(dsid, offset + 100)
     run = open_run(t.path)
-    real = run_mod._contiguous_region
+    real = hdf5._contiguous_region
 
     def short(dsid, size):
         return real(dsid, size if dsid.get_offset() != offset else offset + 100)
@@ -571,7 +572,7 @@ def test_dataset_past_the_end_of_the_file_is_an_error(tmp_path):
     window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
     pixels = np.arange(10)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_mod, "_contiguous_region", short)
+        mp.setattr(hdf5, "_contiguous_region", short)
         with pytest.raises(BadTagError, match=rf"e\.h5': tag {t.tags[1]} cannot be read.*"
                                               "truncated"):
             pixels_of(run.sources, window, pixels, SHAPE[1])
@@ -600,12 +601,12 @@ def test_pipeline_same_result_direct_or_through_hdf5(tmp_path, monkeypatch):
     shipped = worker_operator(wide)
     assert shipped.pixels is None and shipped.coverage is None  # the window, no coverage
     maps = []
-    take_direct = run_mod._take_direct
-    monkeypatch.setattr(run_mod, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
+    take_direct = hdf5._take_direct
+    monkeypatch.setattr(hdf5, "_take_direct", lambda *a: maps.append(1) or take_direct(*a))
     with dask.config.set(scheduler="sync"):
         mapped = plan_run(t.path, out=tmp_path / "a.zarr", **kw).execute()
         assert len(maps) == 12                               # every tag, bright or dark
-        monkeypatch.setattr(run_mod, "DIRECT_READ", False)
+        monkeypatch.setattr(hdf5, "DIRECT_READ", False)
         through = plan_run(t.path, out=tmp_path / "b.zarr", **kw).execute()
     for name in ("polar", "row_mean", "corr", "corr_sem", "image_ok"):
         np.testing.assert_array_equal(mapped[name].values, through[name].values)
@@ -659,7 +660,7 @@ def test_file_truncated_while_read_is_an_error_not_a_crash(tmp_path, monkeypatch
     run = open_run(t.path)
     with h5py.File(t.path, "r") as fh:
         offset = fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[2]}/detector_data"].id.get_offset()
-    take_direct, seen = run_mod._take_direct, []
+    take_direct, seen = hdf5._take_direct, []
 
     def cut_before_the_third(fd, *args):
         seen.append(1)
@@ -667,7 +668,7 @@ def test_file_truncated_while_read_is_an_error_not_a_crash(tmp_path, monkeypatch
             os.truncate(t.path, offset + 8)
         return take_direct(fd, *args)
 
-    monkeypatch.setattr(run_mod, "_take_direct", cut_before_the_third)
+    monkeypatch.setattr(hdf5, "_take_direct", cut_before_the_third)
     window = (slice(0, SHAPE[0]), slice(0, SHAPE[1]))
     with pytest.raises(BadTagError, match=rf"cut\.h5': tag {t.tags[2]} cannot be read.*"
                                           "truncated while being read"):

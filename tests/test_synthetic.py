@@ -1,19 +1,27 @@
 """The synthetic run writer: layout, truth, options, and the damaged files it makes.
 
-The images are checked against :func:`sacla_dask.synthetic.ring_image`, an
+The images are checked against :func:`sacla_dask.io.synthetic.ring_image`, an
 independent float64 formula, and the layout against plain h5py reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import h5py
 import numpy as np
 import pytest
 
-from sacla_dask.run import DETECTOR
-from sacla_dask.synthetic import (
+from sacla_dask.io.run import DETECTOR
+from sacla_dask.io.synthetic import (
+    KEYWORD_FIELDS,
+    BraggSpots,
+    Detector,
+    Rings,
+    Shots,
+    Storage,
+    SyntheticKeywords,
     corrupt_tag,
     ring_image,
     tag_dataset_path,
@@ -141,3 +149,81 @@ def test_truncate_file(tmp_path):
 def test_bad_compression_name(tmp_path):
     with pytest.raises(ValueError, match="compression must be one of"):
         write_synthetic_run(tmp_path / "r.h5", compression="lzf", **KW)
+
+
+# -- the groups of options and the flat keywords ---------------------------------------
+def _datasets(path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as fh:
+        fh.visititems(lambda name, obj: out.__setitem__(name, obj[()])
+                      if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_groups_write_what_the_flat_keywords_write(tmp_path):
+    """Every flat keyword sets its field of a group: a run written from groups and one
+    written from the same values as keywords hold the same datasets and truth."""
+    flat = dict(n_tags=5, n_dark=2, run=7, first_tag=500, tag_step=3, first_image=1,
+                extra_event_tags=2, pulse_selector=True, photon_energy=9100.0,
+                shape=(40, 44), center=(20.5, 18.25), pixel_size=75e-6, distance=0.1,
+                background=3.0, noise=True, ring_radii=(7.0, 14.0), ring_width=1.3,
+                ring_amplitudes=(800.0, 400.0), modulation_order=3,
+                modulation_amplitude=0.4, modulated_rings=(1,), ring_phase_offsets=(0.0, 0.5),
+                spots=3, spot_amplitude=900.0, spot_width=1.5, compression="gzip",
+                chunks=(10, 44), missing_data=(2,))
+    assert set(flat) == set(KEYWORD_FIELDS)  # every keyword exercised
+    a = write_synthetic_run(tmp_path / "flat.h5", seed=4, **flat)
+    b = write_synthetic_run(
+        tmp_path / "groups.h5", seed=4,
+        shots=Shots(n_tags=5, n_dark=2, run=7, first_tag=500, tag_step=3, first_image=1,
+                    extra_event_tags=2, pulse_selector=True, photon_energy=9100.0),
+        detector=Detector(shape=(40, 44), center=(20.5, 18.25), pixel_size=75e-6,
+                          distance=0.1, background=3.0, poisson_noise=True),
+        rings=Rings(radii=(7.0, 14.0), width=1.3, amplitudes=(800.0, 400.0),
+                    modulation_order=3, modulation_amplitude=0.4, modulated=(1,),
+                    phase_offsets=(0.0, 0.5)),
+        bragg_spots=BraggSpots(per_ring=3, amplitude=900.0, width=1.5),
+        storage=Storage(compression="gzip", chunks=(10, 44), missing_data=(2,)))
+    da, db = _datasets(a.path), _datasets(b.path)
+    assert da.keys() == db.keys()
+    for name in da:
+        np.testing.assert_array_equal(da[name], db[name], err_msg=name)
+    assert a.run == b.run == 7 and a.shape == b.shape == (40, 44)
+    np.testing.assert_array_equal(a.tags, 500 + 3 * np.arange(1, 6))
+    np.testing.assert_array_equal(a.tags, b.tags)
+    np.testing.assert_array_equal(a.phases, b.phases)
+    np.testing.assert_array_equal(a.missing, b.missing)
+    assert a.missing.tolist() == [a.tags[2]]
+    assert (a.center_x, a.center_y, a.pixel_size, a.distance) == (20.5, 18.25, 75e-6, 0.1)
+
+
+def test_a_keyword_replaces_that_field_of_a_group(tmp_path):
+    """A flat keyword next to its group replaces only that field."""
+    t = write_synthetic_run(tmp_path / "r.h5", shots=Shots(n_tags=3, n_dark=1, run=9),
+                            detector=Detector(shape=(24, 20), poisson_noise=False),
+                            n_tags=4, ring_radii=(6.0,), background=2.0)
+    assert len(t.tags) == 4 and t.run == 9 and t.bright.tolist() == [False, True, True, True]
+    with h5py.File(t.path, "r") as fh:
+        dark = fh[tag_dataset_path(t.run, int(t.tags[0]))][()]
+    np.testing.assert_array_equal(dark, np.full((24, 20), 2.0, np.float32))  # no noise
+    assert t.ring_radii == (6.0,)
+
+
+def test_groups_are_frozen_and_keywords_checked(tmp_path):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Shots().n_tags = 3  # type: ignore[misc]
+    rings = Rings(radii=[5.0, 9.0], modulated=[0])
+    assert rings.radii == (5.0, 9.0) and rings.modulated == (0,)  # lists become tuples
+    assert Storage(missing_data=[2, 1]).missing_data == (2, 1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_tag'"):
+        write_synthetic_run(tmp_path / "r.h5", n_tag=3)  # type: ignore[call-arg]
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_flat_keywords_name_existing_fields():
+    """The typed keywords and their map agree, and each maps to a field of its group."""
+    assert set(SyntheticKeywords.__annotations__) == set(KEYWORD_FIELDS)
+    groups = {"shots": Shots, "detector": Detector, "rings": Rings,
+              "bragg_spots": BraggSpots, "storage": Storage}
+    fields = {(g, f.name) for g, cls in groups.items() for f in dataclasses.fields(cls)}
+    assert set(KEYWORD_FIELDS.values()) == fields  # every field has its keyword
