@@ -62,8 +62,8 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 from dask.sizeof import sizeof
 
-from .errors import ParameterError, SaclaDaskError
-from .scheduling import chunk_first
+from ..errors import ParameterError, SaclaDaskError
+from ..scheduling import chunk_first
 
 #: bytes of a float64 block of correlation rows processed at once: small enough to
 #: stay in the CPU cache
