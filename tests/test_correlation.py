@@ -454,7 +454,7 @@ def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch, mon
     with the linked pairs around them are added afterwards, so the lazy standard error is
     the eager one and the 1-dependent reference, whatever the chunking and the batches
     in which the pairs are recomputed."""
-    import sacla_dask.correlation.statistics as corrmod
+    import sacla_dask.correlation.graph as corrmod
 
     if batch is not None:
         monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
@@ -481,7 +481,7 @@ def test_rejected_linked_pairs_leave_the_sem(chunks, batch, monkeypatch):
     """A rejected pair summed in the one pass is subtracted with its products with the
     linked pairs on either side: the lazy standard error is that of the kept pairs (also
     when the pairs are recomputed one per batch, a product across two batches)."""
-    import sacla_dask.correlation.statistics as corrmod
+    import sacla_dask.correlation.graph as corrmod
 
     if batch is not None:
         monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
