@@ -121,7 +121,9 @@ def _home_groups(tag_chunks: tuple[int, ...], ia: np.ndarray,
     return order, bounds, [(int(sc[s]), s, e) for s, e in _runs(sc)]
 
 
+# -- every pair's correlation -------------------------------------------------
 def _check_polar(polar: da.Array, ia: np.ndarray, ib: np.ndarray) -> da.Array:
+    """Refuse bad pair positions; ``polar`` with whole (q, phi) chunks."""
     if polar.ndim != 3:
         raise ParameterError(f"polar must be (tag, q, phi) (got {polar.ndim} dims)")
     if ia.size == 0:
@@ -185,6 +187,7 @@ def _corr_group(plan: CorrelationPlan, la: np.ndarray, lb: np.ndarray, block_a: 
     return difference_correlation(block_a[la], block_b[lb], plan)
 
 
+# -- the tasks of pair_statistics (run on the workers) ------------------------
 @dataclasses.dataclass
 class _Partial:
     """What a group task passes to the fold of the sums.
@@ -417,6 +420,7 @@ def _rejected_in_order(rejection: tuple[np.ndarray, float], inv: np.ndarray | No
     return r if inv is None else r[inv]
 
 
+# -- the graph of pair_statistics ----------------------------------------------
 @dataclasses.dataclass
 class LazyPairStatistics:
     """Lazy results of :func:`pair_statistics` (dask arrays).
