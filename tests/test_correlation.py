@@ -668,6 +668,26 @@ def test_fold_of_one_at_a_time_equals_eager():
         pair_statistics(x, ia, ia + 1, plan, split_every=0)
 
 
+def test_pair_statistics_takes_an_options_object_or_keywords():
+    """PairStatisticsOptions and the keywords build the same graph (keywords replace the
+    object's fields); a misspelt keyword or a bad value is refused."""
+    from sacla_dask.correlation import PairStatisticsOptions
+
+    pol, plan, ia = _consecutive_pairs(23, 11)
+    x = da.from_array(pol, chunks=(3, -1, -1))
+    kw = dict(reject=3, n_boot=2, seed=1, split_every=2)
+    by_keywords = pair_statistics(x, ia, ia + 1, plan, **kw)
+    by_options = pair_statistics(x, ia, ia + 1, plan, PairStatisticsOptions(**kw))
+    mixed = pair_statistics(x, ia, ia + 1, plan, PairStatisticsOptions(reject=3, n_boot=7),
+                            n_boot=2, seed=1, split_every=2)
+    assert by_options.mean.name == by_keywords.mean.name == mixed.mean.name
+    assert pair_statistics(x, ia, ia + 1, plan).mean.name != by_keywords.mean.name
+    with pytest.raises(TypeError, match="nboot"):
+        pair_statistics(x, ia, ia + 1, plan, nboot=2)
+    with pytest.raises(ParameterError, match="bootstrap resamples"):
+        pair_statistics(x, ia, ia + 1, plan, PairStatisticsOptions(n_boot=-1))
+
+
 def test_plan_ships_without_its_derived_arrays():
     """The plan pickles its mask correlation (float32 counts, exact) and not the arrays
     derived from it: the worker's copy recomputes the same flags and float64 inverse."""
