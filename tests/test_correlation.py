@@ -454,7 +454,7 @@ def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch, mon
     with the linked pairs around them are added afterwards, so the lazy standard error is
     the eager one and the 1-dependent reference, whatever the chunking and the batches
     in which the pairs are recomputed."""
-    import sacla_dask.correlation as corrmod
+    import sacla_dask.correlation.graph as corrmod
 
     if batch is not None:
         monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
@@ -481,7 +481,7 @@ def test_rejected_linked_pairs_leave_the_sem(chunks, batch, monkeypatch):
     """A rejected pair summed in the one pass is subtracted with its products with the
     linked pairs on either side: the lazy standard error is that of the kept pairs (also
     when the pairs are recomputed one per batch, a product across two batches)."""
-    import sacla_dask.correlation as corrmod
+    import sacla_dask.correlation.graph as corrmod
 
     if batch is not None:
         monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
@@ -666,6 +666,26 @@ def test_fold_of_one_at_a_time_equals_eager():
     assert_eq(res.sem, ref["sem"])
     with pytest.raises(ParameterError, match="split_every"):
         pair_statistics(x, ia, ia + 1, plan, split_every=0)
+
+
+def test_pair_statistics_takes_an_options_object_or_keywords():
+    """PairStatisticsOptions and the keywords build the same graph (keywords replace the
+    object's fields); a misspelt keyword or a bad value is refused."""
+    from sacla_dask.correlation import PairStatisticsOptions
+
+    pol, plan, ia = _consecutive_pairs(23, 11)
+    x = da.from_array(pol, chunks=(3, -1, -1))
+    kw = dict(reject=3, n_boot=2, seed=1, split_every=2)
+    by_keywords = pair_statistics(x, ia, ia + 1, plan, **kw)
+    by_options = pair_statistics(x, ia, ia + 1, plan, PairStatisticsOptions(**kw))
+    mixed = pair_statistics(x, ia, ia + 1, plan, PairStatisticsOptions(reject=3, n_boot=7),
+                            n_boot=2, seed=1, split_every=2)
+    assert by_options.mean.name == by_keywords.mean.name == mixed.mean.name
+    assert pair_statistics(x, ia, ia + 1, plan).mean.name != by_keywords.mean.name
+    with pytest.raises(TypeError, match="nboot"):
+        pair_statistics(x, ia, ia + 1, plan, nboot=2)
+    with pytest.raises(ParameterError, match="bootstrap resamples"):
+        pair_statistics(x, ia, ia + 1, plan, PairStatisticsOptions(n_boot=-1))
 
 
 def test_plan_ships_without_its_derived_arrays():
@@ -1073,7 +1093,7 @@ def test_bragg_option_and_per_pair_normalisation_in_the_pipeline(small_run, smal
 def test_bragg_masked_pipeline_in_blocks_of_few_rows(small_run, small_params, monkeypatch):
     """As a wide band runs (many blocks of q rows), with Bragg spots masked pair by pair:
     the mean and count over pairs are those of the pairs' own correlations."""
-    import sacla_dask.correlation as corr_mod
+    import sacla_dask.correlation.statistics as corr_mod
 
     monkeypatch.setattr(corr_mod, "_row_blocks",
                         lambda n, nphi, block_bytes: [slice(r, min(n, r + 2))
