@@ -1175,3 +1175,24 @@ def test_fold_step_adds_into_the_writable_part():
     np.testing.assert_allclose(merged.sums.s1, whole.s1, rtol=1e-12)
     np.testing.assert_allclose(merged.sums.s2, whole.s2, rtol=1e-12)
     assert merged.sums.n == whole.n == 6
+
+
+def test_held_out_pairs_all_rejected_with_the_bootstrap():
+    """A shot a thousand times too bright: both its pairs are held out of the partial sums
+    and then rejected, so the correction adds no pair at all; with the bootstrap on, the
+    result is still the eager one (it used to fail reshaping an empty weight matrix)."""
+    rng = np.random.default_rng(5)
+    nq, nphi, ntag = 2, 16, 20
+    pm = rng.random((nq, nphi)) > 0.2
+    pol = random_polar(rng, ntag, nq, nphi, pm, 0.0)
+    pol[9] *= 1000.0
+    ia, ib = np.arange(ntag - 1), np.arange(1, ntag)
+    plan = make_plan(pm, None)
+    kw = dict(reject=3.0, n_boot=4, seed=7)
+    eager = summarize_pairs(pol, ia, ib, plan, **kw)
+    lazy = pair_statistics(da.from_array(pol, chunks=(5, -1, -1)), ia, ib, plan, **kw)
+    rejected = np.asarray(lazy.rejected.compute())
+    np.testing.assert_array_equal(np.flatnonzero(rejected), [8, 9])
+    assert_eq(lazy.rejected, eager["rejected"])
+    assert_eq(lazy.mean, eager["mean"], rtol=1e-9, atol=1e-12)
+    assert_eq(lazy.ci_low, eager["ci_low"], rtol=1e-8, atol=1e-12)

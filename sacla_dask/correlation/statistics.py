@@ -231,7 +231,7 @@ class PairSums:
         self.s1 += x.sum(axis=0)
         self.s2 += np.einsum("ijk,ijk->jk", x, x)
         self.add_count(ok.sum(axis=0, dtype=np.int32))
-        if self.boot_s1 is not None:
+        if self.boot_s1 is not None and corr.shape[0]:  # (no pair: no weight to apply)
             if weights is None:
                 raise ParameterError("bootstrap sums need the pairs' bootstrap weights")
             k = corr.shape[0]
