@@ -181,7 +181,7 @@ def main() -> None:
     if not args.quick:
         plan += [("ring", 100, False), ("ring", 1000, False), ("ring", 300, True),
                  ("wide", 100, False)]
-    log("whole commands (best of %d):" % args.repeat)
+    log(f"whole commands (best of {args.repeat:d}):")
     for band, n, cold in plan:
         res["cases"].append(case(path, tags, n, band, cold, args.repeat, C.WORK, args.engine))
     if not args.quick:

@@ -633,8 +633,10 @@ def plot_radial_profile(
             raise ParameterError(f"radius has {r.size} values but q has {xv.size}")
         o = np.argsort(xv)
         qs, rs = xv[o], r[o]
-        sec = ax.secondary_xaxis("top", functions=(lambda v: np.interp(v, qs, rs),
-                                                   lambda v: np.interp(v, rs, qs)))
+        # (np.interp reads its x as float64 anyway; asarray says so to the type checker)
+        sec = ax.secondary_xaxis("top", functions=(
+            lambda v: np.interp(np.asarray(v, dtype=float), qs, rs),
+            lambda v: np.interp(np.asarray(v, dtype=float), rs, qs)))
         sec.set_xlabel("radius (px)")
     if label or band is not None or ring is not None:
         ax.legend(fontsize="small")

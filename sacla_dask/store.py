@@ -50,7 +50,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dask
 import dask.array as da
@@ -62,6 +62,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .errors import IncompleteStoreError, OutputError, ParameterError
 from .scheduling import chunk_first
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
 
 log = logging.getLogger(__name__)
 
@@ -372,11 +375,12 @@ def template_dataset(ds: xr.Dataset, chunk_vars: Sequence[str], tags_per_chunk: 
         if var.ndim == 3:
             enc["compressors"] = comp
         encoding[name] = enc
-    for name, var in tmpl.variables.items():
+    for vname, v in tmpl.variables.items():
         # other lazy arrays are stored whole by array_writes, rechunked to
         # whatever Zarr chunks they get: give irregular ones regular chunks
-        if name not in encoding and isinstance(var.data, da.Array) and not _regular(var.chunks):
-            encoding[str(name)] = {"chunks": tuple(max(c) for c in var.chunks)}
+        if (vname not in encoding and isinstance(v.data, da.Array)
+                and not _regular(v.data.chunks)):
+            encoding[str(vname)] = {"chunks": tuple(max(c) for c in v.data.chunks)}
     # the lazy arrays' real graphs need not be wrapped in a store graph that is thrown away
     empty = {name: var.copy(data=da.empty(var.shape, dtype=var.dtype, chunks=var.chunks))
              for name, var in tmpl.variables.items() if isinstance(var.data, da.Array)}
@@ -447,8 +451,18 @@ def _regular(chunks: tuple[tuple[int, ...], ...]) -> bool:
     return all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in chunks if c)
 
 
+def _graph(name: str, dsk: dict[Any, Any], dependencies: Sequence[da.Array]) -> HighLevelGraph:
+    """The graph of the collection ``name``: ``dsk`` over the graphs of ``dependencies``."""
+    with chunk_first():
+        # dask's DaskCollection protocol declares __dask_scheduler__ a staticmethod
+        # object, which da.Array's (a function on the class) does not match
+        return HighLevelGraph.from_collections(
+            name, dsk, dependencies=dependencies)  # type: ignore[arg-type]
+
+
 def _read_chunk(path: str, name: str, start: int, stop: int) -> np.ndarray:
-    return zarr.open_array(store=path, path=name, mode="r")[start:stop]
+    # (a slice of a Zarr array is a numpy array; asarray returns it as is)
+    return np.asarray(zarr.open_array(store=path, path=name, mode="r")[start:stop])
 
 
 def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
@@ -485,15 +499,16 @@ def resume_array(path: str | os.PathLike[str], name: str, fresh: da.Array,
             dsk[(out, i) + rest] = (_read_chunk, p, name, int(bounds[i]), int(bounds[i + 1]))
         else:
             dsk[(out, i) + rest] = (fresh.name, i) + rest
-    with chunk_first():
-        graph = HighLevelGraph.from_collections(out, dsk, dependencies=[fresh])
+    graph = _graph(out, dsk, [fresh])
     return da.Array(graph, out, fresh.chunks, meta=fresh._meta)
 
 
 def _open_for_writing(path: str, name: str) -> zarr.Array:
     """An array of the store, writing every chunk given (no all-fill-value scan of it)."""
-    return zarr.open_array(store=path, path=name, mode="r+").with_config(
-        {"write_empty_chunks": True})
+    # (the cast: zarr's ArrayConfigParams marks its keys typing.NotRequired, which
+    # type checkers targeting Python 3.10 do not see, so they require every key)
+    config = cast("ArrayConfigParams", {"write_empty_chunks": True})
+    return zarr.open_array(store=path, path=name, mode="r+").with_config(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,8 +583,7 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
                                names, targets, extra, *blocks)
         keys.append((name, int(i)))
     dsk[final] = (_total, keys)
-    with chunk_first():
-        graph = HighLevelGraph.from_collections(final, dsk, dependencies=arrs)
+    graph = _graph(final, dsk, arrs)
     return Delayed(final, graph)
 
 
@@ -613,8 +627,7 @@ def array_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array]) -
             dsk[key] = (_store_block, p, z, region, (arr.name,) + tuple(idx))
             keys.append(key)
     dsk[final] = (_nothing, keys)
-    with chunk_first():
-        graph = HighLevelGraph.from_collections(final, dsk, dependencies=deps)
+    graph = _graph(final, dsk, deps)
     return Delayed(final, graph)
 
 

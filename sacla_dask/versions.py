@@ -5,6 +5,10 @@ from __future__ import annotations
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 PACKAGES = ("sacla_dask", "numpy", "scipy", "dask", "distributed", "h5py", "hdf5plugin",
             "xarray", "zarr", "numcodecs", "matplotlib", "click", "dask-jobqueue", "pyFAI")
@@ -27,7 +31,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def show_versions(file: object = None) -> None:
-    """Print the versions (for bug reports)."""
+def show_versions(file: SupportsWrite[str] | None = None) -> None:
+    """Print the versions (for bug reports), to ``file`` (default: standard output)."""
     for k, v in versions().items():
-        print(f"{k:>14}: {v}", file=file)  # type: ignore[arg-type]
+        print(f"{k:>14}: {v}", file=file)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from dask.array.utils import assert_eq
+from helpers import raise_if_dask_computes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,10 +83,6 @@ def linked_sem(per, links):
     n12 = np.isfinite(prod).sum(0)
     gamma1 = np.where(n12 > 0, np.nansum(prod, 0) / np.maximum(n12, 1) - m * m, 0.0)
     return np.sqrt(np.clip(gamma0 + 2 * gamma1 * n12 / n, 0, None) / n)
-
-
-def no_compute(*args, **kwargs):
-    raise AssertionError("a dask computation ran while building the graph")
 
 
 # -- mask normalisation --------------------------------------------------------
@@ -610,7 +607,7 @@ def test_pair_statistics_builds_a_graph_without_computing():
     rng = np.random.default_rng(0)
     pm = np.ones((2, 8), bool)
     x = da.from_array(random_polar(rng, 10, 2, 8, pm), chunks=(3, -1, -1))
-    with dask.config.set(scheduler=no_compute):
+    with raise_if_dask_computes():
         res = pair_statistics(x, np.arange(9), np.arange(1, 10), make_plan(pm), reject=3,
                               n_boot=3, keep_pairs=True)
     assert res.mean.shape == (2, 8) and res.pairs.shape == (9, 2, 8)
@@ -1110,7 +1107,7 @@ def test_pipeline_lazy_equals_eager_with_every_option(small_run, small_params):
     plan = plan_run(small_run.path, chunks=8, q_pairs="0:5,3:3", reject_outliers=3,
                     bootstrap=6, keep_pairs=True, **small_params)
     ds = plan.dataset()
-    with dask.config.set(scheduler=no_compute):
+    with raise_if_dask_computes():
         plan.dataset()
     pol = ds["polar"].values
     cplan = plan.correlation_plan()

@@ -17,6 +17,7 @@ import dask
 import h5py
 import numpy as np
 import pytest
+from helpers import raise_if_dask_computes
 
 from sacla_dask.chunking import parse_chunk_size
 from sacla_dask.errors import BadTagError, LayoutError, ParameterError, RunFileError
@@ -35,13 +36,6 @@ def h5_images(path, run, tags, window=(slice(None), slice(None))):
     with h5py.File(path, "r") as fh:
         return np.stack([fh[f"run_{run}/{DETECTOR}/tag_{t}/detector_data"][window]
                          for t in tags]).astype(np.float32)
-
-
-def assert_no_compute():
-    """A scheduler that fails the test if anything is computed."""
-    def get(*args, **kwargs):
-        raise AssertionError("something was computed")
-    return dask.config.set(scheduler=get)
 
 
 # -- subsets, several files, several runs ---------------------------------------------
@@ -637,7 +631,7 @@ def test_task_count_grows_with_chunks_not_tags(run5050):
     geo = dict(qmin=float(g.radius_to_q(1.5)), qmax=float(g.radius_to_q(3.5)),
                center=(t.center_x, t.center_y), pixel_size=t.pixel_size, distance=t.distance)
     counts = {}
-    with assert_no_compute():
+    with raise_if_dask_computes():
         for per in (5050, 1010, 101, 50):
             plan = plan_run(run, chunks=per, **geo)
             counts[plan.n_chunks] = graph_tasks(plan.dataset())
