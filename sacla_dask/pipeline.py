@@ -998,10 +998,13 @@ class ProcessingPlan:
         # per tag chunk)
         # the graph carries the operator and the correlation plan once (each worker fetches
         # them once): that is by design, not the "large graph" distributed warns about
-        shipped = self.transform.operator.nbytes + sizeof(self.correlation_plan())
-        with dask.config.set({"delayed_optimize": inline_picks,
-                              "distributed.admin.large-graph-warning-threshold":
-                                  max(10 << 20, 2 * shipped)}):
+        settings: dict[str, Any] = {"delayed_optimize": inline_picks}
+        if "distributed" in sys.modules:  # (setting a key of a config not loaded would drop
+            # the whole tree on exit, should distributed be imported meanwhile)
+            shipped = self.transform.operator.nbytes + sizeof(self.correlation_plan())
+            settings["distributed.admin.large-graph-warning-threshold"] = max(10 << 20,
+                                                                             2 * shipped)
+        with dask.config.set(settings):
             _compute([writes, _store.array_writes(out, finals)], progress=progress)
         self._record_unreadable(out, _store.read_array(out, "image_ok"))
         _store.finish(out)
