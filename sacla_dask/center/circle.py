@@ -45,9 +45,9 @@ import scipy.ndimage as ndi
 import scipy.optimize as opt
 import scipy.signal as sig
 
-from .errors import GeometryError, MaskError, NoRingFoundError, ParameterError
-from .geometry import check_positive
-from .polar import check_mask
+from ..errors import GeometryError, MaskError, NoRingFoundError, ParameterError
+from ..geometry import check_positive
+from ..polar import check_mask
 
 __all__ = [
     "CenterFit",
