@@ -17,7 +17,7 @@ import xarray as xr
 import yaml
 from click.testing import CliRunner
 
-from sacla_dask.cli import _spread, main
+from sacla_dask.cli import main
 from sacla_dask.run import DETECTOR
 from sacla_dask.synthetic import panel_mask, write_synthetic_run
 
@@ -180,15 +180,6 @@ def test_max_shots_spreads_over_the_run_and_a_cluster_computes_the_same(spotty, 
     assert geo["fit"]["shots"] == 4
     assert "distance" not in geo and "--distance" in res.output  # not known: not written
     assert math.hypot(geo["center_x"] - truth.center_x, geo["center_y"] - truth.center_y) < 0.3
-
-
-def test_spread_keeps_the_ends_and_spaces_evenly():
-    idx = np.arange(2, 20)
-    np.testing.assert_array_equal(_spread(idx, 100), idx)
-    got = _spread(idx, 5)
-    assert got.size == 5 and got[0] == 2 and got[-1] == 19
-    assert np.ptp(np.diff(got)) <= 1
-    np.testing.assert_array_equal(_spread(idx, 1), [2])
 
 
 # -- errors ----------------------------------------------------------------------
