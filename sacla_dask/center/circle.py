@@ -548,7 +548,7 @@ def fit_center(
     ----------
     image : ndarray (ny, nx)
         Detector image, ideally the mean of many bright shots
-        (:func:`mean_image`).
+        (:func:`~sacla_dask.center.mean_image`).
     mask : ndarray of bool (ny, nx), optional
         True/1 = good pixel. Non-finite pixels are masked too.
     guess : (x, y) or (x, y, r), optional
@@ -558,7 +558,7 @@ def fit_center(
         or ``r`` itself if the profile about a poor ``(x, y)`` smears the
         ring below significance. Without a guess, the masked
         intensity-weighted centre and its strongest ring
-        (:func:`initial_guess`).
+        (:func:`~sacla_dask.center.initial_guess`).
     n_sectors : int, optional
         Angular sectors; default about one per 3 px of arc at the ring,
         between 24 and 720.

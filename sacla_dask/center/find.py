@@ -96,7 +96,7 @@ def find_center(
 ) -> CenterComparison:
     """Run :func:`fit_center` and :func:`refine_center_by_sharpness` and compare.
 
-    Both start from the same guess (:func:`initial_guess` when none is
+    Both start from the same guess (:func:`~sacla_dask.center.initial_guess` when none is
     given), so their agreement is a check of the centre, not of a shared
     first step.
 
@@ -134,7 +134,7 @@ def find_center(
         guess = initial_guess(img, mask)
     circle = fit_center(img, mask, guess, **(circle_options or {}))
     try:
-        sharp: SharpnessFit | None = refine_center_by_sharpness(
+        sharp = refine_center_by_sharpness(
             img, mask, guess, **(sharpness_options or {}))
     except (GeometryError, NoRingFoundError) as exc:
         log.warning("sharpness refinement failed, the circle fit is unchecked: %s", exc)

@@ -43,6 +43,7 @@ def _bin_accumulate(
 ) -> dict[str, np.ndarray]:
     """Weighted sums per (group, radius bin): W, W*I, W*I^2, W^2 (and W*extra)."""
     size = ngroups * nbins
+    parts: tuple[tuple[np.ndarray, np.ndarray], ...]
     if split:
         t = (r - r_min) / bin_width - 0.5
         k0 = np.floor(t).astype(np.int64)
@@ -50,7 +51,7 @@ def _bin_accumulate(
         parts = ((k0, 1.0 - f), (k0 + 1, f))
     else:
         parts = ((np.floor((r - r_min) / bin_width).astype(np.int64), np.ones_like(r)),)
-    out = {k: np.zeros(size) for k in ("w", "wi", "wi2", "w2", "wx")}
+    out: dict[str, np.ndarray] = {k: np.zeros(size) for k in ("w", "wi", "wi2", "w2", "wx")}
     for k, w in parts:
         ok = (k >= 0) & (k < nbins)
         idx = k[ok] if group is None else group[ok] * nbins + k[ok]

@@ -54,7 +54,7 @@ class SharpnessFit(_RingCentre):
     Notes
     -----
     No formal uncertainty is given: the objective is not a likelihood. Use
-    the distance to the circle fit (:func:`find_center`) as the check.
+    the distance to the circle fit (:func:`~sacla_dask.center.find_center`) as the check.
     """
 
     center_x: float
@@ -235,7 +235,7 @@ def refine_center_by_sharpness(
 ) -> SharpnessFit:
     """Beam centre that makes the ring sharpest in the masked radial profile.
 
-    Independent of :func:`fit_center` (no peak points, no circle). For a
+    Independent of :func:`~sacla_dask.center.fit_center` (no peak points, no circle). For a
     candidate centre the masked radial profile is built with fractional
     (linear split) bins of ``bin_width`` over ``r +/- half_width``, lightly
     smoothed, and the objective is the ring's height above the straight
@@ -254,7 +254,7 @@ def refine_center_by_sharpness(
         True/1 = good pixel; non-finite pixels are masked too.
     guess : (x, y) or (x, y, r), optional
         Starting centre and ring radius in pixels; defaults as in
-        :func:`fit_center`.
+        :func:`~sacla_dask.center.fit_center`.
     search : float
         Half-size of the square of candidate centres, in pixels.
     grid_step : float
