@@ -753,7 +753,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     """
     import dask
 
-    from .center import center_figure, center_run
+    from .center import BrightMean, center_figure, center_run
     from .errors import OutputError
 
     on_cluster = workers is not None or scheduler or scheduler_file or cluster != "local"
@@ -764,7 +764,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
             return _client_from(workers, scheduler, scheduler_file, cluster, jobs)
         return dask.config.set(scheduler="threads")
 
-    def report_mean(mean: Any) -> None:
+    def report_mean(mean: BrightMean) -> None:
         shape = mean.image.shape
         click.echo(f"mean of {mean.n_shots} of {mean.n_bright} bright shots (tags "
                    f"{_span(mean.tags)}) of run {', '.join(map(str, mean.run.runs))}: "
