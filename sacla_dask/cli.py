@@ -727,56 +727,6 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
 
 
 # -- center --------------------------------------------------------------------
-def _spread(index: np.ndarray, n: int) -> np.ndarray:
-    """At most ``n`` entries of ``index``, evenly spread from its first to its last."""
-    if index.size <= n:
-        return index
-    return index[np.unique(np.round(np.linspace(0, index.size - 1, n)).astype(int))]
-
-
-def _file_pixel_size(run: Any) -> float | None:
-    """Pixel size in metres from the first file's detector_info (None if absent or not square)."""
-    src = run.sources[0]
-    try:
-        _storage, det = _hdf5_storage(src.path, src.dataset)
-    except (OSError, KeyError):
-        return None
-    px = np.unique(np.atleast_1d(np.asarray(det.get("pixel_size_in_micro_meter", []),
-                                            dtype=float)))
-    if px.size != 1 or not np.isfinite(px[0]) or px[0] <= 0:
-        return None
-    return float(px[0]) * 1e-6
-
-
-def _center_figure(path: str, image: np.ndarray, mask: np.ndarray | None, result: Any,
-                   title: str) -> None:
-    """Two panels: the mean image with the fitted ring, and the radial profile."""
-    from matplotlib.figure import Figure
-
-    from .plot import plot_image, plot_radial_profile
-
-    c = result.circle
-    fig = Figure(figsize=(13.0, 6.0), layout="constrained")
-    ax_img, ax_prof = fig.subplots(1, 2, width_ratios=[1.0, 1.1])
-    plot_image(image, mask, fit=c, ax=ax_img,
-               title=f"circle fit: centre ({c.center_x:.2f}, {c.center_y:.2f}) px, "
-                     f"r = {c.radius:.2f} px")
-    s = result.sharpness
-    if s is not None:
-        mark = ax_img.plot([s.center_x], [s.center_y], "o", mfc="none", mec="magenta", ms=14,
-                           mew=1.5, zorder=6,
-                           label=f"sharpness centre ({s.center_x:.2f}, {s.center_y:.2f}) px")
-        old = ax_img.get_legend()  # plot_image's (with the masked-pixel patch)
-        handles = [*(old.legend_handles if old is not None else []), *mark]
-        ax_img.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1),
-                      ncols=2, fontsize="small", frameon=False)
-    plot_radial_profile(c.profile_radius, c.profile_mean, ring=c.radius, ax=ax_prof,
-                        label="masked mean about the fitted centre",
-                        title=f"radial profile (ring FWHM {c.ring_fwhm:.2f} px)")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-
-
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--guess", nargs=3, type=float, default=None, metavar="X Y R",
@@ -842,42 +792,28 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     """
     import dask
 
-    from .center import _check_guess, find_center, mean_image
-    from .errors import OutputError, ParameterError
-    from .geometry import Geometry, write_geometry_file
-    from .pipeline import load_mask
-    from .run import mean_wavelength, open_run
+    from .center import BrightMean, center_figure, center_run
+    from .errors import OutputError
 
-    run = open_run(list(runs), on_bad_tag=on_bad_tag,  # type: ignore[arg-type]
-                   skip_first=skip_first)
-    shape = run.image_shape
-    if guess is not None:  # fail before reading any image
-        _check_guess(guess, shape)
-    good = load_mask(mask, shape)
-    bright = np.nonzero(run.bright)[0]
-    if bright.size == 0:
-        raise ParameterError(f"no bright shot in {', '.join(runs)} ({len(run)} tags, all dark): "
-                             "nothing to fit a ring to")
-    use = _spread(bright, max_shots)
-    keep = np.zeros(len(run), dtype=bool)
-    keep[use] = True
-    sub = run.select(keep)
-    t0 = time.perf_counter()
-    if workers is not None or scheduler or scheduler_file or cluster != "local":
-        where = _client_from(workers, scheduler, scheduler_file, cluster, jobs)
-        how = "on the Dask cluster"
-    else:
-        where = dask.config.set(scheduler="threads")
-        how = "with Dask's threaded scheduler"
-    with where:
-        image = mean_image(sub.images())
-    tags = sub.tags
-    click.echo(f"mean of {use.size} of {bright.size} bright shots (tags {_span(tags)}) of run "
-               f"{', '.join(map(str, run.runs))}: {shape[0]} x {shape[1]} px, "
-               f"{time.perf_counter() - t0:.1f} s {how}")
+    on_cluster = workers is not None or scheduler or scheduler_file or cluster != "local"
+    how = "on the Dask cluster" if on_cluster else "with Dask's threaded scheduler"
 
-    res = find_center(image, good, guess, tolerance=tolerance)
-    c = res.circle
+    def computing_mean() -> Any:
+        if on_cluster:
+            return _client_from(workers, scheduler, scheduler_file, cluster, jobs)
+        return dask.config.set(scheduler="threads")
+
+    def report_mean(mean: BrightMean) -> None:
+        shape = mean.image.shape
+        click.echo(f"mean of {mean.n_shots} of {mean.n_bright} bright shots (tags "
+                   f"{_span(mean.tags)}) of run {', '.join(map(str, mean.run.runs))}: "
+                   f"{shape[0]} x {shape[1]} px, {mean.seconds:.1f} s {how}")
+
+    result = center_run(runs, guess=guess, mask=mask, max_shots=max_shots,
+                        pixel_size=pixel_size, distance=distance, wavelength=wavelength,
+                        tolerance=tolerance, on_bad_tag=on_bad_tag, skip_first=skip_first,
+                        compute_context=computing_mean, on_mean=report_mean)
+    c = result.circle
     click.echo(f"circle fit  : centre x = {c.center_x:.3f} +/- {c.sigma_x:.3f}, "
                f"y = {c.center_y:.3f} +/- {c.sigma_y:.3f} px; radius {c.radius:.3f} +/- "
                f"{c.sigma_radius:.3f} px (ring FWHM {c.ring_fwhm:.2f} px; {c.n_used} peak "
@@ -891,7 +827,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
                    f"{np.degrees(e.angle):.1f} deg")
     else:
         click.echo("ellipse     : could not be fitted")
-    s = res.sharpness
+    res, s = result.fit, result.sharpness
     if s is not None:
         click.echo(f"sharpness   : centre x = {s.center_x:.3f}, y = {s.center_y:.3f} px; ring "
                    f"r = {s.radius:.3f} px, FWHM {s.fwhm:.2f} px (height above baseline "
@@ -903,50 +839,22 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     else:
         click.echo(f"sharpness   : FAILED ({res.sharpness_error}); the circle fit is unchecked")
 
-    pixel_size = pixel_size if pixel_size is not None else _file_pixel_size(run)
-    if wavelength is None:
-        try:
-            wavelength = mean_wavelength(sub)
-        except ParameterError as exc:
-            click.echo(f"note: no wavelength written ({exc})", err=True)
-    if pixel_size is not None and distance is not None and wavelength is not None:
-        g = Geometry(c.center_x, c.center_y, pixel_size, distance, wavelength)
-        q_ring = float(g.radius_to_q(c.radius))
-        click.echo(f"ring        : r = {c.radius:.3f} px -> q = {q_ring:.5f} 1/A (pixel "
-                   f"{pixel_size * 1e6:g} um, distance {distance * 1e3:g} mm, wavelength "
-                   f"{wavelength:.5f} A)")
+    if result.wavelength_error is not None:
+        click.echo(f"note: no wavelength written ({result.wavelength_error})", err=True)
+    g = result.geometry
+    if g is not None:
+        click.echo(f"ring        : r = {c.radius:.3f} px -> q = {result.q_ring:.5f} 1/A (pixel "
+                   f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
+                   f"wavelength {g.wavelength:.5f} A)")
     if plot_path:
         try:
-            _center_figure(plot_path, image, good, res,
-                           f"mean of {use.size} bright shots, run "
-                           f"{', '.join(map(str, run.runs))}")
+            center_figure(result).savefig(plot_path, dpi=110)
         except OSError as exc:
             raise OutputError(f"cannot write the plot {plot_path!r}: {exc}") from None
         click.echo(f"wrote {plot_path}")
     if out:
-        fit = {"sigma_center_x": c.sigma_x, "sigma_center_y": c.sigma_y,
-               "sigma_radius": c.sigma_radius, "ring_fwhm": c.ring_fwhm,
-               "sharpness_center_x": s.center_x if s is not None else None,
-               "sharpness_center_y": s.center_y if s is not None else None,
-               "disagreement_px": res.disagreement_px if s is not None else None,
-               "shots": int(use.size), "runs": [os.path.abspath(p) for p in runs]}
-        values = {"center_x": c.center_x, "center_y": c.center_y, "pixel_size": pixel_size,
-                  "distance": distance, "wavelength": wavelength,
-                  "mask": os.path.abspath(mask) if mask else None, "radius": c.radius,
-                  "fit": {k: (float(v) if isinstance(v, float) else v)
-                          for k, v in fit.items() if v is not None}}
-        tmp = f"{out}.tmp-{os.getpid()}"
-        try:
-            write_geometry_file(tmp, {k: (float(v) if isinstance(v, float) else v)
-                                      for k, v in values.items()})
-            os.replace(tmp, out)
-        except OSError as exc:
-            raise OutputError(f"cannot write the geometry file {out!r}: {exc}") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        missing = [f"--{k.replace('_', '-')}" for k in ("pixel_size", "distance", "wavelength")
-                   if values[k] is None]
+        result.write_geometry(out)
+        missing = [f"--{k.replace('_', '-')}" for k in result.missing_geometry]
         click.echo(f"wrote {out}" + (f" (without {', '.join(missing)}: give them to process)"
                                      if missing else ""))
     else:

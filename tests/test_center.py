@@ -25,6 +25,7 @@ from sacla_dask.center import (
     mean_image,
     radial_profile,
     refine_center_by_sharpness,
+    spread_evenly,
 )
 from sacla_dask.errors import GeometryError, MaskError, NoRingFoundError, ParameterError
 
@@ -452,3 +453,12 @@ def test_find_center_keeps_the_circle_fit_when_sharpness_fails(gapped, caplog):
     assert res.sharpness is None and not res.agree and math.isnan(res.disagreement_px)
     assert "search square" in res.sharpness_error and "FAILED" in repr(res)
     assert "unchecked" in caplog.text
+
+
+def test_spread_evenly_keeps_the_ends_and_spaces_evenly():
+    idx = np.arange(2, 20)
+    np.testing.assert_array_equal(spread_evenly(idx, 100), idx)
+    got = spread_evenly(idx, 5)
+    assert got.size == 5 and got[0] == 2 and got[-1] == 19
+    assert np.ptp(np.diff(got)) <= 1
+    np.testing.assert_array_equal(spread_evenly(idx, 1), [2])

@@ -8,6 +8,7 @@ are the writer's truth, not values copied from a previous run of the code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import h5py
@@ -17,7 +18,9 @@ import xarray as xr
 import yaml
 from click.testing import CliRunner
 
-from sacla_dask.cli import _spread, main
+from sacla_dask.center import BrightMean, center_run
+from sacla_dask.cli import main
+from sacla_dask.errors import NoRingFoundError
 from sacla_dask.io.run import DETECTOR
 from sacla_dask.io.synthetic import panel_mask, write_synthetic_run
 
@@ -182,13 +185,64 @@ def test_max_shots_spreads_over_the_run_and_a_cluster_computes_the_same(spotty, 
     assert math.hypot(geo["center_x"] - truth.center_x, geo["center_y"] - truth.center_y) < 0.3
 
 
-def test_spread_keeps_the_ends_and_spaces_evenly():
-    idx = np.arange(2, 20)
-    np.testing.assert_array_equal(_spread(idx, 100), idx)
-    got = _spread(idx, 5)
-    assert got.size == 5 and got[0] == 2 and got[-1] == 19
-    assert np.ptp(np.diff(got)) <= 1
-    np.testing.assert_array_equal(_spread(idx, 1), [2])
+# -- the library call the command makes ------------------------------------------
+def test_center_run_returns_what_the_command_writes(centered, spotty):
+    """center_run's result holds the truth, and the command writes exactly its geometry."""
+    truth, mask_path, _ = spotty
+    _, out, _ = centered
+    entered = []
+
+    @contextlib.contextmanager
+    def scheduler():
+        entered.append("in")
+        yield
+        entered.append("out")
+
+    result = center_run(truth.path, guess=GUESS, mask=str(mask_path), distance=0.053,
+                        compute_context=scheduler)
+    assert entered == ["in", "out"]  # the mean, and only it, ran in the given context
+    # the mean of the bright shots, recomputed here with h5py from the file
+    imgs, tags = _images(truth.path, truth.run)
+    bright_tags = truth.tags[truth.bright]
+    assert result.mean.n_shots == result.mean.n_bright == bright_tags.size == 18
+    np.testing.assert_array_equal(result.mean.tags, bright_tags)
+    expected = imgs[np.isin(tags, bright_tags)].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(result.mean.image, expected, rtol=1e-12)
+    assert math.hypot(result.circle.center_x - truth.center_x,
+                      result.circle.center_y - truth.center_y) < 0.2
+    assert result.pixel_size == pytest.approx(truth.pixel_size, rel=1e-9)
+    assert result.wavelength == pytest.approx(truth.wavelength, rel=1e-3)
+    assert result.wavelength_error is None and result.missing_geometry == []
+    assert result.q_ring == pytest.approx(float(truth.geometry.radius_to_q(RADII[1])), rel=1e-3)
+    assert result.mask_path == str(mask_path.resolve())
+    assert yaml.safe_load(out.read_text()) == result.geometry_values()
+
+
+def test_center_run_reports_the_mean_before_a_failing_fit(tmp_path):
+    flat = write_synthetic_run(tmp_path / "flat.h5", n_tags=8, n_dark=2, shape=SHAPE,
+                               center=CENTER, ring_radii=RADII, ring_amplitudes=(0.0, 0.0),
+                               seed=3)
+    seen: list[BrightMean] = []
+    with pytest.raises(NoRingFoundError, match="no powder ring"):
+        center_run(flat.path, on_mean=seen.append)
+    assert len(seen) == 1 and seen[0].n_shots == 6 and seen[0].image.shape == SHAPE
+
+
+def test_center_run_with_a_mask_array_records_no_mask_path(spotty, tmp_path):
+    truth, mask_path, _ = spotty
+    result = center_run([truth.path], guess=GUESS, mask=np.load(mask_path), max_shots=4,
+                        wavelength=1.5)
+    assert result.mask_path is None and result.mask is not None
+    assert result.wavelength == 1.5 and result.missing_geometry == ["distance"]
+    assert result.geometry is None and result.q_ring is None
+    values = result.geometry_values()
+    assert values["mask"] is None and values["distance"] is None
+    assert values["fit"]["shots"] == 4 and values["fit"]["runs"] == [truth.path]
+    out = tmp_path / "g.yaml"
+    result.write_geometry(out)
+    written = yaml.safe_load(out.read_text())
+    assert "mask" not in written and "distance" not in written  # None is left out
+    assert written["center_x"] == values["center_x"] and written["wavelength"] == 1.5
 
 
 # -- errors ----------------------------------------------------------------------
