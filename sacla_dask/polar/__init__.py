@@ -65,8 +65,8 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import GeometryError, MaskError, ParameterError
-from .geometry import Geometry, default_nphi
+from ..errors import GeometryError, MaskError, ParameterError
+from ..geometry import Geometry, default_nphi
 
 try:  # the in-place y += A @ x of scipy's own CSR product (no allocation, no copy)
     from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
