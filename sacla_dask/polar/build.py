@@ -123,7 +123,7 @@ def _splitting_entries(grid: PolarGrid, geometry: Geometry, rows: slice, shape: 
     kbits = max(1, int(n_r).bit_length())
     n_a = np.maximum(1, np.ceil(subdivision * (radius + dr / 2) * dphi - 1e-9)).astype(np.int64)
     wpad = nx + 4  # padded row length: off-image samples clip to a 2-pixel border
-    kdtype = np.int32 if (ny + 4) * wpad << kbits < 2**31 else np.int64
+    kdtype: type[np.signedinteger[Any]] = np.int32 if (ny + 4) * wpad << kbits < 2**31 else np.int64
     out_b, out_y, out_x, out_w = [], [], [], []
     total = np.empty(radius.size * nphi)
     i = 0
@@ -344,7 +344,7 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
         if fr is not None and fc is not None:
             (r0, r1), (c0, c1), tshape = fr, fc, TILE
     wy, wx = r1 - r0, c1 - c0
-    idx_dtype = np.int32 if max(nnz, wy * wx) < 2**31 - 1 else np.int64
+    idx_dtype: type[np.signedinteger[Any]] = np.int32 if max(nnz, wy * wx) < 2**31 - 1 else np.int64
     # the CSR arrays made once and filled block by block (no concatenated copies: fresh
     # memory is slow to fault in on some VMs)
     data = np.empty(nnz, dtype=np.float32)

@@ -52,7 +52,7 @@ def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray,
     total = polar.sum(axis=-1, dtype=np.float64)
     mvals = polar.reshape(k, nq * nphi)[:, masked] if masked.size else None
     dirty = mvals is not None and bool(np.any(mvals))  # masked bins that are not 0
-    if dirty:
+    if dirty and mvals is not None:
         mrow = masked // nphi
         with np.errstate(invalid="ignore"):
             for i in range(k):
@@ -69,9 +69,9 @@ def normalize_rows(polar: np.ndarray, polar_mask: np.ndarray,
         scale = np.where(np.isfinite(mean) & (mean != 0), 1.0 / mean, 0.0).astype(np.float32)
     fill = [pm[q] & ~np.isfinite(polar[i, q]) for i, q in redo]  # before polar may change
     with np.errstate(invalid="ignore"):  # inf * 0 in a row without a mean: reset below
-        out = np.multiply(polar, scale[..., None], out=out, dtype=np.float32)
+        res = np.multiply(polar, scale[..., None], out=out, dtype=np.float32)
     for (i, q), f in zip(redo, fill, strict=True):
-        out[i, q][f] = np.nan
+        res[i, q][f] = np.nan
     if dirty or len(redo):
-        out.reshape(k, nq * nphi)[:, masked] = 0
-    return out, mean
+        res.reshape(k, nq * nphi)[:, masked] = 0
+    return res, mean

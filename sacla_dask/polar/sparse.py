@@ -137,4 +137,5 @@ class SparseEngine:
         return (SparseEngine, (self._matrix,))
 
     def __repr__(self) -> str:
-        return f"SparseEngine({self.n_bins} bins x {self.n_columns} columns, nnz {self._matrix.nnz})"
+        return (f"SparseEngine({self.n_bins} bins x {self.n_columns} columns, "
+                f"nnz {self._matrix.nnz})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class PolarTransform:
         min_coverage: float = 0.5,
     ) -> None:
         self.geometry = geometry
-        self.image_shape = tuple(int(s) for s in image_shape)
+        self.image_shape = cast(tuple[int, int], tuple(int(s) for s in image_shape))
         self.qmin = float(qmin)
         self.qmax = float(qmax)
         self.method = method
@@ -115,7 +116,9 @@ class PolarTransform:
 
     @property
     def coverage(self) -> np.ndarray:
-        return self.operator.coverage
+        cov = self.operator.coverage
+        assert cov is not None  # (only an operator made for the workers has none)
+        return cov
 
     def __call__(self, images: np.ndarray, window: bool = False) -> np.ndarray:
         """Polar intensities (not normalised) of full images, or of windows."""
