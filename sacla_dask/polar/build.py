@@ -187,7 +187,7 @@ _OPERATORS: weakref.WeakValueDictionary[str, PolarOperator] = weakref.WeakValueD
 
 
 def _tokenize(*args: Any) -> str:
-    import dask.base  # (the kernels of this module need no Dask)
+    import dask.base  # (the polar kernels need no Dask)
 
     return dask.base.tokenize(*args)
 
@@ -345,8 +345,8 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
             (r0, r1), (c0, c1), tshape = fr, fc, TILE
     wy, wx = r1 - r0, c1 - c0
     idx_dtype: type[np.signedinteger[Any]] = np.int32 if max(nnz, wy * wx) < 2**31 - 1 else np.int64
-    # the CSR arrays made once and filled block by block (no concatenated copies: fresh
-    # memory is slow to fault in on some VMs)
+    # the CSR arrays made once and filled block by block (no concatenated copies, whose
+    # fresh memory would be faulted in once more)
     data = np.empty(nnz, dtype=np.float32)
     indices = np.empty(nnz, dtype=idx_dtype)
     indptr = np.empty(nbins + 1, dtype=idx_dtype)
@@ -368,7 +368,7 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
             col = (((u >> sy) * (wx >> sx) + (v >> sx)) << (sy + sx)) + ((u & (ty - 1)) << sx)
             col += v & (tx - 1)
         indices[a:b] = col
-        # (the counts cast first: a cumsum cast into a narrower out array is ~10x slower)
+        # (the counts cast first: a cumsum cast into a narrower out array is much slower)
         ptr = indptr[int(first_bin[k]) + 1:int(first_bin[k + 1]) + 1]
         np.cumsum(counts.astype(idx_dtype), out=ptr)
         ptr += a
