@@ -43,7 +43,6 @@ from .operator import (
     polar_from_columns,
     polar_from_gathered,
     polar_into,
-    select_engine,
 )
 from .sparse import SparseEngine
 from .transform import PolarTransform
@@ -70,5 +69,4 @@ __all__ = [
     "polar_from_gathered",
     "polar_from_pick",
     "polar_into",
-    "select_engine",
 ]

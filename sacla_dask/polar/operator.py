@@ -53,8 +53,8 @@ def select_engine(matrix: sp.csr_matrix, method: str) -> Engine:
 class PolarOperator:
     """Resampling operator from an image window to the polar grid.
 
-    Parameters and attributes
-    -------------------------
+    Parameters
+    ----------
     engine : SparseEngine or GatherEngine
         The map from the columns to the ``nq * nphi`` bins; its weights are
         over good pixels only (masked pixels carry zero weight) and masked
@@ -83,6 +83,9 @@ class PolarOperator:
         the pixels it reads, column ``j`` being window pixel ``pixels[j]``
         (row-major flat index in the window). None: the columns are all the
         window's pixels.
+
+    Each parameter is an attribute of the same name (the engine ready for
+    use: :attr:`engine`).
 
     An operator is not changed once made. What it derives on first use
     (file offsets of its pixels, its compact or workers' form) is kept
