@@ -227,7 +227,7 @@ class PolarOperator:
         return self._derive("for_workers", lambda: PolarOperator(
             self.engine, self.window, self.shape, self.polar_mask, None, self.method,
             tile=self.tile, corrections=self.corrections, token=f"{self.token}-workers",
-            pixels=self.pixels))  # type: ignore[no-any-return]
+            pixels=self.pixels))
 
     def compact(self) -> PolarOperator:
         """This operator with columns for only the pixels it reads (cached).
@@ -242,7 +242,7 @@ class PolarOperator:
         """
         if self.pixels is not None:
             return self
-        return self._derive("compact", self._make_compact)  # type: ignore[no-any-return]
+        return self._derive("compact", self._make_compact)
 
     def _make_compact(self) -> PolarOperator:
         cols = np.flatnonzero(self.used_columns)
@@ -291,7 +291,7 @@ class PolarOperator:
                 seg += (seg // wx) * (nx - wx) + x0
             return off
 
-        return self._derive(("row_offsets", int(nx)), make)  # type: ignore[no-any-return]
+        return self._derive(("row_offsets", int(nx)), make)
 
     def _compact_gather(self, what: str) -> tuple[np.ndarray, np.ndarray]:
         """``(pixels, index)`` of a compact gather operator; else ParameterError."""
@@ -313,7 +313,7 @@ class PolarOperator:
         (:meth:`row_offsets`) and then the bins from them.
         """
         index = self._compact_gather("bin_offsets")[1]
-        return self._derive(("bin_offsets", int(nx)),  # type: ignore[no-any-return]
+        return self._derive(("bin_offsets", int(nx)),
                             lambda: self.row_offsets(nx)[index])
 
     @property
@@ -321,7 +321,7 @@ class PolarOperator:
         """Of a compact gather operator: the window pixel (row-major flat index) each
         polar bin takes (cached; intp); :meth:`bin_offsets` for a window read whole."""
         pixels, index = self._compact_gather("bin_pixels")
-        return self._derive("bin_pixels",  # type: ignore[no-any-return]
+        return self._derive("bin_pixels",
                             lambda: pixels.astype(np.intp)[index])
 
     # -- an image as the engine's columns ----------------------------------------------
