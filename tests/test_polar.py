@@ -40,13 +40,16 @@ from sacla_dask.errors import GeometryError, ParameterError
 from sacla_dask.geometry import Geometry, default_nphi
 from sacla_dask.polar import (
     METHODS,
+    GatherEngine,
+    PolarOperator,
     PolarTransform,
+    SparseEngine,
     apply_polar,
     build_operator,
     correction_factors,
     make_grid,
     polar_from_columns,
-    polar_from_pick,
+    polar_from_gathered,
 )
 
 SHAPE = (150, 170)
@@ -71,6 +74,13 @@ def band(geom=GEOM, r_in=20.0, r_out=60.0, **kw):
 
 def polar_of(img, op):
     return apply_polar(img[op.window][None], op)[0][0]
+
+
+def with_sparse_engine(op):
+    """The same operator holding its map as a CSR matrix (whatever its engine)."""
+    return PolarOperator(SparseEngine(op.matrix), op.window, op.shape, op.polar_mask,
+                         op.coverage, op.method, tile=op.tile, corrections=op.corrections,
+                         token=op.token, pixels=op.pixels)
 
 
 def panel_gaps(shape=SHAPE):
@@ -355,7 +365,7 @@ def test_tiled_layout_equals_row_major(method):
 def test_operator_built_in_blocks_on_threads_equals_one_block(monkeypatch, method, tile):
     """Building by blocks of q rows (on one or two threads) gives the very operator of a
     build in one block: the CSR arrays, window, coverage and mask bit for bit."""
-    import sacla_dask.polar as polar
+    import sacla_dask.polar.build as polar
 
     grid = band(r_in=5.0, r_out=60.0)
     good = panel_gaps()
@@ -385,7 +395,7 @@ def test_an_operator_alive_is_reused_not_built_again(monkeypatch):
     is kept alive by the reuse."""
     import gc
 
-    import sacla_dask.polar as polar
+    import sacla_dask.polar.build as polar
 
     builds = []
     real = polar._build_operator
@@ -409,61 +419,68 @@ def test_an_operator_alive_is_reused_not_built_again(monkeypatch):
     assert len(builds) == 7 and again.token == token  # built anew, the same operator
 
 
-def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
-    """A nearest operator travels to workers as an int32 pick index, not its CSR matrix;
-    the copy computes the same images (a non-finite pixel rebuilds the identical matrix)."""
+class SnapshottingOperator(PolarOperator):
+    """A PolarOperator that records what it pickles as before and after each change of its
+    attributes: every state a worker pickling it on another thread could send."""
+
+    snapshots: list = []
+
+    def __setattr__(self, name, value):
+        self.snapshot()
+        super().__setattr__(name, value)
+        self.snapshot()
+
+    def snapshot(self):
+        state = pickle.loads(pickle.dumps(PolarOperator.__getstate__(self)))
+        copy = PolarOperator.__new__(PolarOperator)
+        copy.__setstate__(state)
+        self.snapshots.append(copy)
+
+
+def test_gather_ships_as_its_index_and_derives_its_matrix():
+    """A nearest operator travels to workers as an int32 gather index, not a CSR matrix;
+    the copy computes the same images (a non-finite pixel derives the identical matrix)."""
     op = build_operator(GEOM, band(), SHAPE, panel_gaps(), "nearest")
+    assert isinstance(op.engine, GatherEngine)
     m = op.matrix
     csr_bytes = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
     blob = pickle.dumps(op)
     back = pickle.loads(blob)
-    assert "matrix" not in back.__dict__                  # a worker holds the pick only
+    assert "matrix" not in back._engine.__dict__          # a worker holds the gather only
     assert repr(back) == repr(op) and "nearest" in repr(op)
-    assert "matrix" not in back.__dict__                  # (shown without rebuilding it)
+    assert "matrix" not in back._engine.__dict__          # (shown without deriving it)
     # a copy that only passes the operator on (Dask's scheduler) converts nothing: its
     # int32 index is pickled again as it came
-    passed = back.__getstate__()["_pick"]
-    assert passed[0].dtype == np.int32 and passed[0] is back._cache["pick32"][0]
-    assert "gather" not in back._cache
-    fresh = pickle.loads(blob)                            # the matrix straight from the pick
+    passed = back.__getstate__()["engine"].__reduce__()[1][0]
+    assert passed.dtype == np.int32 and passed is back._engine.index
+    assert not back._engine.is_ready
+    fresh = pickle.loads(blob)                            # the matrix straight from the index
     for name in ("data", "indices", "indptr"):
         np.testing.assert_array_equal(getattr(fresh.matrix, name), getattr(m, name))
-    with_matrix = len(pickle.dumps({**op.__dict__, "_cache": {}}))
+    with_matrix = len(pickle.dumps(with_sparse_engine(op)))
     assert len(blob) < with_matrix - csr_bytes // 2       # 4 bytes per bin instead of 12
     assert back.nbytes == op.nbytes - csr_bytes
     np.testing.assert_array_equal(back.used_columns, op.used_columns)
-    # a worker pickles its copy on another thread while a task first uses the pick: at
-    # every change of the cache the operator pickles whole (a race the benchmark met)
+    # a worker pickles its copy on another thread while a task first uses the gather: at
+    # every change of its state the operator pickles whole
     racing = pickle.loads(blob)
-    copies = []
-
-    class Snapshots(dict):
-        def __setitem__(self, key, value):
-            copies.append(pickle.loads(pickle.dumps(racing)))
-            super().__setitem__(key, value)
-            copies.append(pickle.loads(pickle.dumps(racing)))
-
-        def pop(self, *args):
-            copies.append(pickle.loads(pickle.dumps(racing)))
-            out = super().pop(*args)
-            copies.append(pickle.loads(pickle.dumps(racing)))
-            return out
-
-    racing._cache = Snapshots(racing._cache)
+    SnapshottingOperator.snapshots = copies = []
+    object.__setattr__(racing, "__class__", SnapshottingOperator)
     assert racing.gather[0].dtype == np.intp
-    assert len(copies) == 4
+    assert len(copies) == 2                               # the engine made ready: one change
     for c in copies:
         np.testing.assert_array_equal(c.gather[0], op.gather[0])
+        np.testing.assert_array_equal(c.gather[1], op.gather[1])
     relayed = pickle.loads(pickle.dumps(back))            # a worker's copy sent on
-    assert "matrix" not in relayed.__dict__ and relayed.gather is not None
-    assert relayed.gather[0].dtype == np.intp and "pick32" not in relayed._cache
+    assert "matrix" not in relayed._engine.__dict__ and relayed.gather is not None
+    assert relayed.gather[0].dtype == np.intp and relayed._engine.is_ready
     np.testing.assert_array_equal(relayed.gather[0], op.gather[0])
     np.testing.assert_array_equal(relayed.gather[1], op.gather[1])
     img = smooth_image()
     want, nf_want = apply_polar(img[op.window][None], op)
     got, nf_got = apply_polar(img[op.window][None], back)
     np.testing.assert_array_equal(got, want)
-    assert "matrix" not in back.__dict__ and nf_got[0] == nf_want[0] == 0
+    assert "matrix" not in back._engine.__dict__ and nf_got[0] == nf_want[0] == 0
     img[72, 120] = np.nan                                 # the redo path uses the matrix
     want, nf_want = apply_polar(img[op.window][None], op)
     got, nf_got = apply_polar(img[op.window][None], back)
@@ -472,8 +489,8 @@ def test_pick_ships_as_its_index_and_rebuilds_its_matrix():
     for name in ("data", "indices", "indptr"):
         np.testing.assert_array_equal(getattr(back.matrix, name), getattr(m, name))
     assert back.matrix.shape == m.shape
-    again = pickle.loads(pickle.dumps(back))              # a copy of a copy: still a pick
-    assert "matrix" not in again.__dict__
+    again = pickle.loads(pickle.dumps(back))              # a copy of a copy: still a gather
+    assert "matrix" not in again._engine.__dict__
     np.testing.assert_array_equal(apply_polar(img[op.window][None], again)[0], want)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         back.nope  # noqa: B018
@@ -521,22 +538,22 @@ def test_compact_operator_reads_only_its_pixels_and_equals_the_window_one(method
         assert polar_from_columns(x, o, out) == 1
         np.testing.assert_array_equal(out, want[0])
         if o.gather is None:
-            with pytest.raises(ParameterError, match="not a compact pixel pick"):
+            with pytest.raises(ParameterError, match="not a compact gather"):
                 o.bin_offsets(SHAPE[1])
             continue
-        # a pick read bin by bin from the image's rows (the pipeline's ring reader)
+        # a gather read bin by bin from the image's rows (the pipeline's ring reader)
         rows = img[y0:].reshape(-1)
         y = rows[o.bin_offsets(SHAPE[1])]
-        assert polar_from_pick(y, o) > 0                          # the NaN pixel's bins
+        assert polar_from_gathered(y, o) > 0                          # the NaN pixel's bins
         np.testing.assert_array_equal(y.reshape(op.shape), want[0])
         with pytest.raises(ParameterError, match="C-contiguous"):
-            polar_from_pick(np.zeros((op.shape[1], op.shape[0]), np.float32).T, o)
+            polar_from_gathered(np.zeros((op.shape[1], op.shape[0]), np.float32).T, o)
         y = img[op.window].reshape(-1)[o.bin_pixels]             # from a window read whole
-        polar_from_pick(y, o)
+        polar_from_gathered(y, o)
         np.testing.assert_array_equal(y.reshape(op.shape), want[0])
         finite = np.where(np.isfinite(img), img, 0).astype(np.float32)
         y = finite[y0:].reshape(-1)[o.bin_offsets(SHAPE[1])]
-        assert polar_from_pick(y, o) == 0
+        assert polar_from_gathered(y, o) == 0
         np.testing.assert_array_equal(y.reshape(op.shape), polar_of(finite, op))
     assert pickle.loads(pickle.dumps(c)).pixels.dtype == np.int32
 
@@ -548,9 +565,9 @@ def test_compact_operator_is_smaller_on_a_ring():
     assert len(pickle.dumps(c)) < len(pickle.dumps(op))
     with pytest.raises(ParameterError, match="not a compact operator"):
         op.row_offsets(SHAPE[1])
-    with pytest.raises(ParameterError, match="not a compact pixel pick"):
+    with pytest.raises(ParameterError, match="not a compact gather"):
         op.bin_offsets(SHAPE[1])
-    with pytest.raises(ParameterError, match="not a compact pixel pick"):
+    with pytest.raises(ParameterError, match="not a compact gather"):
         op.bin_pixels  # noqa: B018
 
 
@@ -580,8 +597,7 @@ def test_nearest_gather_equals_the_matrix_product():
     img = smooth_image()
     img[72, 120] = np.nan
     fast, nf_fast = apply_polar(img[op.window][None], op)
-    op._cache["gather"] = None                            # force the CSR product
-    slow, nf_slow = apply_polar(img[op.window][None], op)
+    slow, nf_slow = apply_polar(img[op.window][None], with_sparse_engine(op))  # CSR product
     np.testing.assert_array_equal(fast, slow)
     assert nf_fast[0] == nf_slow[0] == 1
     corrected = build_operator(GEOM, band(), SHAPE, None, "nearest", solid_angle=True)
@@ -664,9 +680,10 @@ def test_rot90_shifts_phi_by_a_quarter(ny, nx, fx, fy, r_in, width, quarter, met
 def test_operator_pickles_without_cache_and_tokenizes_cheaply():
     good = panel_gaps()
     op = build_operator(GEOM, band(), SHAPE, good, "bilinear")
-    assert op.used_columns.sum() == np.unique(op.matrix.indices).size  # fills the cache
+    assert op.used_columns.sum() == np.unique(op.matrix.indices).size  # derives it
+    assert op.compact() is op.compact()                                # keeps it aside
     back = pickle.loads(pickle.dumps(op))
-    assert back._cache == {}
+    assert back._derived == {} and "used_columns" not in back._engine.__dict__
     for name in ("data", "indices", "indptr"):
         np.testing.assert_array_equal(getattr(back.matrix, name), getattr(op.matrix, name))
     same = build_operator(GEOM, band(), SHAPE, good.copy(), "bilinear")
