@@ -134,7 +134,7 @@ def raw_pixels(path: str, names: list[str], radii: tuple[float, float]) -> dict:
     dataset's offset into a reused buffer; img/s.
 
     The floor of a reader that fetches only a thin band's pixels (what
-    ``sacla_dask.run.read_pixels`` does for a contiguous dataset; taking the
+    ``sacla_dask.io.hdf5.read_pixels`` does for a contiguous dataset; taking the
     pixels through a memory map instead costs more in page faults:
     docs/benchmarks.md).
     """

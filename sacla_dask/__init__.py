@@ -30,7 +30,7 @@ _LAZY = {
     "Geometry": "geometry", "default_nphi": "geometry", "energy_to_wavelength": "geometry",
     "ProcessingPlan": "pipeline", "plan_run": "pipeline", "process_run": "pipeline",
     "PolarTransform": "polar",
-    "Run": "run", "open_run": "run",
+    "Run": "io.run", "open_run": "io.run",
     "open_result": "store",
     "show_versions": "versions",
 }
@@ -69,8 +69,8 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         SaclaDaskError,
     )
     from .geometry import Geometry, default_nphi, energy_to_wavelength
+    from .io.run import Run, open_run
     from .pipeline import ProcessingPlan, plan_run, process_run
     from .polar import PolarTransform
-    from .run import Run, open_run
     from .store import open_result
     from .versions import show_versions

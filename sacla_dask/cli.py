@@ -102,7 +102,7 @@ def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
     Example:
       sacla-dask synth run.h5 --tags 200 --shape 1024 1024 --mask-out mask.npy
     """
-    from .synthetic import panel_mask, write_synthetic_run
+    from .io.synthetic import panel_mask, write_synthetic_run
 
     half = min(shape) / 2
     radii = rings or (0.3 * half, 0.6 * half)
@@ -397,8 +397,8 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int | None,
       sacla-dask demo --dir demo --tags 200
     """
     from .engine import choose_engine
+    from .io.synthetic import panel_mask, write_synthetic_run
     from .pipeline import plan_run
-    from .synthetic import panel_mask, write_synthetic_run
 
     os.makedirs(workdir, exist_ok=True)
     run_path = os.path.join(workdir, "run_synthetic.h5")
@@ -513,7 +513,7 @@ def _run_lines(path: str) -> list[str]:
     from dask.utils import format_bytes
 
     from .errors import ParameterError
-    from .run import mean_wavelength, open_run
+    from .io.run import mean_wavelength, open_run
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ParameterError
 
 if TYPE_CHECKING:
-    from .run import Run
+    from .io.run import Run
 
 ENGINES = ("auto", "threads", "processes")
 
@@ -80,7 +80,7 @@ def read_without_lock(paths: Sequence[str], datasets: Sequence[str]) -> bool:
 
     That is a contiguous, unfiltered dataset of native numbers that the
     direct reader takes from the file with ``os.pread`` (see
-    :func:`sacla_dask.run.read_pixels`), outside HDF5's global lock. A
+    :func:`sacla_dask.io.hdf5.read_pixels`), outside HDF5's global lock. A
     chunked or compressed dataset is decoded by HDF5 holding that lock.
 
     Parameters
@@ -92,14 +92,14 @@ def read_without_lock(paths: Sequence[str], datasets: Sequence[str]) -> bool:
     """
     import h5py
 
-    from .run import DIRECT_READ, _contiguous_region
+    from .io import hdf5
 
-    if not DIRECT_READ:
+    if not hdf5.DIRECT_READ:
         return False
     for path, name in zip(paths, datasets, strict=True):
         with h5py.File(path, "r") as fh:
             dsid = h5py.h5d.open(fh.id, name.encode())
-            if _contiguous_region(dsid, os.path.getsize(path)) is None:
+            if hdf5._contiguous_region(dsid, os.path.getsize(path)) is None:
                 return False
     return True
 

@@ -31,9 +31,9 @@ import xarray as xr
 from dask.highlevelgraph import HighLevelGraph
 from dask.sizeof import sizeof
 
-from . import run as _run
 from . import store as _store
 from ._version import __version__
+from .chunking import parse_chunk_size
 from .correlation import (
     CorrelationPlan,
     fourier_coefficients,
@@ -47,6 +47,8 @@ from .correlation import (
 from .engine import Engine
 from .errors import MaskError, PairingError, ParameterError
 from .geometry import Geometry
+from .io import hdf5 as _hdf5
+from .io.run import Run, TagSource, mean_wavelength, open_run
 from .pairs import (
     PAIRINGS,
     consecutive_pairs,
@@ -66,7 +68,6 @@ from .polar import (
     polar_from_pick,
 )
 from .polar import polar_into as apply_polar_into
-from .run import Run, TagSource, mean_wavelength, open_run, parse_chunk_size
 from .scheduling import chunk_first, inline_picks, memory_per_thread, pick_layer_name
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
 
     With a compact operator (:meth:`PolarOperator.compact`, what the
     pipeline ships) only the pixels it reads are read
-    (:func:`sacla_dask.run.read_pixels`): for the ring band ~0.8 MB of an
+    (:func:`sacla_dask.io.hdf5.read_pixels`): for the ring band ~0.8 MB of an
     image instead of its ~10 MB window. A compact pixel pick (the default
     ``nearest`` method without corrections) reads each bin's pixel straight
     into the polar image (:meth:`PolarOperator.bin_offsets`,
@@ -211,13 +212,13 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
         def picked(i: int, y: np.ndarray) -> None:
             nonfinite_pixels[i] = polar_from_pick(y, op)
 
-        _run.read_pixels(sources, window, op.bin_pixels, op.bin_offsets, on_bad_tag,  # type: ignore[arg-type]
+        _hdf5.read_pixels(sources, window, op.bin_pixels, op.bin_offsets, on_bad_tag,  # type: ignore[arg-type]
                          picked, into=raw.reshape(len(sources), -1).__getitem__)
     elif op.pixels is not None:
         def take(i: int, x: np.ndarray) -> None:
             nonfinite_pixels[i] = polar_from_columns(x, op, raw[i])
 
-        _run.read_pixels(sources, window, op.pixels, op.row_offsets, on_bad_tag,  # type: ignore[arg-type]
+        _hdf5.read_pixels(sources, window, op.pixels, op.row_offsets, on_bad_tag,  # type: ignore[arg-type]
                          take)
     else:
         buf: list[np.ndarray] = []
@@ -225,7 +226,7 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
         def consume(i: int, win: np.ndarray) -> None:
             nonfinite_pixels[i] = apply_polar_into(win, op, raw[i], buf)
 
-        _run._read_block(sources, window, on_bad_tag, consume=consume)  # type: ignore[arg-type]
+        _hdf5._read_block(sources, window, on_bad_tag, consume=consume)  # type: ignore[arg-type]
     norm, rmean, nan_bins = _finish_polar(raw, nonfinite_pixels, polar_mask)
     if halo is None:
         return norm, rmean, nan_bins
@@ -240,7 +241,7 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
 HALO_IMAGE_BYTES = 4 << 20
 
 #: A band whose pixels are at most this fraction of its bounding-box window is read
-#: pixel by pixel (:meth:`PolarOperator.compact`, :func:`sacla_dask.run.read_pixels`).
+#: pixel by pixel (:meth:`PolarOperator.compact`, :func:`sacla_dask.io.hdf5.read_pixels`).
 COMPACT_MAX_FRACTION = 0.5
 
 
@@ -1216,7 +1217,7 @@ def plan_run(
         in the ``bad_tags`` attr; a tag found unreadable only while computing
         is left out of every pair and flagged in ``image_ok``).
     tag_range, min_pulse_energy, skip_first, drop_unselected
-        Shot selection (:meth:`sacla_dask.run.Run.select_shots`): tags
+        Shot selection (:meth:`sacla_dask.io.run.Run.select_shots`): tags
         ``first..last`` only; shots with a pulse energy of at least this many
         joules; the first N exposures of each run dark (files without a
         pulse-selector status); leave unselected shots out instead of

@@ -909,7 +909,7 @@ def pair_rejection(ds: Any) -> tuple[np.ndarray | None, float | None]:
 
 def _plot_raw(ds: Any, srcs: list[str], shots: int, center: Any, radius: Any,
               attrs: dict[str, Any], save: Any, report: PlotReport) -> None:
-    from .run import open_run
+    from .io.run import open_run
 
     run = open_run(srcs)
     tags = np.asarray(ds["tag"].values)

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..errors import OutputError, ParameterError
 from ..geometry import Geometry, write_geometry_file
-from ..pipeline import load_mask
 from ..io.run import Run, mean_wavelength, open_run
+from ..pipeline import load_mask
 from ._common import Guess, _check_guess
 from .circle import CenterFit
 from .find import CenterComparison, find_center
@@ -316,7 +316,7 @@ def center_run(
     Parameters
     ----------
     runs : path or list of paths
-        SACLA run file(s) (see :func:`~sacla_dask.run.open_run`).
+        SACLA run file(s) (see :func:`~sacla_dask.io.run.open_run`).
     guess : (x, y) or (x, y, r), optional
         Rough centre and ring radius in pixels; checked against the image
         before any image is read. Default: the intensity-weighted centre

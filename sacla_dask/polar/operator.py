@@ -236,7 +236,7 @@ class PolarOperator:
         operator's columns are those pixels (in this operator's column
         order, so a tiled operator keeps its cache-friendly order), listed
         in :attr:`pixels`, and a reader can fetch just them
-        (:func:`sacla_dask.run.read_pixels`) instead of the whole window.
+        (:func:`sacla_dask.io.hdf5.read_pixels`) instead of the whole window.
         Same weights, bins and polar mask; no coverage. Applying it to the
         pixels gives bit for bit what this operator gives on the window.
         """
@@ -273,7 +273,7 @@ class PolarOperator:
         first image row, in an image ``nx`` pixels wide (cached; intp).
 
         ``image.reshape(-1)[window_rows.start * nx + row_offsets(nx)]`` are
-        the operator's columns: what :func:`sacla_dask.run.read_pixels` takes
+        the operator's columns: what :func:`sacla_dask.io.hdf5.read_pixels` takes
         from a file.
         """
         pixels = self.pixels
@@ -420,7 +420,7 @@ def polar_from_columns(x: np.ndarray, op: PolarOperator, out: np.ndarray) -> int
 
     ``x`` (float32, :attr:`PolarOperator.n_columns`) is what
     :meth:`PolarOperator.columns` makes of a window, or, for a compact
-    operator, the pixels :func:`sacla_dask.run.read_pixels` fetched;
+    operator, the pixels :func:`sacla_dask.io.hdf5.read_pixels` fetched;
     ``out`` is float32, ``nq * nphi`` or ``(nq, nphi)``. Returns the number
     of non-finite pixels the operator read (their bins are NaN).
     """
