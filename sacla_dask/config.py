@@ -29,6 +29,13 @@ with open(_DEFAULTS_FILE) as _fh:
 # (values already set, from the environment, a YAML file or dask.config.set, stay)
 dask.config.update_defaults(DEFAULTS)
 
+#: keys renamed: dask.config.set of the old one warns and sets the new one; a value
+#: given under the old one in a YAML file or the environment is moved to the new one
+#: (the old names are spelled with "-" for "_": Dask's check compares them so)
+RENAMED = {"sacla-dask.worker-saturation": "sacla_dask.worker.saturation"}
+dask.config.deprecations.update(RENAMED)
+dask.config.rename(RENAMED)
+
 
 def get(key: str) -> Any:
     """The value of ``sacla_dask.<key>`` in Dask's configuration.
@@ -42,7 +49,7 @@ def get(key: str) -> Any:
         return dask.config.get(f"sacla_dask.{key}")
     except KeyError:
         raise KeyError(f"no sacla_dask setting {key!r}; the settings are: "
-                       + ", ".join(_keys(DEFAULTS["sacla_dask"]))) from None
+                       + ", ".join(keys())) from None
 
 
 def get_bytes(key: str) -> int:
@@ -51,6 +58,31 @@ def get_bytes(key: str) -> int:
 
     value = get(key)
     return int(value) if isinstance(value, (int, float)) else int(parse_bytes(value))
+
+
+def get_bool(key: str) -> bool:
+    """A yes/no setting: a boolean, a number, or ``"true"``/``"false"``, ``"1"``/``"0"``,
+    ``"yes"``/``"no"``, ``"on"``/``"off"`` (any case).
+
+    Raises
+    ------
+    ValueError
+        For any other string.
+    """
+    value = get(key)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"sacla_dask setting {key!r} must be true or false (got {value!r})")
+    return bool(value)
+
+
+def keys() -> list[str]:
+    """Every sacla_dask setting, dotted (``"correlation.merge-bytes"``, ...)."""
+    return _keys(DEFAULTS["sacla_dask"])
 
 
 def _keys(tree: dict[str, Any], prefix: str = "") -> list[str]:

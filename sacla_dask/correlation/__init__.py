@@ -23,8 +23,9 @@ What lives where:
     :func:`pair_statistics` (the statistics in one pass, memory independent
     of the number of pairs), with :class:`PairStatisticsOptions`.
 
-The tunable sizes (``BLOCK_BYTES``, ``CORRECT_BYTES``, ...) live in the
-module that reads them; set them there.
+The tunable sizes and thresholds are the ``correlation.*`` settings of
+:mod:`sacla_dask.config` (``dask.config.set({"sacla_dask.correlation.merge-bytes":
+"64MiB"})``), read when a graph is built.
 """
 
 from . import graph, kernels, statistics

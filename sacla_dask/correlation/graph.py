@@ -42,13 +42,12 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 from dask.sizeof import sizeof
 
+from .. import config
 from ..errors import ParameterError, SaclaDaskError
 from ..scheduling import chunk_first
 from .kernels import difference_correlation
 from .plan import CorrelationPlan
 from .statistics import (
-    BLOCK_BYTES,
-    HOLD_OUT_MAX,
     Edge,
     HeldPairs,
     PairSums,
@@ -61,16 +60,6 @@ from .statistics import (
     pair_sums,
     robust_outliers,
 )
-
-#: bytes of partial sums a fold step takes at once (the running sum and at least one
-#: more): a wide band's 55 MB sums are folded one at a time
-MERGE_BYTES = 128 * 2**20
-#: with outlier rejection, pairs whose difference statistic exceeds this (normalised
-#: units: ordinary pairs are of order 1e-3..1) are held out of the partial sums
-HOLD_OUT_STAT = 100.0
-#: bytes of polar rows read back at once to recompute rejected pairs (and the products
-#: of the linked pairs around them)
-CORRECT_BYTES = 256 * 2**20
 
 
 # -- pairs grouped by tag chunk ------------------------------------------------
@@ -331,15 +320,14 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
                   plan: CorrelationPlan, sa: np.ndarray, sb: np.ndarray,
                   keys: np.ndarray, n_boot: int, seed: int, block_bytes: int,
                   source: Callable[[np.ndarray], np.ndarray],
-                  links: np.ndarray | None = None,
-                  batch_bytes: int | None = None) -> PairSums:
+                  links: np.ndarray | None, batch_bytes: int) -> PairSums:
     """Final sums: add the held-out pairs that are kept, subtract the other rejected
     pairs; and the products of linked pairs (:func:`_relinked`).
 
     The pairs to recompute are taken a batch at a time, in pair order, so
     that a batch's polar rows take about ``batch_bytes`` (a wide band's
     polar image is 28 MB, and a long run may reject a hundred pairs;
-    default ``CORRECT_BYTES``).
+    the graph passes the setting ``correlation.correct-bytes``).
     """
     rej, _ = rejection
     total, h = root.sums, root.held
@@ -361,7 +349,6 @@ def _correct_task(root: _Partial, rejection: tuple[np.ndarray, float],
     # every pair whose correlation is needed, in pair order: a product's pairs k - 1
     # and k are next to each other here, in one batch or across two
     need = np.unique(np.concatenate([idx, unlink - 1, unlink, link - 1, link]))
-    batch_bytes = CORRECT_BYTES if batch_bytes is None else batch_bytes
     per = max(1, int(batch_bytes) // max(1, 2 * plan.nq * plan.nphi * 4))
     subtract = np.zeros(rej.size, dtype=bool)
     subtract[idx] = True
@@ -471,14 +458,19 @@ class PairStatisticsOptions:
         Also return the per-pair correlations (float32).
     split_every : int or None
         Group sums added to the running sum per fold step (default: 8,
-        fewer for large partial sums, so that a step takes about
-        ``MERGE_BYTES`` (128 MiB); at least 1).
-    block_bytes : int
+        fewer for large partial sums, so that a step takes about the
+        setting ``correlation.merge-bytes``; at least 1).
+    block_bytes : int or None
         Bytes of the float64 work arrays of a block of q rows in the pair
-        kernel (:func:`~sacla_dask.correlation.statistics.pair_sums`).
-    hold_out_max : int
+        kernel (:func:`~sacla_dask.correlation.statistics.pair_sums`;
+        default: the setting ``correlation.block-bytes``).
+    hold_out_max : int or None
         Pairs held out of the sums per group task (0 = always subtract;
-        :func:`pair_statistics`).
+        :func:`pair_statistics`; default: the setting
+        ``correlation.hold-out-max``).
+
+    The defaults (None) are read from :mod:`sacla_dask.config` when
+    :func:`pair_statistics` builds its graph.
     """
 
     reject: float | None = None
@@ -487,8 +479,8 @@ class PairStatisticsOptions:
     seed: int = 0
     keep_pairs: bool = False
     split_every: int | None = None
-    block_bytes: int = BLOCK_BYTES
-    hold_out_max: int = HOLD_OUT_MAX
+    block_bytes: int | None = None
+    hold_out_max: int | None = None
 
     def check(self) -> None:
         """Raise :class:`ParameterError` for a value out of range."""
@@ -500,20 +492,55 @@ class PairStatisticsOptions:
             raise ParameterError(
                 f"outlier threshold must be > 0 robust sigmas (got {self.reject})")
 
-    def fold_width(self, plan: CorrelationPlan, linked: bool) -> int:
+    def fold_width(self, plan: CorrelationPlan, linked: bool,
+                   merge_bytes: int | None = None) -> int:
         """Group sums per fold step: :attr:`split_every`, or by default as many as fit
-        in ``MERGE_BYTES`` with the running sum (1 to 8)."""
+        in ``merge_bytes`` (default: the setting ``correlation.merge-bytes``) with the
+        running sum (1 to 8)."""
         split_every = self.split_every
         if split_every is None:
+            if merge_bytes is None:
+                merge_bytes = config.get_bytes("correlation.merge-bytes")
             # a fold step holds the running sum and its inputs: a pair of float64 (nqp,
             # nlag) arrays each (a wide band's is ~55 MB), the bootstrap sums, and with
             # linked pairs their products and the first and last pairs' correlations and
             # bins (26 bytes per bin more)
             part = (16 * (1 + int(self.n_boot)) + (26 if linked else 0)) * plan.nqp * plan.nlag
-            split_every = int(min(8, max(1, MERGE_BYTES // max(part, 1) - 1)))
+            split_every = int(min(8, max(1, merge_bytes // max(part, 1) - 1)))
         if split_every < 1:
             raise ParameterError(f"split_every must be >= 1 (got {split_every})")
         return split_every
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tunables:
+    """The ``correlation.*`` settings a graph of :func:`pair_statistics` uses.
+
+    Read once, where the graph is built, and passed into its tasks: a
+    worker's own configuration cannot change the result, and the graph's
+    token holds them.
+    """
+
+    block_bytes: int
+    hold_out_max: int
+    hold_out_stat: float
+    merge_bytes: int
+    correct_bytes: int
+    bootstrap_block: int
+
+    @classmethod
+    def read(cls, opts: PairStatisticsOptions) -> _Tunables:
+        """The settings now (:mod:`sacla_dask.config`), ``opts``' sizes where given."""
+        return cls(
+            block_bytes=(config.get_bytes("correlation.block-bytes")
+                         if opts.block_bytes is None else int(opts.block_bytes)),
+            hold_out_max=(int(config.get("correlation.hold-out-max"))
+                          if opts.hold_out_max is None else int(opts.hold_out_max)),
+            hold_out_stat=float(config.get("correlation.hold-out-stat")),
+            merge_bytes=config.get_bytes("correlation.merge-bytes"),
+            correct_bytes=config.get_bytes("correlation.correct-bytes"),
+            bootstrap_block=int(config.get("correlation.bootstrap-block")),
+        )
 
 
 def _with_settings(options: PairStatisticsOptions | None,
@@ -547,9 +574,9 @@ class _SortedPairs:
 
     @classmethod
     def of(cls, tag_chunks: tuple[int, ...], ia: np.ndarray, ib: np.ndarray,
-           keys: np.ndarray) -> _SortedPairs:
+           keys: np.ndarray, boot_block: int) -> _SortedPairs:
         order, bounds, groups = _home_groups(tag_chunks, ia, ib)
-        sa, sb, links, sk = _in_pair_order(ia, ib, keys, order)
+        sa, sb, links, sk = _in_pair_order(ia, ib, keys, order, boot_block)
         inv = None if np.array_equal(order, np.arange(order.size)) else np.argsort(order)
         return cls(sa, sb, sk, links if links.any() else None, bounds, groups, inv)
 
@@ -591,14 +618,15 @@ def _group_sources(dsk: dict[Any, Any], internal: str, g: int, polar: da.Array,
 
 def _add_group_tasks(dsk: dict[Any, Any], internal: str, plan_key: Any, polar: da.Array,
                      halo: da.Array | None, pairs: _SortedPairs, n_boot: int,
-                     opts: PairStatisticsOptions) -> tuple[list[Any], list[Any], bool]:
+                     opts: PairStatisticsOptions,
+                     settings: _Tunables) -> tuple[list[Any], list[Any], bool]:
     """One :func:`_group_task` per home chunk.
 
     Returns the keys of the groups' partial sums, those of the tasks that
     also return the pairs' correlations (with ``keep_pairs``), and whether
     some group takes a row from the halo.
     """
-    hold = HOLD_OUT_STAT if opts.reject else None
+    hold = settings.hold_out_stat if opts.reject else None
     halo_used = False
     part_keys, pair_keys = [], []
     for g, (h, s, e) in enumerate(pairs.groups):
@@ -607,7 +635,7 @@ def _add_group_tasks(dsk: dict[Any, Any], internal: str, plan_key: Any, polar: d
         halo_used |= used
         gk = (internal, "group", g)
         dsk[gk] = (_group_task, plan_key, la, lb, pairs.keys[s:e], s, n_boot, opts.seed,
-                   opts.keep_pairs, hold, opts.hold_out_max, opts.block_bytes,
+                   opts.keep_pairs, hold, settings.hold_out_max, settings.block_bytes,
                    None if pairs.links is None else pairs.links[s:e], *blocks)
         if opts.keep_pairs:
             dsk[(internal, "partial", g)] = (operator.getitem, gk, 0)
@@ -637,7 +665,7 @@ def _add_fold_tasks(dsk: dict[Any, Any], internal: str, part_keys: list[Any],
 
 def _add_rejection_tasks(dsk: dict[Any, Any], internal: str, root: Any, plan_key: Any,
                          polar: da.Array, pairs: _SortedPairs, npair: int, n_boot: int,
-                         opts: PairStatisticsOptions, reload: Any,
+                         opts: PairStatisticsOptions, settings: _Tunables, reload: Any,
                          reload_key: Any) -> tuple[Any, Any]:
     """The outlier rejection (:func:`_reject_task`) and the correction of the sums
     (:func:`_correct_task`); return the keys of the rejection and of the final sums.
@@ -660,7 +688,8 @@ def _add_rejection_tasks(dsk: dict[Any, Any], internal: str, root: Any, plan_key
         source = reload
     corrected = (internal, "corrected")
     dsk[corrected] = (_correct_task, root, rej_key, plan_key, pairs.a, pairs.b, pairs.keys,
-                      n_boot, opts.seed, opts.block_bytes, source, pairs.links)
+                      n_boot, opts.seed, settings.block_bytes, source, pairs.links,
+                      settings.correct_bytes)
     return rej_key, corrected
 
 
@@ -757,9 +786,10 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     variance). That is negligible unless the pair is enormous compared
     with the rest (a shot labelled bright that has almost no signal gives
     normalised values in the thousands); so pairs whose statistic exceeds
-    ``HOLD_OUT_STAT`` (100, where ordinary pairs are 1e-3..1) are never
-    mixed into the sums: each group task returns them apart (at most
-    ``hold_out_max`` per group), and they are added back only if kept.
+    the setting ``correlation.hold-out-stat`` (100, where ordinary pairs
+    are 1e-3..1) are never mixed into the sums: each group task returns
+    them apart (at most ``hold_out_max`` per group), and they are added
+    back only if kept.
     The recomputed pairs' statistics are checked against the first pass.
 
     Parameters
@@ -776,8 +806,8 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         Non-negative pair identities that seed each pair's bootstrap
         weights (default the positions; tag numbers make the resamples
         independent of the selection). Linked pairs (overlapping
-        consecutive pairs) are drawn in blocks of ``BOOT_BLOCK``
-        (:func:`bootstrap_blocks`).
+        consecutive pairs) are drawn in blocks of the setting
+        ``correlation.bootstrap-block`` (:func:`bootstrap_blocks`).
     reload : callable or dask Delayed, optional
         ``reload(positions) -> (k, nq, nphi)`` rows of ``polar`` at sorted
         tag positions, used to recompute rejected pairs without holding
@@ -800,15 +830,21 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
     Returns
     -------
     LazyPairStatistics
+
+    Notes
+    -----
+    The ``correlation.*`` settings (:mod:`sacla_dask.config`) are read here,
+    when the graph is built, and passed into its tasks.
     """
     opts = _with_settings(options, settings)
     ia = np.asarray(ia, dtype=np.int64)
     ib = np.asarray(ib, dtype=np.int64)
     polar = _check_polar(polar, ia, ib)
     opts.check()
+    conf = _Tunables.read(opts)
     keys = np.stack([ia, ib], axis=1) if keys is None else np.asarray(keys, np.int64)
-    pairs = _SortedPairs.of(polar.chunks[0], ia, ib, keys)
-    split_every = opts.fold_width(plan, pairs.links is not None)
+    pairs = _SortedPairs.of(polar.chunks[0], ia, ib, keys, conf.bootstrap_block)
+    split_every = opts.fold_width(plan, pairs.links is not None, conf.merge_bytes)
     n_boot = int(opts.n_boot)
     deps: list[Any] = [polar]
     if halo is not None:
@@ -821,19 +857,19 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         deps.append(reload)
         reload_key = reload.key
     token = dask.base.tokenize(polar.name, ia, ib, keys, plan, opts.reject, n_boot, opts.ci,
-                               opts.seed, opts.keep_pairs, split_every, opts.block_bytes,
-                               opts.hold_out_max, reload_key, type(reload).__name__,
+                               opts.seed, opts.keep_pairs, split_every,
+                               dataclasses.astuple(conf), reload_key, type(reload).__name__,
                                None if halo is None else halo.name)
     internal = "pair-statistics-" + token
     plan_key = (internal, "plan")
     dsk: dict[Any, Any] = {plan_key: plan}
     part_keys, pair_keys, halo_used = _add_group_tasks(dsk, internal, plan_key, polar, halo,
-                                                       pairs, n_boot, opts)
+                                                       pairs, n_boot, opts, conf)
     if halo_used:  # (a halo no group takes from is no dependency)
         deps.append(halo)
     root = _add_fold_tasks(dsk, internal, part_keys, split_every)
     rej_key, total = _add_rejection_tasks(dsk, internal, root, plan_key, polar, pairs, ia.size,
-                                          n_boot, opts, reload, reload_key)
+                                          n_boot, opts, conf, reload, reload_key)
     final = (internal, "final")
     dsk[final] = (_finalize_task, total, float(opts.ci))
     home_of = {g: h for g, (h, _, _) in enumerate(pairs.groups)}

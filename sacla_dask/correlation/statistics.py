@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
+from .. import config
 from ..errors import ParameterError
 from .kernels import (
     MAD_TO_SIGMA,
@@ -40,15 +41,6 @@ from .kernels import (
     full_lags,
 )
 from .plan import CorrelationPlan
-
-#: bytes of a float64 block of correlation rows processed at once: small enough to
-#: stay in the CPU cache
-BLOCK_BYTES = 2 * 2**20
-#: at most this many held-out pairs per group task (beyond, they are summed)
-HOLD_OUT_MAX = 16
-#: linked pairs (overlapping consecutive pairs) are bootstrapped in blocks of this many
-#: (:func:`bootstrap_blocks`)
-BOOT_BLOCK = 10
 
 
 def pair_order(ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
@@ -318,7 +310,7 @@ class PairSums:
         return PairSums.total([self, other], [1, -1])
 
 
-def bootstrap_blocks(links: np.ndarray, length: int = BOOT_BLOCK) -> np.ndarray:
+def bootstrap_blocks(links: np.ndarray, length: int | None = None) -> np.ndarray:
     """The first pair of each pair's bootstrap block (indices, in the order of ``links``).
 
     Pairs linked to the pair before them (:func:`pair_links`) are
@@ -330,8 +322,22 @@ def bootstrap_blocks(links: np.ndarray, length: int = BOOT_BLOCK) -> np.ndarray:
     pairs but for a fraction ``1 / length`` of it (a 1-dependent sequence).
     Give each pair the key of its block's first pair in
     :func:`bootstrap_weights`.
+
+    Parameters
+    ----------
+    links : bool array (npair,)
+        :func:`pair_links` of the pairs, in the order they are summed.
+    length : int, optional
+        Pairs per block (default: the setting ``correlation.bootstrap-block``,
+        :mod:`sacla_dask.config`).
+
+    Returns
+    -------
+    int array (npair,)
     """
     links = np.asarray(links, dtype=bool)
+    if length is None:
+        length = int(config.get("correlation.bootstrap-block"))
     if length < 1:
         raise ParameterError(f"bootstrap block length must be >= 1 (got {length})")
     n = links.size
@@ -402,8 +408,8 @@ def _row_blocks(n: int, nphi: int, block_bytes: int) -> list[slice]:
 def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
               ia: np.ndarray | None = None, ib: np.ndarray | None = None,
               weights: np.ndarray | None = None, keep: bool = False,
-              hold_above: float | None = None, hold_max: int = HOLD_OUT_MAX,
-              block_bytes: int = BLOCK_BYTES, links: np.ndarray | None = None
+              hold_above: float | None = None, hold_max: int | None = None,
+              block_bytes: int | None = None, links: np.ndarray | None = None
               ) -> tuple[PairSums, np.ndarray, np.ndarray | None, HeldPairs]:
     """Correlate pairs one by one and accumulate their sums (the group kernel).
 
@@ -427,8 +433,12 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
         Pairs whose statistic exceeds this (the ``hold_max`` largest of
         them) are not summed but returned in ``held`` (float64
         correlations).
-    block_bytes : int
-        Approximate size of the float64 work arrays of a block of rows.
+    hold_max : int, optional
+        Default: the setting ``correlation.hold-out-max``
+        (:mod:`sacla_dask.config`).
+    block_bytes : int, optional
+        Approximate size of the float64 work arrays of a block of rows
+        (default: the setting ``correlation.block-bytes``).
     links : bool array (npair,), optional
         Pair ``k`` shares a shot with pair ``k - 1`` (:func:`pair_links`):
         the product of their correlations is summed (``sums.s12``; not for
@@ -455,8 +465,8 @@ def pair_sums(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
 def _sum_pairs(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
                ia: np.ndarray | None = None, ib: np.ndarray | None = None,
                weights: np.ndarray | None = None, keep: bool = False,
-               hold_above: float | None = None, hold_max: int = HOLD_OUT_MAX,
-               block_bytes: int = BLOCK_BYTES, links: np.ndarray | None = None,
+               hold_above: float | None = None, hold_max: int | None = None,
+               block_bytes: int | None = None, links: np.ndarray | None = None,
                linked: bool | None = None
                ) -> tuple[PairSums, np.ndarray, np.ndarray | None, HeldPairs,
                           tuple[Edge | None, Edge | None]]:
@@ -464,6 +474,10 @@ def _sum_pairs(a: np.ndarray, b: np.ndarray, plan: CorrelationPlan, *,
     the first pair's correlation when ``links[0]`` (it shares a shot with the
     pair before these) and the last pair's (None for a held-out pair).
     ``linked``: allocate ``s12`` (default: some pair is linked)."""
+    if hold_max is None:
+        hold_max = int(config.get("correlation.hold-out-max"))
+    if block_bytes is None:
+        block_bytes = config.get_bytes("correlation.block-bytes")
     npair = a.shape[0] if ia is None else int(np.size(ia))
     if links is None and a is b and ia is not None and ib is not None:
         links = pair_links(ia, ib)
@@ -789,14 +803,15 @@ def _nanpercentile0(x: np.ndarray, pct: Sequence[float]) -> list[np.ndarray]:
     return out
 
 
-def _in_pair_order(ia: np.ndarray, ib: np.ndarray, keys: np.ndarray,
-                   order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _in_pair_order(ia: np.ndarray, ib: np.ndarray, keys: np.ndarray, order: np.ndarray,
+                   block: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The pairs in ``order`` (:func:`pair_order`): their shots, :func:`pair_links`, and
     the keys of their bootstrap weights (each pair its block's first pair's,
-    :func:`bootstrap_blocks`)."""
+    :func:`bootstrap_blocks` of ``block`` pairs)."""
     sa, sb = ia[order], ib[order]
     links = pair_links(sa, sb)
-    return sa, sb, links, keys[order][bootstrap_blocks(links)]
+    return sa, sb, links, keys[order][bootstrap_blocks(links, block)]
 
 
 def summarize_pairs(polar: np.ndarray, ia: np.ndarray, ib: np.ndarray, plan: CorrelationPlan,
