@@ -17,34 +17,40 @@ from typing import Any
 
 import dask
 
+from . import config
 from .errors import ParameterError
 
 log = logging.getLogger(__name__)
 
 CLUSTER_KINDS = ("local", "jobqueue")
 
-#: set in each worker process before it starts (``distributed.nanny.pre-spawn-environ``):
-#: one glibc arena, so the task thread's large blocks come from the same heap as the
-#: rest and are reused rather than fragmenting per-thread arenas (wide band, 2 workers:
-#: 7.0 -> 8.0-8.5 img/s, fresh pages 33 -> 6-12 MB per image; the peak RSS still varies
-#: from run to run, benchmarks/README.md). Batch jobs export it in their
-#: prologue (deploy/); workers you start yourself should too.
-WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
-
-#: root tasks (a tag chunk's read) a scheduler this module starts hands a worker per
-#: thread (``distributed.scheduler.worker-saturation``; Dask's default is 1.1, which
-#: with one-thread workers queues a second read behind the running one, so a finished
-#: block's write and correlation wait behind the next read). 1.0: same speed, peak RSS
-#: ring 1000 tags 333-363 -> 297-314 MiB, wide 1157-1264 -> 997-1059 MiB (2 workers,
-#: benchmarks/README.md). Dask config ``sacla_dask.worker-saturation`` overrides it;
-#: a scheduler you start yourself keeps its own setting (deploy/README.md).
-WORKER_SATURATION = 1.0
+# The settings read here (sacla_dask.config):
+#
+# worker.env: set in each worker process a LocalCluster starts, before it starts
+# (``distributed.nanny.pre-spawn-environ``), unless this process's environment has
+# the variable. MALLOC_ARENA_MAX=1: one glibc arena, so the task thread's large blocks
+# come from the same heap as the rest and are reused rather than fragmenting
+# per-thread arenas (benchmarks/README.md). Batch jobs export it in their prologue
+# (deploy/); workers you start yourself should too.
+#
+# worker.saturation: root tasks (a tag chunk's read) a scheduler this module starts
+# hands a worker per thread (``distributed.scheduler.worker-saturation``; Dask's
+# default 1.1 with one-thread workers queues a second read behind the running one, so
+# a finished block's write and correlation wait behind the next read; 1.0 lowers the
+# peak memory, benchmarks/README.md). A scheduler you start yourself keeps its own
+# setting (deploy/README.md).
 
 
 def _scheduler_config() -> dict[str, Any]:
     """Dask config for a scheduler this module starts (LocalCluster, dask-jobqueue)."""
-    sat = dask.config.get("sacla_dask.worker-saturation", WORKER_SATURATION)
-    return {"distributed.scheduler.worker-saturation": sat}
+    return {"distributed.scheduler.worker-saturation": config.get("worker.saturation")}
+
+
+def _worker_env() -> dict[str, str]:
+    """The setting ``worker.env`` without the variables this process's environment sets
+    (a user's own value wins), as strings."""
+    env = config.get("worker.env") or {}
+    return {str(k): str(v) for k, v in env.items() if k not in os.environ}
 
 
 def _default_workers() -> int:
@@ -76,13 +82,13 @@ def _keep_jobs(cluster: Any, jobs: int) -> Any:
     dask-jobqueue forgets a job whose worker is gone (after dask's
     ``distributed.deploy.lost-worker-timeout``) but does not start another
     by itself; ``scale`` does, so call it every
-    ``sacla_dask.jobqueue.replace-interval`` (default 30 s) on the cluster's
-    event loop. Returns the started ``tornado.ioloop.PeriodicCallback``.
+    ``sacla_dask.jobqueue.replace-interval`` (:mod:`sacla_dask.config`) on the
+    cluster's event loop. Returns the started ``tornado.ioloop.PeriodicCallback``.
     """
     from dask.utils import parse_timedelta
     from tornado.ioloop import PeriodicCallback
 
-    interval = parse_timedelta(dask.config.get("sacla_dask.jobqueue.replace-interval", "30s"))
+    interval = parse_timedelta(config.get("jobqueue.replace-interval"))
 
     def rescale() -> None:
         if len(cluster.workers) < len(cluster.worker_spec) or len(cluster.worker_spec) < jobs:
@@ -178,7 +184,7 @@ def dask_client(
     if n < 1:
         raise ParameterError(f"--workers must be >= 1 (got {workers})")
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
-    env.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    env.update(_worker_env())
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **_scheduler_config()}):
         lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           memory_limit=memory_limit, dashboard_address="127.0.0.1:0")

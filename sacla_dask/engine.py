@@ -82,6 +82,7 @@ def read_without_lock(paths: Sequence[str], datasets: Sequence[str]) -> bool:
     direct reader takes from the file with ``os.pread`` (see
     :func:`sacla_dask.io.hdf5.read_pixels`), outside HDF5's global lock. A
     chunked or compressed dataset is decoded by HDF5 holding that lock.
+    False when the setting ``read.direct`` (:mod:`sacla_dask.config`) is off.
 
     Parameters
     ----------
@@ -92,9 +93,10 @@ def read_without_lock(paths: Sequence[str], datasets: Sequence[str]) -> bool:
     """
     import h5py
 
+    from . import config
     from .io import hdf5
 
-    if not hdf5.DIRECT_READ:
+    if not config.get_bool("read.direct"):
         return False
     for path, name in zip(paths, datasets, strict=True):
         with h5py.File(path, "r") as fh:

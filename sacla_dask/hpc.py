@@ -14,6 +14,7 @@ from typing import Any
 
 import dask
 
+from . import config
 from .errors import ParameterError
 
 SYSTEMS = ("slurm", "pbs")
@@ -22,16 +23,17 @@ SYSTEMS = ("slurm", "pbs")
 def jobqueue_cluster(system: str | None = None, **kwargs: Any) -> Any:
     """A dask-jobqueue cluster for ``system`` ("slurm" or "pbs").
 
-    ``system`` defaults to ``sacla_dask.jobqueue.system`` in dask's config,
-    else the first of ``jobqueue.slurm`` / ``jobqueue.pbs`` that has a
-    ``cores`` setting. Keyword arguments override the config.
+    ``system`` defaults to the setting ``sacla_dask.jobqueue.system``
+    (:mod:`sacla_dask.config`), else the first of ``jobqueue.slurm`` /
+    ``jobqueue.pbs`` that has a ``cores`` setting. Keyword arguments
+    override the config.
     """
     try:
         import dask_jobqueue
     except ImportError:
         raise ParameterError("--cluster jobqueue needs dask-jobqueue: pip install "
                              "'sacla_dask[hpc]'") from None
-    system = system or dask.config.get("sacla_dask.jobqueue.system", None)
+    system = system or config.get("jobqueue.system")
     if system is None:
         for s in SYSTEMS:
             if dask.config.get(f"jobqueue.{s}.cores", None):

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
+from .. import config
 from ..errors import BadTagError, RunFileError
 
 try:  # registers bitshuffle/LZ4/zstd... HDF5 filters used for compressed exports
@@ -232,14 +233,15 @@ def read_pixels(
     next image's ahead (``posix_fadvise``) while this one is read. Any
     other dataset (``direct=False``, or chunked / compressed) is read by
     HDF5 as a window and the pixels taken from it. ``direct=None`` means
-    :data:`DIRECT_READ`. With ``into``, tag ``i``'s pixels are read into the
+    the setting ``read.direct`` (:mod:`sacla_dask.config`, read here: in
+    the process that reads). With ``into``, tag ``i``'s pixels are read into the
     float32 vector ``into(i)`` (C-contiguous, ``pixels.size``; e.g. a row of
     the caller's output) instead of the reused one: no copy left to make.
     ``consume`` is given that vector. Errors as in :func:`_read_block` (an
     unreadable tag's vector is NaN).
     """
     if direct is None:
-        direct = DIRECT_READ
+        direct = config.get_bool("read.direct")
     (y0, y1), x0 = (window[0].start, window[0].stop), window[1].start
     wy, wx = y1 - y0, window[1].stop - x0
     reused = np.empty(pixels.size if into is None else 0, dtype=np.float32)
@@ -304,19 +306,18 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
     cache that hint would only be a walk over pages already there, a cost
     for nothing.
     """
-    global _NOWAIT
     first, nbytes = image.rows(y0, y1)
     if not buf or buf[0].nbytes < nbytes:
         buf[:] = [np.empty(nbytes, dtype=np.uint8)]
     view = buf[0][:nbytes]
     got = 0
-    if _NOWAIT:
+    if _PREADV.nowait:
         try:
-            got = os.preadv(fd, [view], first, _NOWAIT)  # type: ignore[list-item]
+            got = os.preadv(fd, [view], first, _PREADV.nowait)  # type: ignore[list-item]
         except BlockingIOError:  # nothing of it cached
             got = 0
         except OSError:  # not on this file system: hint and wait from now on
-            _NOWAIT = 0
+            _PREADV.nowait = 0
     if got < nbytes:  # not all in the page cache
         if ahead is not None and hasattr(os, "posix_fadvise"):
             try:  # a hint: a file system that refuses it reads on demand
@@ -337,16 +338,22 @@ def _take_direct(fd: int, image: _Contiguous, y0: int, y1: int, index: np.ndarra
         np.copyto(out, rows[index], casting="unsafe")
 
 
-#: ``os.RWF_NOWAIT`` while the direct reader may use it (0: unsupported here, see
-#: :func:`_take_direct`)
-_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
+@dataclasses.dataclass
+class _PreadvFlags:
+    """What this process's ``os.preadv`` turned out to support.
+
+    Attributes
+    ----------
+    nowait : int
+        ``os.RWF_NOWAIT`` while the direct reader may use it; 0 where it is
+        unsupported, or once a file system refused it (:func:`_take_direct`).
+    """
+
+    nowait: int = getattr(os, "RWF_NOWAIT", 0) if hasattr(os, "preadv") else 0
 
 
-#: Whether :func:`read_pixels` reads contiguous uncompressed datasets from the file
-#: itself (True unless the environment sets ``SACLA_DASK_DIRECT_READ=0``, e.g. on a
-#: file system where that misbehaves: HDF5 then reads every window).
-DIRECT_READ: bool = os.environ.get("SACLA_DASK_DIRECT_READ", "1").strip().lower() not in (
-    "0", "no", "false", "off")
+#: the direct reader's ``preadv`` capabilities in this process
+_PREADV = _PreadvFlags()
 
 #: Default way to read a window of a contiguous dataset: "hyperslab" (2-D
 #: selection) or "rows" (full rows, then columns, one copy more). Both read the

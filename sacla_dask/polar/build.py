@@ -25,7 +25,8 @@ of a good bin are renormalised over its good pixels (and divided by the
 corrections asked for: :mod:`.corrections`).
 
 The weights are made as a CSR matrix over the band's bounding-box window,
-in blocks of q rows on two threads; the operator then holds them in the
+in blocks of q rows on a few threads (the settings ``polar.build-chunk-bins``
+and ``polar.build-threads`` of :mod:`sacla_dask.config`); the operator then holds them in the
 engine that suits them (:func:`.operator.select_engine`). Operators alive
 in the process are reused for the same inputs.
 """
@@ -42,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from .. import config
 from ..errors import GeometryError, ParameterError
 from ..geometry import Geometry
 from .corrections import correction_factors, corrections_label
@@ -56,12 +58,6 @@ METHODS: tuple[str, ...] = ("nearest", "bilinear", "splitting")
 #: Tile (rows, columns) of the cache-friendly pixel order used when the
 #: operator reads its window densely (see :func:`build_operator`).
 TILE: tuple[int, int] = (8, 16)
-
-#: Bins processed at once while building an operator (bounds its memory).
-_BUILD_CHUNK_BINS = 1 << 20
-#: Threads building the blocks of an operator (:func:`build_operator`).
-_BUILD_THREADS = 2
-
 
 def _sample_points(grid: PolarGrid, geometry: Geometry,
                    rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +273,7 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
     nq, nphi = grid.shape
     nbins = nq * nphi
     corr = polarization is not None or solid_angle
-    rows_per = max(1, _BUILD_CHUNK_BINS // nphi)
+    rows_per = max(1, int(config.get("polar.build-chunk-bins")) // nphi)
 
     def block(i0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                 tuple[int, int, int, int] | None]:
@@ -390,8 +386,10 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
 
 
 def _map_threads(fn: Callable[[int], Any], items: Sequence[int]) -> list[Any]:
-    """``[fn(i) for i in items]``, on :data:`_BUILD_THREADS` threads when there are several."""
-    if len(items) < 2 or _BUILD_THREADS < 2:
+    """``[fn(i) for i in items]``, on the setting ``polar.build-threads`` threads when
+    there are several."""
+    threads = int(config.get("polar.build-threads"))
+    if len(items) < 2 or threads < 2:
         return [fn(i) for i in items]
-    with concurrent.futures.ThreadPoolExecutor(min(_BUILD_THREADS, len(items))) as ex:
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(items))) as ex:
         return list(ex.map(fn, items))
