@@ -101,10 +101,8 @@ def test_local_cluster_is_the_default():
         assert client.dashboard_link.startswith("http://127.0.0.1:")
         assert client.cluster is not None  # we started it, and close it on exit
         # one glibc arena per worker process, set before it starts (unless the user's own)
-        from sacla_dask.cluster import WORKER_ENV
-
         envs = client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
-        want = os.environ.get("MALLOC_ARENA_MAX", WORKER_ENV["MALLOC_ARENA_MAX"])
+        want = os.environ.get("MALLOC_ARENA_MAX", "1")
         assert list(envs.values()) == [want]
         # one chunk read per worker thread at a time (not Dask's 1.1)
         sat = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
@@ -112,14 +110,28 @@ def test_local_cluster_is_the_default():
     assert client.status == "closed"
 
 
-def test_worker_saturation_follows_the_config():
-    """``sacla_dask.worker-saturation`` in dask's config overrides the package's 1.0,
-    and nothing of it leaks into the caller's config."""
+def test_worker_saturation_and_env_follow_the_config():
+    """``sacla_dask.worker.saturation`` in dask's config overrides the package's 1.0 and
+    ``sacla_dask.worker.env`` sets the workers' environment; nothing of it leaks into the
+    caller's config."""
     before = dask.config.get("distributed.scheduler.worker-saturation")
-    with dask.config.set({"sacla_dask.worker-saturation": 1.5}), dask_client(workers=1) as client:
+    env = {"SACLA_DASK_TEST_WORKER_ENV": "7"}
+    with dask.config.set({"sacla_dask.worker.saturation": 1.5, "sacla_dask.worker.env": env}), \
+            dask_client(workers=1) as client:
         sat = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION)
         assert sat == 1.5
+        got = client.run(lambda: os.environ.get("SACLA_DASK_TEST_WORKER_ENV"))
+        assert list(got.values()) == ["7"]
     assert dask.config.get("distributed.scheduler.worker-saturation") == before
+
+
+def test_old_worker_saturation_key_still_sets_it():
+    """The old key ``sacla_dask.worker-saturation`` is renamed (with a FutureWarning)."""
+    from sacla_dask import config
+
+    with pytest.warns(FutureWarning, match="worker.saturation"), \
+            dask.config.set({"sacla_dask.worker-saturation": 1.25}):
+        assert config.get("worker.saturation") == 1.25
 
 
 # -- a running scheduler -----------------------------------------------------------

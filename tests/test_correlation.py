@@ -444,17 +444,20 @@ def test_subtracting_a_wild_pair_keeps_float64_precision():
     assert_eq(sub.mean, eager["mean"], rtol=1e-6, atol=0)
 
 
+def correct_bytes(batch):
+    """The setting correlation.correct-bytes = ``batch`` (None: the default), while a
+    graph is built (it is read then)."""
+    return dask.config.set({} if batch is None
+                           else {"sacla_dask.correlation.correct-bytes": batch})
+
+
 @pytest.mark.parametrize("chunks", [1, 3, 5])
 @pytest.mark.parametrize("batch", [None, 1])
-def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch, monkeypatch):
+def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch):
     """Pairs held out of the one pass (enormous statistic) and then kept: their products
     with the linked pairs around them are added afterwards, so the lazy standard error is
     the eager one and the 1-dependent reference, whatever the chunking and the batches
     in which the pairs are recomputed."""
-    import sacla_dask.correlation.graph as corrmod
-
-    if batch is not None:
-        monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
     rng = np.random.default_rng(30)
     pm = rng.random((2, 16)) > 0.1
     pol = 100.0 * random_polar(rng, 13, 2, 16, pm)  # every pair's statistic > 100: held
@@ -466,22 +469,19 @@ def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch, mon
     np.testing.assert_allclose(eager["sem"], linked_sem(per, np.r_[False, [True] * 11]),
                                rtol=1e-8)
     for hold in (2, 16):  # some held and some summed in the pass, or all held
-        lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1, plan,
-                               reject=8, hold_out_max=hold, split_every=2)
+        with correct_bytes(batch):
+            lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1,
+                                   plan, reject=8, hold_out_max=hold, split_every=2)
         assert_eq(lazy.mean, eager["mean"], rtol=1e-10, atol=0)
         assert_eq(lazy.sem, eager["sem"], rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("chunks", [1, 4, 7])
 @pytest.mark.parametrize("batch", [None, 1])
-def test_rejected_linked_pairs_leave_the_sem(chunks, batch, monkeypatch):
+def test_rejected_linked_pairs_leave_the_sem(chunks, batch):
     """A rejected pair summed in the one pass is subtracted with its products with the
     linked pairs on either side: the lazy standard error is that of the kept pairs (also
     when the pairs are recomputed one per batch, a product across two batches)."""
-    import sacla_dask.correlation.graph as corrmod
-
-    if batch is not None:
-        monkeypatch.setattr(corrmod, "CORRECT_BYTES", batch)
     rng = np.random.default_rng(31)
     pm = rng.random((2, 16)) > 0.1
     pol = random_polar(rng, 20, 2, 16, pm)
@@ -495,8 +495,9 @@ def test_rejected_linked_pairs_leave_the_sem(chunks, batch, monkeypatch):
     per = np.stack([brute_correlation(pol[a], pol[a + 1], pm, plan.q1, plan.q2) for a in kept])
     links = np.r_[False, np.diff(kept) == 1]  # (t7, t8) and (t10, t11) are not linked
     np.testing.assert_allclose(eager["sem"], linked_sem(per, links), rtol=1e-8)
-    lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1, plan,
-                           reject=5)
+    with correct_bytes(batch):
+        lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1, plan,
+                               reject=5)
     assert_eq(lazy.sem, eager["sem"], rtol=1e-9, atol=0)
 
 

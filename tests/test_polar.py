@@ -363,23 +363,35 @@ def test_tiled_layout_equals_row_major(method):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("tile", [False, True])
 def test_operator_built_in_blocks_on_threads_equals_one_block(monkeypatch, method, tile):
-    """Building by blocks of q rows (on one or two threads) gives the very operator of a
-    build in one block: the CSR arrays, window, coverage and mask bit for bit."""
+    """Building by blocks of q rows (on one or two threads: the settings
+    polar.build-chunk-bins and polar.build-threads) gives the very operator of a build in
+    one block: the CSR arrays, window, coverage and mask bit for bit."""
     import sacla_dask.polar.build as polar
 
     grid = band(r_in=5.0, r_out=60.0)
     good = panel_gaps()
+    blocks: list[int] = []
+    map_threads = polar._map_threads
+
+    def counting(fn, items):
+        blocks.append(len(items))
+        return map_threads(fn, items)
+
+    monkeypatch.setattr(polar, "_map_threads", counting)
 
     def build(chunk_bins, threads):
-        monkeypatch.setattr(polar, "_BUILD_CHUNK_BINS", chunk_bins)
-        monkeypatch.setattr(polar, "_BUILD_THREADS", threads)
         monkeypatch.setattr(polar, "_OPERATORS", weakref.WeakValueDictionary())  # build anew
-        return build_operator(GEOM, grid, SHAPE, good, method, tile=tile, polarization=0.9)
+        blocks.clear()
+        with dask.config.set({"sacla_dask.polar.build-chunk-bins": chunk_bins,
+                              "sacla_dask.polar.build-threads": threads}):
+            return build_operator(GEOM, grid, SHAPE, good, method, tile=tile, polarization=0.9)
 
     whole = build(1 << 30, 1)
-    nphi = grid.shape[1]
+    nq, nphi = grid.shape
+    assert blocks[0] == 1
     for chunk_bins, threads in ((3 * nphi, 1), (3 * nphi, 2), (7 * nphi, 2), (1, 2)):
         op = build(chunk_bins, threads)
+        assert blocks[0] == math.ceil(nq / max(1, chunk_bins // nphi))  # the q-row blocks
         assert op.window == whole.window and op.tile == whole.tile
         for a, b in ((op.matrix.data, whole.matrix.data),
                      (op.matrix.indices, whole.matrix.indices),

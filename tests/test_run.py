@@ -520,7 +520,7 @@ def test_direct_read_hints_the_next_image_only_when_reading_from_disk(tmp_path, 
     pixels = np.arange(0, 28 * 30, 5)
     ref = h5_images(t.path, t.run, t.tags, window).reshape(len(t.tags), -1)[:, pixels]
     real_preadv, nowait = os.preadv, 8
-    monkeypatch.setattr(hdf5, "_NOWAIT", nowait)
+    monkeypatch.setattr(hdf5._PREADV, "nowait", nowait)
     nowait_calls, hints = [], []
 
     def preadv(fd, buffers, offset, flags=0):
@@ -541,7 +541,7 @@ def test_direct_read_hints_the_next_image_only_when_reading_from_disk(tmp_path, 
     if cache == "all":
         assert len(nowait_calls) == len(t.tags) and not hints
     elif cache == "no-nowait":
-        assert len(nowait_calls) == 1 and hdf5._NOWAIT == 0
+        assert len(nowait_calls) == 1 and hdf5._PREADV.nowait == 0
         assert len(hints) == len(t.tags) - 1  # every image but the last hints its successor
     else:
         assert len(nowait_calls) == len(t.tags) and len(hints) == len(t.tags) - 1
@@ -600,8 +600,9 @@ def test_pipeline_same_result_direct_or_through_hdf5(tmp_path, monkeypatch):
     with dask.config.set(scheduler="sync"):
         mapped = plan_run(t.path, out=tmp_path / "a.zarr", **kw).execute()
         assert len(maps) == 12                               # every tag, bright or dark
-        monkeypatch.setattr(hdf5, "DIRECT_READ", False)
-        through = plan_run(t.path, out=tmp_path / "b.zarr", **kw).execute()
+        with dask.config.set({"sacla_dask.read.direct": False}):
+            through = plan_run(t.path, out=tmp_path / "b.zarr", **kw).execute()
+        assert len(maps) == 12                   # read.direct off: no tag read directly
     for name in ("polar", "row_mean", "corr", "corr_sem", "image_ok"):
         np.testing.assert_array_equal(mapped[name].values, through[name].values)
 
