@@ -451,9 +451,20 @@ def correct_bytes(batch):
                            else {"sacla_dask.correlation.correct-bytes": batch})
 
 
+def count_reads(monkeypatch):
+    """The number of tag positions of each read of polar rows by the correction."""
+    import sacla_dask.correlation.graph as corrmod
+
+    sizes = []
+    read = corrmod._BlockRows.__call__
+    monkeypatch.setattr(corrmod._BlockRows, "__call__",
+                        lambda self, pos: sizes.append(pos.size) or read(self, pos))
+    return sizes
+
+
 @pytest.mark.parametrize("chunks", [1, 3, 5])
 @pytest.mark.parametrize("batch", [None, 1])
-def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch):
+def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch, monkeypatch):
     """Pairs held out of the one pass (enormous statistic) and then kept: their products
     with the linked pairs around them are added afterwards, so the lazy standard error is
     the eager one and the 1-dependent reference, whatever the chunking and the batches
@@ -468,17 +479,19 @@ def test_held_out_linked_pairs_that_are_kept_count_in_the_sem(chunks, batch):
     per = np.stack([brute_correlation(pol[a], pol[a + 1], pm, plan.q1, plan.q2) for a in ia])
     np.testing.assert_allclose(eager["sem"], linked_sem(per, np.r_[False, [True] * 11]),
                                rtol=1e-8)
+    reads = count_reads(monkeypatch)
     for hold in (2, 16):  # some held and some summed in the pass, or all held
         with correct_bytes(batch):
             lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1,
                                    plan, reject=8, hold_out_max=hold, split_every=2)
         assert_eq(lazy.mean, eager["mean"], rtol=1e-10, atol=0)
         assert_eq(lazy.sem, eager["sem"], rtol=1e-9, atol=0)
+    assert (max(reads) <= 2) == (batch == 1)  # a batch of one pair: its two shots
 
 
 @pytest.mark.parametrize("chunks", [1, 4, 7])
 @pytest.mark.parametrize("batch", [None, 1])
-def test_rejected_linked_pairs_leave_the_sem(chunks, batch):
+def test_rejected_linked_pairs_leave_the_sem(chunks, batch, monkeypatch):
     """A rejected pair summed in the one pass is subtracted with its products with the
     linked pairs on either side: the lazy standard error is that of the kept pairs (also
     when the pairs are recomputed one per batch, a product across two batches)."""
@@ -495,10 +508,12 @@ def test_rejected_linked_pairs_leave_the_sem(chunks, batch):
     per = np.stack([brute_correlation(pol[a], pol[a + 1], pm, plan.q1, plan.q2) for a in kept])
     links = np.r_[False, np.diff(kept) == 1]  # (t7, t8) and (t10, t11) are not linked
     np.testing.assert_allclose(eager["sem"], linked_sem(per, links), rtol=1e-8)
+    reads = count_reads(monkeypatch)
     with correct_bytes(batch):
         lazy = pair_statistics(da.from_array(pol, chunks=(chunks, -1, -1)), ia, ia + 1, plan,
                                reject=5)
     assert_eq(lazy.sem, eager["sem"], rtol=1e-9, atol=0)
+    assert (max(reads) <= 2) == (batch == 1)  # a batch of one pair: its two shots
 
 
 # -- lazy == eager over chunkings --------------------------------------------------
