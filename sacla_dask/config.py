@@ -10,7 +10,10 @@ used, so all of Dask's ways of changing a setting apply::
     DASK_SACLA_DASK__READ__DIRECT=false sacla-dask process ...
 
 Worker processes started by a LocalCluster receive the configuration of the
-process that starts them.
+process that starts them. Read a setting with :func:`get` (``get_bytes``,
+``get_bool`` for sizes and yes/no values); ``docs/configuration.md`` lists
+them all, its table made from the YAML file by ``python -m sacla_dask.config
+docs/configuration.md`` (:func:`markdown_table`).
 """
 
 from __future__ import annotations
@@ -159,6 +162,15 @@ def settings(path: str = _DEFAULTS_FILE) -> list[Setting]:
     A setting's comment is the run of ``#`` lines just above it; a section
     (a key with settings under it) has none. ``env`` is one setting (a
     mapping of environment variables).
+
+    Parameters
+    ----------
+    path : str
+        A YAML file laid out as ``sacla_dask.yaml`` (default: that file).
+
+    Returns
+    -------
+    list of Setting
     """
     with open(path) as fh:
         text = fh.read()
@@ -205,8 +217,19 @@ def _default_text(value: Any) -> str:
 
 
 def markdown_table(path: str = _DEFAULTS_FILE) -> str:
-    """The settings of ``path`` as a Markdown table (key, default, kind, what it changes,
-    environment variable)."""
+    """The settings of ``path`` as a Markdown table.
+
+    Parameters
+    ----------
+    path : str
+        A YAML file laid out as ``sacla_dask.yaml`` (default: that file).
+
+    Returns
+    -------
+    str
+        One row per setting: key, default, kind, what it changes (its
+        comment) and environment variable.
+    """
     rows = ["| Setting (`sacla_dask.` ...) | Default | Kind | What it changes "
             "| Environment variable |",
             "|---|---|---|---|---|"]

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from sacla_dask import config
-from sacla_dask.correlation import make_plan, pair_statistics, summarize_pairs
 from sacla_dask.correlation import graph as corr_graph
+from sacla_dask.correlation import make_plan, pair_statistics, summarize_pairs
 from sacla_dask.correlation import statistics as corr_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
