@@ -1,4 +1,4 @@
-"""Predicted Bragg-pair angles: the 3-D angle psi between reflections and where the detector sees it."""
+"""Predicted Bragg-pair angles: the 3-D angle psi between reflections, and its detector dphi."""
 
 from __future__ import annotations
 
@@ -124,17 +124,13 @@ def predicted_angles(lattice: str, a: float, reflections: Any, wavelength: float
             keys.append(key)
             fams.append(hkl)
     qs = [float(np.linalg.norm(np.asarray(h, dtype=float) @ basis)) for h in fams]
-    try:
-        thetas = [float(bragg_angle(q, wavelength)) for q in qs]
-    except ParameterError as exc:
-        lam = float(wavelength)
-        if math.isfinite(lam) and lam > 0:
-            far = [reflection_label(h) for h, q in zip(fams, qs, strict=True)
-                   if q * lam / (4 * math.pi) > 1]
-            raise ParameterError(f"reflection(s) {', '.join(far)} cannot diffract at wavelength "
-                                 f"{lam} A (q > 4 pi / lambda); check reflections and "
-                                 "wavelength") from None
-        raise
+    lam = _check_wavelength(wavelength)
+    far = [reflection_label(h) for h, q in zip(fams, qs, strict=True)
+           if q * lam / (4 * math.pi) > 1]
+    if far:
+        raise ParameterError(f"reflection(s) {', '.join(far)} cannot diffract at wavelength "
+                             f"{lam} A (q > 4 pi / lambda); check reflections and wavelength")
+    thetas = [float(bragg_angle(q, lam)) for q in qs]
     rows: list[dict[str, Any]] = []
     for i, j in _pairs(len(fams), cross):
         g1 = np.asarray(fams[i], dtype=float) @ basis
@@ -170,9 +166,20 @@ def predicted_angles(lattice: str, a: float, reflections: Any, wavelength: float
         },
         coords={"peak": np.arange(n)},
         attrs={"lattice": name, "a": float(a), "c": float(c) if c is not None else math.nan,
-               "wavelength": float(wavelength),
+               "wavelength": lam,
                "reflections": ",".join(reflection_label(h) for h in fams)},
     )
+
+
+def _check_wavelength(wavelength: Any) -> float:
+    try:
+        lam = float(wavelength)
+    except (TypeError, ValueError):
+        lam = math.nan
+    if not (math.isfinite(lam) and lam > 0):
+        raise ParameterError(f"wavelength must be positive and finite, in Angstrom "
+                             f"(got {wavelength!r})")
+    return lam
 
 
 def _pairs(n: int, cross: bool) -> list[tuple[int, int]]:

@@ -378,7 +378,7 @@ def add_structure(path: str | os.PathLike[str], lmax: int = DEFAULT_LMAX, *,
             if name in g:
                 del g[name]
         keep = dict(g.attrs)  # xarray's append replaces the root attrs: give them back whole
-        existing = [k for k in new.coords if k in g]
+        existing = [k for k in new.coords if str(k) in g]
         new = new.drop_vars(existing)
         new.attrs = keep
         new.to_zarr(p, mode="a", consolidated=False, zarr_format=3)
