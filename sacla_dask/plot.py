@@ -863,15 +863,12 @@ def plot_result(
         mark_angles(ax, angles, kind="dphi", headroom=0.45)
     save("correlation_profile", fig)
 
-    # on the 3-D angle psi, and the Legendre coefficients (sacla-dask structure)
+    # on the 3-D angle psi, and the Legendre coefficients (only after sacla-dask structure)
     if "corr_psi" in ds:
         from .structure.plot import structure_figures
 
         for name, fig in structure_figures(ds, q_prof, angles).items():
             save(name, fig)
-    else:
-        report.skipped["correlation_psi"] = ("the store has no corr_psi (run 'sacla-dask "
-                                             "structure' to add it)")
 
     # radial profile over the band (row means before normalisation)
     if "row_mean" in ds:

@@ -68,7 +68,8 @@ def mark_angles(ax: Axes, angles: Any, *, kind: str = "dphi", degrees: bool = Fa
     mirror : bool
         Also mark ``2 pi - dphi`` (``kind="dphi"`` only): the detector shows both.
     label : bool
-        Write ``"111-111 70.5°"`` next to each line, at the top of the axes.
+        Write ``"111-111 70.5°"`` (``psi``) or ``"111-111 ψ=70.5° at
+        Δφ=73.5°"`` (``dphi``) along each line, at the top of the axes.
     headroom : float
         Raise the top of the y axis by this fraction of its range first, so
         that the labels sit above a line plot's data (0 for a map).
@@ -94,8 +95,9 @@ def mark_angles(ax: Axes, angles: Any, *, kind: str = "dphi", degrees: bool = Fa
             continue
         value = float(row[kind])
         name = f"{row['reflection1'].item()}–{row['reflection2'].item()}"
-        deg = math.degrees(value)
-        text = f"{name} {deg:.1f}°" + ("" if kind == "psi" else " Δφ")
+        psi_deg = math.degrees(float(row["psi"]))
+        text = (f"{name} {psi_deg:.1f}°" if kind == "psi" else
+                f"{name} ψ={psi_deg:.1f}° at Δφ={math.degrees(value):.1f}°")
         positions = [value]
         if kind == "dphi" and mirror:
             positions.append(2 * math.pi - value)
