@@ -1,4 +1,4 @@
-"""From correlations to structure: the psi mapping, the Legendre fit, predicted angles, the store layer.
+"""From correlations to structure: psi mapping, Legendre fit, predicted angles, store layer.
 
 References are independent of the code under test: explicit 3-D vectors
 built from the scattering geometry for the Ewald mapping, Legendre
@@ -134,8 +134,8 @@ def test_fold_halves_averages_mirror_lags():
 def test_design_matrix_is_scipy_legendre():
     x = np.linspace(-1, 1, 33)
     a = legendre_design(x, [0, 3, 8, 20])
-    for j, l in enumerate([0, 3, 8, 20]):
-        np.testing.assert_allclose(a[:, j], eval_legendre(l, x), atol=1e-12)
+    for j, order in enumerate([0, 3, 8, 20]):
+        np.testing.assert_allclose(a[:, j], eval_legendre(order, x), atol=1e-12)
 
 
 def test_fit_recovers_an_exact_series_and_its_vif():
@@ -214,14 +214,14 @@ def test_allowed_reflections_and_bad_input():
 
 # -- correlations from known B_l (the statistics level) ------------------------------
 NPHI = 720
-B_EVEN = {l: math.exp(-l / 15) * (1 + 0.3 * (-1) ** (l // 2)) for l in range(2, 21, 2)}
+B_EVEN = {n: math.exp(-n / 15) * (1 + 0.3 * (-1) ** (n // 2)) for n in range(2, 21, 2)}
 
 
 def known_row(theta1: float, theta2: float, scale: float, nphi: int = NPHI) -> np.ndarray:
     """sum_l B_l P_l(cos psi(dphi)) on the lag grid, minus its dphi mean (row normalisation)."""
     d = 2 * math.pi * np.arange(nphi) / nphi
     x = cos_psi(d, theta1, theta2)
-    c = sum(scale * b * eval_legendre(l, x) for l, b in B_EVEN.items())
+    c = sum(scale * b * eval_legendre(n, x) for n, b in B_EVEN.items())
     return c - c.mean()
 
 
@@ -269,7 +269,7 @@ def write_store(ds: xr.Dataset, path: Path) -> Path:
 
 
 def truth(row_scale: float) -> np.ndarray:
-    return np.array([row_scale * B_EVEN[l] for l in range(2, 21, 2)])
+    return np.array([row_scale * B_EVEN[n] for n in range(2, 21, 2)])
 
 
 def test_bl_recovered_within_2_percent_auto_and_cross():

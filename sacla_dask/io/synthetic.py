@@ -393,8 +393,11 @@ class SyntheticKeywords(TypedDict, total=False):
     crystals: int
     crystal_lattice: str
     crystal_a: float
+    crystal_c: float | None
     crystal_reflections: Sequence[Sequence[int]]
+    crystal_amplitudes: Sequence[float] | None
     rocking_width: float
+    crystal_spot_width: float
     compression: str
     chunks: tuple[int, int] | None
     missing_data: Sequence[int]
@@ -430,8 +433,11 @@ KEYWORD_FIELDS: dict[str, tuple[str, str]] = {
     "crystals": ("nanocrystals", "per_shot"),
     "crystal_lattice": ("nanocrystals", "lattice"),
     "crystal_a": ("nanocrystals", "a"),
+    "crystal_c": ("nanocrystals", "c"),
     "crystal_reflections": ("nanocrystals", "reflections"),
+    "crystal_amplitudes": ("nanocrystals", "amplitudes"),
     "rocking_width": ("nanocrystals", "rocking_width"),
+    "crystal_spot_width": ("nanocrystals", "spot_width"),
     "compression": ("storage", "compression"),
     "chunks": ("storage", "chunks"),
     "missing_data": ("storage", "missing_data"),
