@@ -694,9 +694,20 @@ def info(paths: tuple[str, ...]) -> None:
 @click.option("--shots", default=10, show_default=True,
               help="Bright raw shots averaged for image.png (read from the run file).")
 @click.option("--dpi", default=120, show_default=True, help="PNG resolution, dots per inch.")
+@click.option("--lattice", type=click.Choice(["fcc", "bcc", "sc", "hexagonal", "hcp"]),
+              default=None, help="Mark the predicted Bragg-pair angles of this lattice on the "
+                                 "correlation figures (needs --a).")
+@click.option("--a", "lattice_a", type=float, default=None,
+              help="Lattice constant a, Angstrom (gold: 4.078).")
+@click.option("--c", "lattice_c", type=float, default=None,
+              help="Lattice constant c, Angstrom (hexagonal and hcp only).")
+@click.option("--reflections", default=None,
+              help="Reflections to mark, e.g. '111' or '111,200' (default: the lattice's "
+                   "allowed reflections whose q lies in the store's q band).")
 @_handle_errors
 def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int | None,
-         shots: int, dpi: int) -> None:
+         shots: int, dpi: int, lattice: str | None, lattice_a: float | None,
+         lattice_c: float | None, reflections: str | None) -> None:
     """Write the standard figures of a result store as PNG files.
 
     \b
@@ -707,10 +718,17 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
     correlation_profile.png C(dphi) at one q, +/- 1 s.e.m. over pairs
     radial_profile.png      mean intensity vs q (1/A) and radius (px)
     pair_statistics.png     per-pair statistic, accepted/rejected pairs
+    correlation_psi.png     C(q, psi) and its profile with the B_l sum (after
+                            'sacla-dask structure')
+    bl.png                  Legendre coefficients B_l at one q (idem)
+
+    With --lattice and --a the predicted Bragg-pair angles (psi and their
+    detector dphi, Ewald curvature included) are marked.
 
     \b
     Example:
       sacla-dask plot run.zarr --out figures --cut 0.05 --q 2.67
+      sacla-dask plot run.zarr --out figures --lattice fcc --a 4.078
     """
     import matplotlib
 
@@ -718,8 +736,15 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
     from .plot import plot_result
     from .store import open_result
 
-    report = plot_result(open_result(store), out_dir, cut=cut, q=q_profile, tag=tag,
-                         shots=shots, dpi=dpi)
+    ds = open_result(store)
+    angles = None
+    if lattice is not None or lattice_a is not None:
+        from .structure.cli import store_angles
+
+        angles, note = store_angles(ds, lattice, lattice_a, lattice_c, reflections)
+        click.echo(note)
+    report = plot_result(ds, out_dir, cut=cut, q=q_profile, tag=tag,
+                         shots=shots, dpi=dpi, angles=angles)
     for path in report.written.values():
         click.echo(f"wrote {path}")
     for name, why in report.skipped.items():
@@ -859,6 +884,55 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
                                      if missing else ""))
     else:
         click.echo("(give --out geom.yaml to save the geometry for 'sacla-dask process')")
+
+
+# -- structure -----------------------------------------------------------------
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--lmax", default=20, show_default=True, type=int,
+              help="Highest Legendre order l of the B_l fit.")
+@click.option("--odd-l", is_flag=True,
+              help="Fit every l, not only the even ones (a check: by Friedel's law the odd "
+                   "B_l of an intensity correlation vanish).")
+@click.option("--skip-lags", default=2, show_default=True, type=int,
+              help="Leave the lags dphi_k, k < N (shot-noise self-correlation), out of the fit.")
+@click.option("--npsi", type=int, default=None,
+              help="Points of the psi grid over 0..pi (default: nphi / 2 + 1).")
+@click.option("--max-vif", default=10.0, show_default=True, type=float,
+              help="Flag B_l whose variance inflation factor exceeds this (psi coverage too "
+                   "short to determine it).")
+@click.option("--errors", type=click.Choice(["auto", "sem", "bootstrap"]), default="auto",
+              show_default=True,
+              help="Per-lag errors of the fit: corr_sem, or the bootstrap intervals (auto: "
+                   "the bootstrap when the store has it).")
+@click.option("--no-cross", is_flag=True, help="Leave the cross-correlations (q pairs) out.")
+@_handle_errors
+def structure(store: str, lmax: int, odd_l: bool, skip_lags: int, npsi: int | None,
+              max_vif: float, errors: str, no_cross: bool) -> None:
+    """Add C(psi) and the Legendre coefficients B_l to a result store.
+
+    Resamples corr (and corr_cross) from the detector angle dphi onto the
+    3-D angle psi between the scattering vectors (the Ewald sphere's
+    curvature undone: cos psi = sin t1 sin t2 + cos t1 cos t2 cos dphi),
+    and fits B_l (l = 0..lmax) by weighted least squares over the psi the
+    detector reaches. Writes corr_psi, corr_psi_sem, corr_psi_count, bl,
+    bl_sem, bl_flag, bl_vif, bl_offset, bl_chi2 (and the _cross ones),
+    replacing those of an earlier run. Reads only the correlation
+    statistics: seconds, whatever the number of tags. See docs/structure.md.
+
+    \b
+    Example:
+      sacla-dask structure run.zarr --lmax 30
+      sacla-dask plot run.zarr --out figures --lattice fcc --a 4.078
+    """
+    from .structure.cli import summary_lines
+    from .structure.compute import add_structure
+
+    t0 = time.perf_counter()
+    ds = add_structure(store, lmax, odd=odd_l, skip_lags=skip_lags, npsi=npsi,
+                       max_vif=max_vif, errors=errors, cross=not no_cross)
+    for line in summary_lines(ds, store, time.perf_counter() - t0):
+        click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -760,6 +760,7 @@ def plot_result(
     tag: int | None = None,
     shots: int = 10,
     dpi: int = 120,
+    angles: Any = None,
 ) -> PlotReport:
     """Write the standard figures of a result store as PNG files.
 
@@ -768,7 +769,9 @@ def plot_result(
     file named in the store's ``source`` attribute is reachable),
     ``polar.png`` (one tag's polar image; only when the store keeps polar
     images), ``correlation.png``, ``correlation_profile.png``,
-    ``radial_profile.png`` and ``pair_statistics.png``.
+    ``radial_profile.png`` and ``pair_statistics.png``; with the structure
+    variables (``sacla-dask structure``) also ``correlation_psi.png``
+    (``C(q, psi)`` and its profile with the Legendre sum) and ``bl.png``.
 
     Parameters
     ----------
@@ -787,6 +790,10 @@ def plot_result(
         Bright raw shots averaged for ``image.png``.
     dpi : int
         Resolution of the PNGs.
+    angles : xarray.Dataset, optional
+        Predicted Bragg-pair angles
+        (:func:`sacla_dask.structure.predicted_angles`), marked on the
+        correlation figures (``dphi``) and on ``correlation_psi.png`` (``psi``).
 
     Returns
     -------
@@ -843,12 +850,25 @@ def plot_result(
     q_prof = ring_q(ds) if q is None else float(q)
     corr = ds["corr"].load()
     has_q = "q" in corr.dims or "q1" in corr.coords
-    fig, _ = plot_correlation(corr, cut=cut, mark_q=q_prof if has_q else None)
+    fig, ax = plot_correlation(corr, cut=cut, mark_q=q_prof if has_q else None)
+    if angles is not None:
+        from .structure.plot import mark_angles
+
+        mark_angles(ax, angles, kind="dphi", color="0.15")
     save("correlation", fig)
     sem = ds["corr_sem"].load() if "corr_sem" in ds else None
-    fig, _ = plot_correlation_profile(corr, at=q_prof if has_q else None, sem=sem, cut=cut,
-                                      title="difference correlation profile")
+    fig, ax = plot_correlation_profile(corr, at=q_prof if has_q else None, sem=sem, cut=cut,
+                                       title="difference correlation profile")
+    if angles is not None:
+        mark_angles(ax, angles, kind="dphi", headroom=0.45)
     save("correlation_profile", fig)
+
+    # on the 3-D angle psi, and the Legendre coefficients (only after sacla-dask structure)
+    if "corr_psi" in ds:
+        from .structure.plot import structure_figures
+
+        for name, fig in structure_figures(ds, q_prof, angles).items():
+            save(name, fig)
 
     # radial profile over the band (row means before normalisation)
     if "row_mean" in ds:

@@ -18,6 +18,7 @@ from sacla_dask.io.synthetic import (
     KEYWORD_FIELDS,
     BraggSpots,
     Detector,
+    Nanocrystals,
     Rings,
     Shots,
     Storage,
@@ -170,7 +171,9 @@ def test_groups_write_what_the_flat_keywords_write(tmp_path):
                 ring_amplitudes=(800.0, 400.0), modulation_order=3,
                 modulation_amplitude=0.4, modulated_rings=(1,), ring_phase_offsets=(0.0, 0.5),
                 spots=3, spot_amplitude=900.0, spot_width=1.5, compression="gzip",
-                chunks=(10, 44), missing_data=(2,))
+                chunks=(10, 44), missing_data=(2,), crystals=4, crystal_lattice="bcc",
+                crystal_a=3.3, crystal_c=None, crystal_reflections=((1, 1, 0),),
+                crystal_amplitudes=(500.0,), rocking_width=0.1, crystal_spot_width=1.2)
     assert set(flat) == set(KEYWORD_FIELDS)  # every keyword exercised
     a = write_synthetic_run(tmp_path / "flat.h5", seed=4, **flat)
     b = write_synthetic_run(
@@ -183,7 +186,10 @@ def test_groups_write_what_the_flat_keywords_write(tmp_path):
                     modulation_order=3, modulation_amplitude=0.4, modulated=(1,),
                     phase_offsets=(0.0, 0.5)),
         bragg_spots=BraggSpots(per_ring=3, amplitude=900.0, width=1.5),
-        storage=Storage(compression="gzip", chunks=(10, 44), missing_data=(2,)))
+        storage=Storage(compression="gzip", chunks=(10, 44), missing_data=(2,)),
+        nanocrystals=Nanocrystals(per_shot=4, lattice="bcc", a=3.3, c=None,
+                                  reflections=((1, 1, 0),), amplitudes=(500.0,),
+                                  rocking_width=0.1, spot_width=1.2))
     da, db = _datasets(a.path), _datasets(b.path)
     assert da.keys() == db.keys()
     for name in da:
@@ -224,6 +230,6 @@ def test_flat_keywords_name_existing_fields():
     """The typed keywords and their map agree, and each maps to a field of its group."""
     assert set(SyntheticKeywords.__annotations__) == set(KEYWORD_FIELDS)
     groups = {"shots": Shots, "detector": Detector, "rings": Rings,
-              "bragg_spots": BraggSpots, "storage": Storage}
+              "bragg_spots": BraggSpots, "storage": Storage, "nanocrystals": Nanocrystals}
     fields = {(g, f.name) for g, cls in groups.items() for f in dataclasses.fields(cls)}
     assert set(KEYWORD_FIELDS.values()) == fields  # every field has its keyword

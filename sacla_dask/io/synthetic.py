@@ -12,8 +12,10 @@ the tests of bad input.
 A run is described by a few small frozen groups: :class:`Shots` (tags,
 dark shots, event data), :class:`Detector` (image shape, beam centre, pixel
 size, distance, background, noise), :class:`Rings` (radii, widths,
-modulation), :class:`BraggSpots` and :class:`Storage` (compression, chunks,
-damaged tags). :func:`write_synthetic_run` takes the groups, or any of their
+modulation), :class:`BraggSpots`, :class:`Nanocrystals` (randomly oriented
+crystallites whose reflections light up where they meet the Ewald sphere)
+and :class:`Storage` (compression, chunks, damaged tags).
+:func:`write_synthetic_run` takes the groups, or any of their
 fields as a flat keyword (``n_tags=``, ``ring_radii=``...); a new option is a
 field of a group.
 """
@@ -67,6 +69,8 @@ class SyntheticTruth:
     pulse_energy: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     event_tags: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     missing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    nanocrystals: Nanocrystals | None = None
+    spots_per_shot: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def wavelength(self) -> float:
@@ -273,6 +277,62 @@ class BraggSpots:
 
 
 @dataclasses.dataclass(frozen=True)
+class Nanocrystals:
+    """Randomly oriented crystallites on every bright shot (a nanocrystal powder, built honestly).
+
+    Each bright shot holds ``per_shot`` crystallites of one lattice, each
+    with an orientation drawn uniformly on SO(3) (a random unit
+    quaternion). Every symmetry-equivalent vector ``G`` of each reflection
+    (:func:`sacla_dask.structure.lattice.equivalents`, Friedel mates
+    included) is rotated with its crystallite; it lights up where it meets
+    the Ewald sphere: with the beam along +z, Bragg's condition puts ``G``
+    at the elevation ``-theta_B`` (``G_z / |G| = -sin(theta_B)``), and a
+    vector ``delta`` away from it reflects with the weight ``exp(-delta^2 /
+    2 w^2)`` (``w`` the rocking width). Its spot is drawn where its
+    scattered ray hits a flat detector normal to the beam: at the radius
+    ``D tan(2 theta_B)`` from the beam centre and the azimuth of ``G``'s x, y
+    components (``phi = atan2(G_y, G_x)``, the detector's ``atan2(y - cy,
+    x - cx)``), a gaussian of ``spot_width`` pixels. Spots off the image are
+    dropped; Poisson noise comes with the detector's. Drawn from their own
+    random stream (a change here changes nothing else of the run).
+
+    Attributes
+    ----------
+    per_shot : int
+        Crystallites per bright shot (0: none).
+    lattice : str
+        ``"fcc"``, ``"bcc"``, ``"sc"``, ``"hexagonal"`` or ``"hcp"``.
+    a, c : float
+        Lattice constants in Angstrom (``c`` for hexagonal lattices only).
+    reflections : sequence of (h, k, l)
+        The reflections that scatter (each must be allowed by the lattice).
+    amplitudes : sequence of float, optional
+        Peak height of each reflection's spot at the exact Bragg condition,
+        detector units at a 1 mJ pulse (default 300 each).
+    rocking_width : float
+        Gaussian width (sigma) of the reflection's angular acceptance,
+        radians (a few 0.01 for nanocrystals of a few nm).
+    spot_width : float
+        Gaussian width (sigma) of a spot on the detector, pixels.
+    """
+
+    per_shot: int = 0
+    lattice: str = "fcc"
+    a: float = 4.078
+    c: float | None = None
+    reflections: Sequence[Sequence[int]] = ((1, 1, 1), (2, 0, 0))
+    amplitudes: Sequence[float] | None = None
+    rocking_width: float = 0.02
+    spot_width: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reflections",
+                           tuple(tuple(int(v) for v in r) for r in self.reflections))
+        if self.amplitudes is not None:
+            object.__setattr__(self, "amplitudes", tuple(float(v) for v in self.amplitudes))
+
+
+@dataclasses.dataclass(frozen=True)
 class Storage:
     """How the images are stored in the file, and which tags it damages.
 
@@ -301,7 +361,8 @@ class SyntheticKeywords(TypedDict, total=False):
     """The flat keywords of :func:`write_synthetic_run`, one per field of a group.
 
     New options go into a group (:class:`Shots`, :class:`Detector`,
-    :class:`Rings`, :class:`BraggSpots`, :class:`Storage`), not here.
+    :class:`Rings`, :class:`BraggSpots`, :class:`Nanocrystals`,
+    :class:`Storage`), not here.
     """
 
     n_tags: int
@@ -329,6 +390,14 @@ class SyntheticKeywords(TypedDict, total=False):
     spots: int
     spot_amplitude: float
     spot_width: float
+    crystals: int
+    crystal_lattice: str
+    crystal_a: float
+    crystal_c: float | None
+    crystal_reflections: Sequence[Sequence[int]]
+    crystal_amplitudes: Sequence[float] | None
+    rocking_width: float
+    crystal_spot_width: float
     compression: str
     chunks: tuple[int, int] | None
     missing_data: Sequence[int]
@@ -361,6 +430,14 @@ KEYWORD_FIELDS: dict[str, tuple[str, str]] = {
     "spots": ("bragg_spots", "per_ring"),
     "spot_amplitude": ("bragg_spots", "amplitude"),
     "spot_width": ("bragg_spots", "width"),
+    "crystals": ("nanocrystals", "per_shot"),
+    "crystal_lattice": ("nanocrystals", "lattice"),
+    "crystal_a": ("nanocrystals", "a"),
+    "crystal_c": ("nanocrystals", "c"),
+    "crystal_reflections": ("nanocrystals", "reflections"),
+    "crystal_amplitudes": ("nanocrystals", "amplitudes"),
+    "rocking_width": ("nanocrystals", "rocking_width"),
+    "crystal_spot_width": ("nanocrystals", "spot_width"),
     "compression": ("storage", "compression"),
     "chunks": ("storage", "chunks"),
     "missing_data": ("storage", "missing_data"),
@@ -376,6 +453,7 @@ def write_synthetic_run(
     rings: Rings | None = None,
     bragg_spots: BraggSpots | None = None,
     storage: Storage | None = None,
+    nanocrystals: Nanocrystals | None = None,
     seed: int = 0,
     **keywords: Unpack[SyntheticKeywords],
 ) -> SyntheticTruth:
@@ -400,6 +478,9 @@ def write_synthetic_run(
         Bragg spots on the rings (default: none).
     storage : Storage, optional
         Compression and chunks of the images, tags written without them.
+    nanocrystals : Nanocrystals, optional
+        Randomly oriented crystallites whose reflections meet the Ewald
+        sphere (default: none; ``crystals=`` sets their number per shot).
     seed : int
         Random seed.
     **keywords
@@ -419,6 +500,7 @@ def write_synthetic_run(
         "rings": Rings() if rings is None else rings,
         "bragg_spots": BraggSpots() if bragg_spots is None else bragg_spots,
         "storage": Storage() if storage is None else storage,
+        "nanocrystals": Nanocrystals() if nanocrystals is None else nanocrystals,
     }
     changes: dict[str, dict[str, Any]] = {}
     for name, value in keywords.items():
@@ -432,7 +514,7 @@ def write_synthetic_run(
 
 
 def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: BraggSpots,
-           storage: Storage, seed: int) -> SyntheticTruth:
+           storage: Storage, nanocrystals: Nanocrystals, seed: int) -> SyntheticTruth:
     """The writer of :func:`write_synthetic_run`, from its groups."""
     n_tags, first_image, extra_event_tags = shots.n_tags, shots.first_image, shots.extra_event_tags
     shape = detector.shape
@@ -500,6 +582,10 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
     if spots.per_ring < 0 or spots.width <= 0 or spots.amplitude < 0:
         raise ValueError("spots and spot_amplitude must be >= 0 and spot_width > 0")
     spot_rng = np.random.default_rng((seed, 1))
+    crystal_rng = np.random.default_rng((seed, 2))
+    xtal = _CrystalSpots.make(nanocrystals, shots.photon_energy, detector, cx, cy) \
+        if nanocrystals.per_shot else None
+    n_spots = np.zeros(n_tags, np.int64)
     img = np.empty(shape, np.float32)
     run = shots.run
     with h5py.File(p, "w") as fh:
@@ -534,6 +620,8 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
             if spots.per_ring and bright[i]:
                 _add_spots(img, spot_rng, spots.per_ring, cx, cy, ring_radii, spots.width,
                            spots.amplitude * pulse_energy[i] / 1.0e-3)
+            if xtal is not None and bright[i]:
+                n_spots[k] = xtal.draw(img, crystal_rng, pulse_energy[i] / 1.0e-3)
             if detector.poisson_noise:
                 img[...] = rng.poisson(np.maximum(img, 0))
             gid = h5py.h5g.create(det.id, f"tag_{tag}".encode())
@@ -554,6 +642,8 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
         modulation_amplitude=rings.modulation_amplitude, phases=phases[img_idx],
         pulse_energy=pulse_energy[img_idx], event_tags=event_tags,
         missing=tags[missing] if missing else np.zeros(0, np.int64),
+        nanocrystals=nanocrystals if nanocrystals.per_shot else None,
+        spots_per_shot=n_spots,
     )
 
 
@@ -599,6 +689,99 @@ def _add_spots(out: np.ndarray, rng: np.random.Generator, n: int, cx: float, cy:
             gx = np.exp(-0.5 * ((np.arange(x0, x1) - sx) / width) ** 2)
             gy = np.exp(-0.5 * ((np.arange(y0, y1) - sy) / width) ** 2)
             out[y0:y1, x0:x1] += (h * np.outer(gy, gx)).astype(np.float32)
+
+
+def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` rotation matrices (n, 3, 3) uniform on SO(3) (normalised gaussian quaternions)."""
+    qt = rng.normal(size=(n, 4))
+    qt /= np.linalg.norm(qt, axis=1, keepdims=True)
+    w, x, y, z = qt.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CrystalSpots:
+    """The reflections of :class:`Nanocrystals` prepared for drawing (see there)."""
+
+    vectors: np.ndarray      # (m, 3) unit reciprocal-lattice vectors of every reflection
+    sin_theta: np.ndarray    # (m,) sin of their Bragg angles
+    radius: np.ndarray       # (m,) spot radius on the detector, px
+    amplitude: np.ndarray    # (m,) peak height at the Bragg condition, 1 mJ
+    per_shot: int
+    rocking_width: float
+    spot_width: float
+    cx: float
+    cy: float
+
+    @classmethod
+    def make(cls, nc: Nanocrystals, photon_energy: float, detector: Detector, cx: float,
+             cy: float) -> _CrystalSpots:
+        from ..structure.lattice import (
+            check_allowed,
+            equivalents,
+            lattice_name,
+            reciprocal_basis,
+        )
+
+        if nc.per_shot < 0 or nc.rocking_width <= 0 or nc.spot_width <= 0:
+            raise ValueError("crystals must be >= 0, rocking_width and spot_width > 0")
+        name = lattice_name(nc.lattice)
+        basis = reciprocal_basis(name, nc.a, nc.c)
+        amps = nc.amplitudes or (300.0,) * len(nc.reflections)
+        if len(amps) != len(nc.reflections):
+            raise ValueError(f"{len(amps)} amplitudes for {len(nc.reflections)} reflections")
+        wavelength = HC_KEV_ANGSTROM * 1e3 / photon_energy
+        vec, sin_t, rad, amp = [], [], [], []
+        for hkl, a in zip(nc.reflections, amps, strict=True):
+            check_allowed(name, hkl)
+            g = equivalents(name, hkl).astype(float) @ basis
+            q = float(np.linalg.norm(g[0]))
+            s = q * wavelength / (4 * np.pi)
+            if not s < np.sin(np.pi / 4):
+                raise ValueError(f"reflection {hkl} scatters beyond 90 degrees at "
+                                 f"{wavelength:.4g} A: not on a flat detector")
+            r = detector.distance * np.tan(2 * np.arcsin(s)) / detector.pixel_size
+            vec.append(g / q)
+            sin_t += [s] * len(g)
+            rad += [r] * len(g)
+            amp += [float(a)] * len(g)
+        return cls(np.concatenate(vec), np.array(sin_t), np.array(rad), np.array(amp),
+                   int(nc.per_shot), float(nc.rocking_width), float(nc.spot_width), cx, cy)
+
+    def draw(self, out: np.ndarray, rng: np.random.Generator, scale: float) -> int:
+        """Add one shot's crystallites' spots to ``out`` (in place); the number drawn."""
+        rot = random_rotations(rng, self.per_shot)
+        v = np.einsum("nij,mj->nmi", rot, self.vectors)  # (crystal, vector, xyz)
+        # elevation below the plane normal to the beam vs the Bragg angle
+        delta = np.arcsin(np.clip(-v[..., 2], -1, 1)) - np.arcsin(self.sin_theta)
+        weight = np.exp(-0.5 * (delta / self.rocking_width) ** 2)
+        ci, mi = np.nonzero(weight > 1e-3)
+        phi = np.arctan2(v[ci, mi, 1], v[ci, mi, 0])
+        r = self.radius[mi]
+        heights = scale * self.amplitude[mi] * weight[ci, mi]
+        drawn = 0
+        for x, y, h in zip(self.cx + r * np.cos(phi), self.cy + r * np.sin(phi), heights,
+                           strict=True):
+            drawn += _gaussian_spot(out, float(x), float(y), self.spot_width, float(h))
+        return drawn
+
+
+def _gaussian_spot(out: np.ndarray, sx: float, sy: float, width: float, height: float) -> int:
+    """Add a gaussian spot (sigma ``width`` px) at ``(sx, sy)``; 1 if it touches the image."""
+    ny, nx = out.shape
+    half = int(np.ceil(4 * width)) + 1
+    x0, y0 = max(int(np.floor(sx)) - half, 0), max(int(np.floor(sy)) - half, 0)
+    x1, y1 = min(int(np.floor(sx)) + half + 2, nx), min(int(np.floor(sy)) + half + 2, ny)
+    if x0 >= x1 or y0 >= y1:
+        return 0
+    gx = np.exp(-0.5 * ((np.arange(x0, x1) - sx) / width) ** 2)
+    gy = np.exp(-0.5 * ((np.arange(y0, y1) - sy) / width) ** 2)
+    out[y0:y1, x0:x1] += (height * np.outer(gy, gx)).astype(np.float32)
+    return 1
 
 
 # -- damaged files (for the tests of bad input) --------------------------------
