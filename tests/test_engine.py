@@ -11,11 +11,11 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
-from sacla_dask.io.run import open_run
-from sacla_dask.io.synthetic import write_synthetic_run
 
 from sacla_dask.engine import choose_engine, read_without_lock
 from sacla_dask.errors import ParameterError
+from sacla_dask.io.run import open_run
+from sacla_dask.io.synthetic import write_synthetic_run
 
 
 @pytest.fixture(scope="module")
