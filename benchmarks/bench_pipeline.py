@@ -807,7 +807,8 @@ def main(argv: list[str] | None = None) -> dict:
             if band not in bands:
                 continue
             # the same tags per chunk for both lengths: the long run's default (a short
-            # run's default chunks are smaller, at least MIN_CHUNKS of them, which would flatter it)
+            # run's default chunks are smaller, at least chunks.min-chunks of them, which would
+            # flatter it)
             per = default_tags_per_chunk(path, rss_long, band, mask)
             for n in sorted(set(rss_lengths[:-1] + [rss_long])):
                 with cluster(max(workers)) as cl:

@@ -109,14 +109,14 @@ def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
 
     half = min(shape) / 2
     radii = rings or (0.3 * half, 0.6 * half)
-    truth = write_synthetic_run(out, n_tags=n_tags, n_dark=n_dark, shape=tuple(shape),
+    truth = write_synthetic_run(out, n_tags=n_tags, n_dark=n_dark, shape=(shape[0], shape[1]),
                                 center=center, ring_radii=radii, ring_width=ring_width,
                                 pixel_size=pixel_size, distance=distance,
                                 photon_energy=energy, modulation_order=order,
                                 modulation_amplitude=amplitude, compression=compression,
                                 seed=seed)
     if mask_out:
-        np.save(mask_out, panel_mask(tuple(shape)))
+        np.save(mask_out, panel_mask((shape[0], shape[1])))
     q = truth.ring_q()
     click.echo(f"wrote {out}: run {truth.run}, {n_tags} tags ({n_dark} dark), images {shape}")
     click.echo(f"centre x={truth.center_x:.3f} y={truth.center_y:.3f} px; rings at "
@@ -419,10 +419,10 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int | None,
     out = os.path.join(workdir, "result.zarr")
     half = min(shape) / 2
     t0 = time.perf_counter()
-    truth = write_synthetic_run(run_path, n_tags=n_tags, n_dark=10, shape=tuple(shape),
+    truth = write_synthetic_run(run_path, n_tags=n_tags, n_dark=10, shape=(shape[0], shape[1]),
                                 ring_radii=(0.3 * half, 0.6 * half), ring_width=2.5,
                                 modulation_order=6, modulation_amplitude=0.2)
-    np.save(mask_path, panel_mask(tuple(shape), center=(truth.center_x, truth.center_y),
+    np.save(mask_path, panel_mask((shape[0], shape[1]), center=(truth.center_x, truth.center_y),
                                   beamstop=0.1 * half))
     click.echo(f"1. wrote synthetic run {run_path} ({n_tags} tags, {shape[0]}x{shape[1]}) "
                f"in {time.perf_counter() - t0:.1f} s")
@@ -559,7 +559,7 @@ def _run_lines(path: str) -> list[str]:
         pxs = np.unique(np.atleast_1d(px)) if px is not None else np.array([])
         px_txt = (f", pixel {' x '.join(f'{p:g}' for p in pxs)} um" if pxs.size else "")
         lines.append(f"  detector   : {det.get('detector_name', '?')}{px_txt}")
-    names = [n for n in ev.data_vars if n not in ("bright", "selected", "run", "source")]
+    names = [str(n) for n in ev.data_vars if n not in ("bright", "selected", "run", "source")]
     lines.append(f"  event data : {', '.join(names) if names else 'none'}")
     for n in names:
         where = ev[n].attrs.get("hdf5_path", "")
@@ -651,7 +651,7 @@ def _result_lines(path: str) -> list[str]:
     except (KeyError, TypeError):
         lines.append("  geometry   : not recorded")
     lines.append(f"  mask       : {a.get('mask') or 'none'}")
-    contents = ", ".join(f"{n} ({' x '.join(ds[n].dims)})"
+    contents = ", ".join(f"{n} ({' x '.join(map(str, ds[n].dims))})"
                          for n in ("polar", "corr", "corr_cross", "corr_pairs",
                                    "corr_cross_pairs", "bragg_bins") if n in ds)
     if "corr_ci_low" in ds:

@@ -260,8 +260,8 @@ def _tag_and_pair_variables(plan: ProcessingPlan, pa: PolarArrays, src: da.Array
     with chunk_first():
         # from the row means, not from the polar images: a consumer of those that runs
         # late (its output is only needed at the end) would keep them in memory
-        image_ok = pa.row_mean.map_blocks(kernel, drop_axis=1, dtype=bool,
-                                          meta=np.empty((0,), bool), token="image-ok")
+        image_ok = da.map_blocks(kernel, pa.row_mean, drop_axis=1, dtype=bool,
+                                 meta=np.empty((0,), bool), token="image-ok")
     data: dict[str, Any] = {
         "polar_mask": _var(VARIABLES, "polar_mask", tr.polar_mask),
         "coverage": _var(VARIABLES, "coverage", tr.operator.coverage),
@@ -277,9 +277,8 @@ def _tag_and_pair_variables(plan: ProcessingPlan, pa: PolarArrays, src: da.Array
     if plan.output_spec.store_polar:
         data["polar"] = _var(VARIABLES, "polar", pa.normalized)
     if spec.bragg:
-        bins = src.map_blocks(nan_count_block, drop_axis=2,  # type: ignore[call-arg]
-                              dtype=np.int32, meta=np.empty((0, 0), np.int32),
-                              token="bragg-bins")
+        bins = da.map_blocks(nan_count_block, src, drop_axis=2, dtype=np.int32,
+                             meta=np.empty((0, 0), np.int32), token="bragg-bins")
         data["bragg_bins"] = _var(VARIABLES, "bragg_bins", bins,
                                   {"nsigma": float(spec.bragg)})
     if spec.reject_outliers:
@@ -295,11 +294,9 @@ def _correlation_variables(plan: ProcessingPlan, st: LazyPairStatistics,
     tr = plan.transform
     cplan = plan.correlation_plan()
     nq, nphi = tr.shape
-    mean = st.mean
-    assert mean is not None and st.sem is not None and st.count is not None
-    fourier = mean.map_blocks(fourier_coefficients,  # type: ignore[call-arg]
-                              chunks=((cplan.nqp,), (nphi // 2 + 1,)), dtype=np.complex128,
-                              meta=np.empty((0, 0), np.complex128))
+    fourier = da.map_blocks(fourier_coefficients, st.mean,
+                            chunks=((cplan.nqp,), (nphi // 2 + 1,)), dtype=np.complex128,
+                            meta=np.empty((0, 0), np.complex128))
     rows = {"": slice(0, nq)}
     if cplan.n_cross:
         rows["_cross"] = slice(nq, None)
@@ -317,13 +314,12 @@ def _correlation_variables(plan: ProcessingPlan, st: LazyPairStatistics,
             attrs = CORRELATION[name].attrs(what=what, level=level)
             data[name.replace("corr", f"corr{suffix}", 1)] = (dims, values, attrs)
 
-        var("corr", mean[sl])
+        var("corr", st.mean[sl])
         var("corr_sem", st.sem[sl])
         var("corr_count", st.count[sl])
         var("corr_fourier", fourier[sl].real if suffix == "" else fourier[sl], (dim, "n"))
-        if st.ci_low is not None:
-            assert st.ci_high is not None and st.fourier_ci_low is not None \
-                and st.fourier_ci_high is not None
+        if (st.ci_low is not None and st.ci_high is not None  # (all four, or none)
+                and st.fourier_ci_low is not None and st.fourier_ci_high is not None):
             var("corr_ci_low", st.ci_low[sl])
             var("corr_ci_high", st.ci_high[sl])
             var("corr_fourier_ci_low", st.fourier_ci_low[sl], (dim, "n"))

@@ -108,7 +108,8 @@ def _chunk_names(plan: ProcessingPlan) -> list[str]:
 def _output_state(plan: ProcessingPlan, overwrite: bool, resume: bool,
                   check_only: bool = False) -> _Output:
     """Settle the chunks, build the lazy result and find what the output path holds."""
-    if plan.out is None:
+    out = plan.out
+    if out is None:
         raise ParameterError("the plan has no output store (out=...)")
     plan = settle_chunks(plan, overwrite, resume)
     fresh = polar_arrays(plan)
@@ -121,7 +122,7 @@ def _output_state(plan: ProcessingPlan, overwrite: bool, resume: bool,
         ds, compression=plan.compression, store_polar=plan.store_polar,
         source_bytes=[os.path.getsize(p) for p in plan.run.paths],
         store_layout=STORE_LAYOUT)
-    state = _store.prepare_output(plan.out, overwrite=overwrite, resume=resume,
+    state = _store.prepare_output(out, overwrite=overwrite, resume=resume,
                                   fingerprint=sha, params=params, check_only=check_only)
     return _Output(plan, state, ds, fresh, names, params, sha)
 

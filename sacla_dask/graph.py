@@ -151,9 +151,9 @@ def correlated_polar(plan: ProcessingPlan, norm: da.Array) -> da.Array:
     bragg = plan.statistics_spec.bragg
     if not bragg:
         return norm
-    return norm.map_blocks(bragg_block, plan.transform.polar_mask, float(bragg),  # type: ignore[call-arg]
-                           dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
-                           token="polar-bragg")
+    return da.map_blocks(bragg_block, norm, plan.transform.polar_mask, float(bragg),
+                         dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
+                         token="polar-bragg")
 
 
 def pair_statistics_of(plan: ProcessingPlan, polar: PolarArrays,
@@ -201,10 +201,9 @@ def shot_feature_array(run: Run, transform: PolarTransform, kind: str,
         return da.empty((0, k), dtype=np.float64)
     images = run.select(bright).images(chunks=chunks, window=transform.window)
     op = dask.delayed(transform.operator, pure=True, traverse=False)
-    return images.map_blocks(feature_block, op, transform.polar_mask,  # type: ignore[call-arg]
-                             kind, drop_axis=(1, 2), new_axis=1,
-                             chunks=(images.chunks[0], (k,)), dtype=np.float64,
-                             meta=np.empty((0, 0), np.float64))
+    return da.map_blocks(feature_block, images, op, transform.polar_mask, kind,
+                         drop_axis=(1, 2), new_axis=1, chunks=(images.chunks[0], (k,)),
+                         dtype=np.float64, meta=np.empty((0, 0), np.float64))
 
 
 __all__ = ["PolarArrays", "correlated_polar", "pair_statistics_of", "polar_arrays",
