@@ -38,6 +38,7 @@ from .pairs import PAIRINGS, consecutive_pairs, pair_indices, read_pairs_file, s
 from .polar import PolarTransform, check_mask
 
 if TYPE_CHECKING:
+    import dask.array as da
     import xarray as xr
 
     from .graph import PolarArrays
@@ -484,6 +485,14 @@ class ProcessingPlan:
         from .dataset import correlation_attrs
 
         return correlation_attrs(self)
+
+    def polar(self) -> tuple[da.Array, da.Array, da.Array]:
+        """Lazy (normalised polar, row means, non-finite bin counts) over tags
+        (:func:`sacla_dask.graph.polar_arrays`, built anew at each call)."""
+        from .graph import polar_arrays
+
+        norm, rmean, nonfinite, _ = polar_arrays(self)
+        return norm, rmean, nonfinite
 
     def dataset(self, polar: PolarArrays | Sequence[Any] | None = None) -> xr.Dataset:
         """The whole result as a lazy, labelled xarray Dataset
