@@ -54,7 +54,8 @@ def test_plan_run_refuses_unclear_options(small_run, small_params):
         plan_run(small_run.path, qmni=1.0, **small_params)
     with pytest.raises(ParameterError, match="bootstrap either in statistics="):
         plan_run(small_run.path, statistics=StatisticsSpec(), bootstrap=2, **small_params)
-    with pytest.raises(ParameterError, match="give center, distance, pixel_size either in geometry="):
+    with pytest.raises(ParameterError,
+                       match="give center, distance, pixel_size either in geometry="):
         plan_run(small_run.path, geometry=GeometrySpec((1, 2), 5e-5, 0.05),
                  **small_params)
     p = {k: v for k, v in small_params.items() if k != "qmin"}
