@@ -322,7 +322,7 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
              chunks: int | str | None = None) -> dict:
     """open_run + plan_run + execute on the cluster ``cl``; wall, CPU, RSS, tasks."""
     from sacla_dask.io.run import open_run
-    from sacla_dask.pipeline import plan_run
+    from sacla_dask.plan import plan_run
 
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -348,6 +348,7 @@ def pipeline(cl: dict, path: str, n_tags: int, band: str, *, store_polar: bool,
                         store_polar=store_polar, compression=compression,
                         fast_nphi=fast_nphi,
                         **({} if chunks is None else {"chunks": chunks}))  # None: the default
+        plan = plan.settle_chunks(overwrite=True)  # the chunks execute() runs (and reported)
         t1 = time.perf_counter()
         prof_ctx: Any = contextlib.nullcontext()
         spy_ctx: Any = contextlib.nullcontext([])
@@ -474,7 +475,7 @@ def steady_state(path: str, band: str, n1: int, n2: int, per: int, workers: Sequ
 def default_tags_per_chunk(path: str, n_tags: int, band: str, mask: np.ndarray) -> int:
     """Tags per chunk that plan_run chooses by default for the first ``n_tags`` tags."""
     from sacla_dask.io.run import open_run
-    from sacla_dask.pipeline import plan_run
+    from sacla_dask.plan import plan_run
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -511,8 +512,9 @@ def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
     from dask.base import collections_to_expr
     from dask.utils import key_split
 
-    import sacla_dask.pipeline as pipeline
+    import sacla_dask.execute as execute
     from sacla_dask.io.run import open_run
+    from sacla_dask.plan import plan_run
 
     path = C.ensure_layout_run(workdir, 5050)
     out = os.path.join(workdir, "out-graph.zarr")
@@ -525,8 +527,8 @@ def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
         seen["kinds"] = dict(collections.Counter(key_split(k) for k in dsk).most_common(8))
         raise _Counted
 
-    real = pipeline._compute
-    pipeline._compute = capture
+    real = execute._compute
+    execute._compute = capture
     try:
         with warnings.catch_warnings(), dask.config.set(scheduler="sync"):
             warnings.simplefilter("ignore")
@@ -536,10 +538,11 @@ def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
                 for sp in store_polar:
                     if os.path.exists(out):
                         shutil.rmtree(out)
-                    plan = pipeline.plan_run(run, qmin=qmin, qmax=qmax, center=C.CENTER,
-                                             pixel_size=C.PIXEL, distance=C.DISTANCE,
-                                             wavelength=C.WAVELENGTH, mask=mask, out=out,
-                                             store_polar=sp)
+                    plan = plan_run(run, qmin=qmin, qmax=qmax, center=C.CENTER,
+                                    pixel_size=C.PIXEL, distance=C.DISTANCE,
+                                    wavelength=C.WAVELENGTH, mask=mask, out=out,
+                                    store_polar=sp)
+                    plan = plan.settle_chunks(overwrite=True)  # the chunks execute() runs
                     try:
                         plan.execute(overwrite=True)
                     except _Counted:
@@ -548,7 +551,7 @@ def graph_tasks_5050(workdir: str, bands: Sequence[str], mask: np.ndarray,
                         "tasks": int(seen["tasks"]), "chunks": plan.n_chunks,
                         "pairs": int(plan.ia.size), "kinds": seen["kinds"]}
     finally:
-        pipeline._compute = real
+        execute._compute = real
         shutil.rmtree(out, ignore_errors=True)
     return res
 
@@ -804,7 +807,8 @@ def main(argv: list[str] | None = None) -> dict:
             if band not in bands:
                 continue
             # the same tags per chunk for both lengths: the long run's default (a short
-            # run's default chunks are smaller, at least MIN_CHUNKS of them, which would flatter it)
+            # run's default chunks are smaller, at least chunks.min-chunks of them, which would
+            # flatter it)
             per = default_tags_per_chunk(path, rss_long, band, mask)
             for n in sorted(set(rss_lengths[:-1] + [rss_long])):
                 with cluster(max(workers)) as cl:

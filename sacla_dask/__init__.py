@@ -28,7 +28,9 @@ _LAZY = {
     "OutputError": "errors", "PairingError": "errors", "ParameterError": "errors",
     "RunFileError": "errors", "SaclaDaskError": "errors",
     "Geometry": "geometry", "default_nphi": "geometry", "energy_to_wavelength": "geometry",
-    "ProcessingPlan": "pipeline", "plan_run": "pipeline", "process_run": "pipeline",
+    "OutputSpec": "plan", "PairingSpec": "plan", "PolarSpec": "plan", "ProcessingPlan": "plan",
+    "ShotSpec": "plan", "StatisticsSpec": "plan", "plan_run": "plan", "process_run": "plan",
+    "GeometrySpec": "geometry",
     "PolarTransform": "polar",
     "Run": "io.run", "open_run": "io.run",
     "open_result": "store",
@@ -68,9 +70,18 @@ if TYPE_CHECKING:  # the eager imports, for type checkers and IDEs
         RunFileError,
         SaclaDaskError,
     )
-    from .geometry import Geometry, default_nphi, energy_to_wavelength
+    from .geometry import Geometry, GeometrySpec, default_nphi, energy_to_wavelength
     from .io.run import Run, open_run
-    from .pipeline import ProcessingPlan, plan_run, process_run
+    from .plan import (
+        OutputSpec,
+        PairingSpec,
+        PolarSpec,
+        ProcessingPlan,
+        ShotSpec,
+        StatisticsSpec,
+        plan_run,
+        process_run,
+    )
     from .polar import PolarTransform
     from .store import open_result
     from .versions import show_versions

@@ -16,12 +16,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from .errors import SaclaDaskError
+
+if TYPE_CHECKING:
+    from .plan import OutputSpec, PairingSpec, PolarSpec, ShotSpec, StatisticsSpec
 
 log = logging.getLogger("sacla_dask")
 
@@ -106,14 +109,14 @@ def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
 
     half = min(shape) / 2
     radii = rings or (0.3 * half, 0.6 * half)
-    truth = write_synthetic_run(out, n_tags=n_tags, n_dark=n_dark, shape=tuple(shape),
+    truth = write_synthetic_run(out, n_tags=n_tags, n_dark=n_dark, shape=(shape[0], shape[1]),
                                 center=center, ring_radii=radii, ring_width=ring_width,
                                 pixel_size=pixel_size, distance=distance,
                                 photon_energy=energy, modulation_order=order,
                                 modulation_amplitude=amplitude, compression=compression,
                                 seed=seed)
     if mask_out:
-        np.save(mask_out, panel_mask(tuple(shape)))
+        np.save(mask_out, panel_mask((shape[0], shape[1])))
     q = truth.ring_q()
     click.echo(f"wrote {out}: run {truth.run}, {n_tags} tags ({n_dark} dark), images {shape}")
     click.echo(f"centre x={truth.center_x:.3f} y={truth.center_y:.3f} px; rings at "
@@ -294,21 +297,7 @@ def _performance_report(path: str | None) -> Any:
                    "--report is given.")
 @_cluster_options
 @_handle_errors
-def process(runs: tuple[str, ...], out: str, geometry: str | None,
-            center: tuple[float, float] | None, qmin: float, qmax: float,
-            pixel_size: float | None, distance: float | None, wavelength: float | None,
-            mask: str | None, nphi: int | None, fast_nphi: bool, nq: int | None, method: str,
-            pairs: str | None, non_overlapping: bool, chunk_size: str, no_store_polar: bool,
-            compression: str, on_bad_tag: str, overwrite: bool, dry_run: bool,
-            progress: bool, workers: int | None, scheduler: str | None,
-            scheduler_file: str | None, cluster: str, jobs: int | None,
-            report: str | None = None, pairing: str = "consecutive", q_pairs: str = "none",
-            bragg: float | None = None, reject_outliers: float | None = None,
-            bootstrap: int = 0, ci_level: float = 0.95, keep_pairs: bool = False,
-            solid_angle: bool = False, polarization: float | None = None,
-            tag_range: tuple[int, int] | None = None, min_pulse_energy: float | None = None,
-            skip_first: int | None = None, drop_unselected: bool = False,
-            engine: str = "auto") -> None:
+def process(runs: tuple[str, ...], out: str, **opts: Any) -> None:
     """Process run file(s) into a labelled correlation Zarr store.
 
     The store is written tag chunk by tag chunk: if the run is killed,
@@ -321,46 +310,29 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
           --qmin 2.64 --qmax 2.71 --pixel-size 5e-5 --distance 0.053 \\
           --mask mask.npy --workers 2
     """
-    from .errors import ParameterError
-    from .geometry import read_geometry_file
-    from .pipeline import plan_run
-
-    geo: dict[str, Any] = read_geometry_file(geometry) if geometry else {}
-    cx, cy = center if center is not None else (geo.get("center_x"), geo.get("center_y"))
-    pixel_size = pixel_size if pixel_size is not None else geo.get("pixel_size")
-    distance = distance if distance is not None else geo.get("distance")
-    wavelength = wavelength if wavelength is not None else geo.get("wavelength")
-    mask = mask if mask is not None else (geo.get("mask") or None)
-    missing = [n for n, v in (("--center", cx), ("--pixel-size", pixel_size),
-                              ("--distance", distance)) if v is None]
-    if missing:
-        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s) or --geometry)")
-    chunks: int | str = int(chunk_size) if chunk_size.isdigit() else chunk_size
-    plan = plan_run(list(runs), qmin=qmin, qmax=qmax, center=(cx, cy), pixel_size=pixel_size,
-                    distance=distance, wavelength=wavelength, mask=mask, nphi=nphi, nq=nq,
-                    method=method, fast_nphi=fast_nphi, pairs=pairs,
-                    solid_angle=solid_angle, polarization=polarization,
-                    overlapping=not non_overlapping, chunks=chunks, out=out,
-                    store_polar=not no_store_polar, compression=compression,
-                    on_bad_tag=on_bad_tag, pairing=pairing, q_pairs=q_pairs, bragg=bragg,
-                    reject_outliers=reject_outliers, bootstrap=bootstrap, ci_level=ci_level,
-                    keep_pairs=keep_pairs, tag_range=tag_range or None,
-                    min_pulse_energy=min_pulse_energy, skip_first=skip_first,
-                    drop_unselected=drop_unselected)
     from .engine import choose_engine
+    from .geometry import resolve_geometry
+    from .plan import plan_run
 
-    plan.engine = choose_engine(plan.run, engine, workers=workers, scheduler=scheduler,
-                                scheduler_file=scheduler_file, cluster=cluster,
-                                report=report is not None)
+    geometry, mask = resolve_geometry(
+        opts["geometry"], center=opts["center"], pixel_size=opts["pixel_size"],
+        distance=opts["distance"], wavelength=opts["wavelength"], mask=opts["mask"])
+    plan = plan_run(list(runs), geometry=geometry, polar=_polar_spec(opts, mask),
+                    pairing=_pairing_spec(opts), statistics=_statistics_spec(opts),
+                    output=_output_spec(out, opts), shots=_shot_spec(opts))
+    plan = plan.with_engine(choose_engine(
+        plan.run, opts["engine"], workers=opts["workers"], scheduler=opts["scheduler"],
+        scheduler_file=opts["scheduler_file"], cluster=opts["cluster"],
+        report=opts["report"] is not None))
     click.echo(repr(plan))
-    if dry_run:
+    if opts["dry_run"]:
         return
-    plan.check_output(overwrite=overwrite)   # refuse a bad --out before starting a cluster
+    plan.check_output(overwrite=opts["overwrite"])  # refuse a bad --out before a cluster starts
     t0 = time.perf_counter()
     try:
-        with _engine(plan.engine, scheduler, scheduler_file, jobs), \
-                _performance_report(report):
-            ds = plan.execute(progress=progress, overwrite=overwrite)
+        with _engine(plan.engine, opts["scheduler"], opts["scheduler_file"], opts["jobs"]), \
+                _performance_report(opts["report"]):
+            ds = plan.execute(progress=opts["progress"], overwrite=opts["overwrite"])
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the finished tag chunks stay in {out}; run the same "
                    "command again to resume", err=True)
@@ -369,6 +341,47 @@ def process(runs: tuple[str, ...], out: str, geometry: str | None,
     click.echo(f"wrote {out}: {ds.sizes['tag']} tags, {int(ds['n_pairs'])} pairs, "
                f"corr {dict(ds['corr'].sizes)} in {dt:.1f} s "
                f"({ds.sizes['tag'] / dt:.1f} tags/s)")
+
+
+# the option groups of 'process', as the library's specs (sacla_dask.plan)
+def _polar_spec(o: dict[str, Any], mask: str | None) -> PolarSpec:
+    from .plan import PolarSpec
+
+    return PolarSpec(qmin=o["qmin"], qmax=o["qmax"], nphi=o["nphi"], nq=o["nq"],
+                     method=o["method"], fast_nphi=o["fast_nphi"],
+                     solid_angle=o["solid_angle"], polarization=o["polarization"], mask=mask)
+
+
+def _pairing_spec(o: dict[str, Any]) -> PairingSpec:
+    from .plan import PairingSpec
+
+    return PairingSpec(pairs=o["pairs"], pairing=o["pairing"],
+                       overlapping=not o["non_overlapping"], q_pairs=o["q_pairs"])
+
+
+def _statistics_spec(o: dict[str, Any]) -> StatisticsSpec:
+    from .plan import StatisticsSpec
+
+    return StatisticsSpec(bragg=o["bragg"], reject_outliers=o["reject_outliers"],
+                          bootstrap=o["bootstrap"], ci_level=o["ci_level"],
+                          keep_pairs=o["keep_pairs"])
+
+
+def _output_spec(out: str, o: dict[str, Any]) -> OutputSpec:
+    from .plan import OutputSpec
+
+    size: str = o["chunk_size"]
+    return OutputSpec(out=out, store_polar=not o["no_store_polar"],
+                      compression=o["compression"],
+                      chunks=int(size) if size.isdigit() else size)
+
+
+def _shot_spec(o: dict[str, Any]) -> ShotSpec:
+    from .plan import ShotSpec
+
+    return ShotSpec(tag_range=o["tag_range"] or None, min_pulse_energy=o["min_pulse_energy"],
+                    skip_first=o["skip_first"], drop_unselected=o["drop_unselected"],
+                    on_bad_tag=o["on_bad_tag"])
 
 
 # -- demo ----------------------------------------------------------------------
@@ -398,7 +411,7 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int | None,
     """
     from .engine import choose_engine
     from .io.synthetic import panel_mask, write_synthetic_run
-    from .pipeline import plan_run
+    from .plan import plan_run
 
     os.makedirs(workdir, exist_ok=True)
     run_path = os.path.join(workdir, "run_synthetic.h5")
@@ -406,10 +419,10 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int | None,
     out = os.path.join(workdir, "result.zarr")
     half = min(shape) / 2
     t0 = time.perf_counter()
-    truth = write_synthetic_run(run_path, n_tags=n_tags, n_dark=10, shape=tuple(shape),
+    truth = write_synthetic_run(run_path, n_tags=n_tags, n_dark=10, shape=(shape[0], shape[1]),
                                 ring_radii=(0.3 * half, 0.6 * half), ring_width=2.5,
                                 modulation_order=6, modulation_amplitude=0.2)
-    np.save(mask_path, panel_mask(tuple(shape), center=(truth.center_x, truth.center_y),
+    np.save(mask_path, panel_mask((shape[0], shape[1]), center=(truth.center_x, truth.center_y),
                                   beamstop=0.1 * half))
     click.echo(f"1. wrote synthetic run {run_path} ({n_tags} tags, {shape[0]}x{shape[1]}) "
                f"in {time.perf_counter() - t0:.1f} s")
@@ -419,13 +432,14 @@ def demo(workdir: str, n_tags: int, shape: tuple[int, int], workers: int | None,
     plan = plan_run(run_path, qmin=qmin, qmax=qmax, center=(truth.center_x, truth.center_y),
                     pixel_size=truth.pixel_size, distance=truth.distance, mask=mask_path,
                     out=out, chunks="64MiB")
-    plan.engine = choose_engine(plan.run, engine, workers=workers)
+    chosen = choose_engine(plan.run, engine, workers=workers)
+    plan = plan.with_engine(chosen)
     click.echo("2. plan:\n" + repr(plan))
     t0 = time.perf_counter()
-    with _engine(plan.engine, None, None, None):
+    with _engine(chosen, None, None, None):
         ds = plan.execute(progress=True, overwrite=True)
     dt = time.perf_counter() - t0
-    click.echo(f"3. processed on {plan.engine.kind} in {dt:.1f} s "
+    click.echo(f"3. processed on {chosen.kind} in {dt:.1f} s "
                f"({ds.sizes['tag'] / dt:.1f} tags/s) -> {out}")
     bright = ds["bright"].values
     prof = ds["polar"].where(ds["polar_mask"]).isel(tag=bright).mean(("tag", "phi"))
@@ -545,7 +559,7 @@ def _run_lines(path: str) -> list[str]:
         pxs = np.unique(np.atleast_1d(px)) if px is not None else np.array([])
         px_txt = (f", pixel {' x '.join(f'{p:g}' for p in pxs)} um" if pxs.size else "")
         lines.append(f"  detector   : {det.get('detector_name', '?')}{px_txt}")
-    names = [n for n in ev.data_vars if n not in ("bright", "selected", "run", "source")]
+    names = [str(n) for n in ev.data_vars if n not in ("bright", "selected", "run", "source")]
     lines.append(f"  event data : {', '.join(names) if names else 'none'}")
     for n in names:
         where = ev[n].attrs.get("hdf5_path", "")
@@ -637,7 +651,7 @@ def _result_lines(path: str) -> list[str]:
     except (KeyError, TypeError):
         lines.append("  geometry   : not recorded")
     lines.append(f"  mask       : {a.get('mask') or 'none'}")
-    contents = ", ".join(f"{n} ({' x '.join(ds[n].dims)})"
+    contents = ", ".join(f"{n} ({' x '.join(map(str, ds[n].dims))})"
                          for n in ("polar", "corr", "corr_cross", "corr_pairs",
                                    "corr_cross_pairs", "bragg_bins") if n in ds)
     if "corr_ci_low" in ds:

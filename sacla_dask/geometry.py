@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -234,6 +234,81 @@ def read_geometry_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if out.get("mask") and not os.path.isabs(out["mask"]):
         out["mask"] = os.path.join(os.path.dirname(os.path.abspath(p)), out["mask"])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometrySpec:
+    """The geometry as a user gives it: the wavelength may be left to the run.
+
+    Attributes
+    ----------
+    center : (x, y)
+        Beam centre in pixels (x: fast/column axis, y: slow/row axis).
+    pixel_size, distance : float
+        Metres.
+    wavelength : float or None
+        Angstrom; None: the run's mean photon energy decides
+        (:meth:`geometry`).
+    """
+
+    center: tuple[float, float]
+    pixel_size: float
+    distance: float
+    wavelength: float | None = None
+
+    def geometry(self, wavelength: Callable[[], float]) -> Geometry:
+        """The :class:`Geometry`, calling ``wavelength()`` (Angstrom) only if none was given."""
+        cx, cy = self.center
+        wl = self.wavelength if self.wavelength is not None else wavelength()
+        return Geometry(cx, cy, self.pixel_size, self.distance, wl)
+
+
+def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
+                     center: tuple[float, float] | None = None,
+                     pixel_size: float | None = None, distance: float | None = None,
+                     wavelength: float | None = None,
+                     mask: str | None = None) -> tuple[GeometrySpec, str | None]:
+    """The geometry of a geometry YAML file (optional) with the given values over it.
+
+    What ``sacla-dask process --geometry FILE --center X Y ...`` uses: each
+    value given (not None) replaces the file's.
+
+    Parameters
+    ----------
+    path : path, optional
+        A geometry YAML file (:func:`read_geometry_file`).
+    center : (x, y), optional
+        Pixels.
+    pixel_size, distance : float, optional
+        Metres.
+    wavelength : float, optional
+        Angstrom (None in both: the run's photon energy decides).
+    mask : str, optional
+        Pixel mask ``.npy`` path.
+
+    Returns
+    -------
+    (GeometrySpec, mask path or None)
+
+    Raises
+    ------
+    ParameterError
+        If the centre, pixel size or distance is in neither (the message
+        names the command line flags).
+    """
+    geo: dict[str, Any] = read_geometry_file(path) if path else {}
+    cxy: tuple[Any, Any] = (center if center is not None
+                            else (geo.get("center_x"), geo.get("center_y")))
+    cx = cxy[0]
+    pixel_size = pixel_size if pixel_size is not None else geo.get("pixel_size")
+    distance = distance if distance is not None else geo.get("distance")
+    wavelength = wavelength if wavelength is not None else geo.get("wavelength")
+    mask = mask if mask is not None else (geo.get("mask") or None)
+    missing = [n for n, v in (("--center", cx), ("--pixel-size", pixel_size),
+                              ("--distance", distance)) if v is None]
+    if missing or pixel_size is None or distance is None:
+        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s) or --geometry)")
+    return GeometrySpec(cxy, pixel_size, distance, wavelength), mask
 
 
 def write_geometry_file(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:

@@ -24,7 +24,7 @@ pick into the tasks that consume it (a wide band's 5050-tag graph: 8995 ->
 
 :func:`memory_per_thread` says how much memory a task thread of the active
 scheduler has, which sizes the default tag chunks of a plan
-(:func:`sacla_dask.pipeline.tags_per_chunk`).
+(:func:`sacla_dask.chunking.tags_per_chunk`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How a run is cut into tag chunks: ``chunks="auto"``, sized for the workers' memory.
 
 The figures a beamline scientist meets are worked out by hand in the
-docstrings of :func:`sacla_dask.pipeline.tags_per_chunk` (the 40 x 5000 ring
+docstrings of :func:`sacla_dask.chunking.tags_per_chunk` (the 40 x 5000 ring
 band and the 1000 x 6912 wide band); these tests hold the code to them, and
 check that the chunking ``execute()`` settles on is the one a store to be
 resumed was started with.
@@ -15,10 +15,11 @@ import psutil
 import pytest
 import xarray as xr
 
-import sacla_dask.pipeline as pipeline
-from sacla_dask import store
+import sacla_dask.chunking as chunking
+from sacla_dask import config, store
+from sacla_dask.chunking import tags_per_chunk
 from sacla_dask.errors import ParameterError
-from sacla_dask.pipeline import plan_run, tags_per_chunk
+from sacla_dask.plan import plan_run
 from sacla_dask.scheduling import memory_per_thread
 
 GiB = 2**30
@@ -34,11 +35,11 @@ def test_auto_ring_band_is_32_mib_of_polar_images_whatever_the_memory():
 
 
 @pytest.mark.parametrize("mem_gib, expected", [
-    (64, 16),    # capped at AUTO_MIN_TAGS
+    (64, 16),    # capped at chunks.auto-min-tags
     (4.3, 16),   # 0.1 * 4.3 GiB = 461.7 MB >= 16 x 27.648 MB = 442.4 MB
     (4.0, 15),   # 429.5 MB / 27.648 MB = 15.5
     (2.0, 7),    # 214.7 MB / 27.648 MB = 7.8
-    (0.5, 4),    # 1.9 tags fit: never fewer than MIN_CHUNK_TAGS
+    (0.5, 4),    # 1.9 tags fit: never fewer than chunks.min-tags
     (0, 4),      # memory not known: no raise
 ])
 def test_auto_wide_band_takes_16_tags_where_a_tenth_of_the_memory_holds_them(mem_gib, expected):
@@ -100,16 +101,16 @@ def scaled(monkeypatch):
         memory: int | None = None
 
     m = Memory()
-    monkeypatch.setattr(pipeline, "AUTO_CHUNK_BYTES", 1)
-    monkeypatch.setattr(pipeline, "MIN_CHUNKS", 2)
-    monkeypatch.setattr(pipeline, "memory_per_thread", lambda: m.memory)
-    return m
+    monkeypatch.setattr(chunking, "memory_per_thread", lambda: m.memory)
+    with dask.config.set({"sacla_dask.chunks.auto-bytes": 1,
+                          "sacla_dask.chunks.min-chunks": 2}):
+        yield m
 
 
 def _memory_for(plan, tags: int) -> int:
     """Memory per thread for which auto chunking gives ``tags`` tags per chunk."""
     nq, nphi = plan.transform.shape
-    return int(np.ceil(tags * nq * nphi * 4 / pipeline.AUTO_MEMORY_FRACTION))
+    return int(np.ceil(tags * nq * nphi * 4 / config.get("chunks.auto-memory-fraction")))
 
 
 def test_execute_sizes_auto_chunks_for_the_workers_that_run_it(small_run, small_params,
@@ -125,7 +126,10 @@ def test_execute_sizes_auto_chunks_for_the_workers_that_run_it(small_run, small_
     scaled.memory = _memory_for(plan, 10)
     with dask.config.set(scheduler="sync"):
         res = plan.execute()
-    assert plan.tags_per_chunk == 10 and plan.n_chunks == 4
+    # the plan is not changed: execute() ran a settled copy, the chunking the store keeps
+    assert plan.tags_per_chunk == 4
+    settled = plan.settle_chunks()
+    assert settled.tags_per_chunk == 10 and settled.n_chunks == 4
     assert store.stored_parameters(out)["tags_per_chunk"] == 10
     assert res.polar.encoding["chunks"][0] == 10
     xr.testing.assert_identical(res.drop_attrs(), ref.drop_attrs())
@@ -134,6 +138,7 @@ def test_execute_sizes_auto_chunks_for_the_workers_that_run_it(small_run, small_
     with dask.config.set(scheduler="sync"):
         fixed.execute()
     assert fixed.tags_per_chunk == 5 and not fixed.auto_chunks
+    assert fixed.settle_chunks() is fixed
 
 
 def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small_params,
@@ -160,7 +165,7 @@ def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small
         m.setattr(hdf5, "read_pixels", interrupt_after(3, original[1]))
         with dask.config.set(scheduler="sync"), pytest.raises(KeyboardInterrupt):
             first.execute()
-    assert first.tags_per_chunk == 5
+    assert first.settle_chunks().tags_per_chunk == 5
     done = int(store.done_chunks(out).sum())
     assert 0 < done < 8
 
@@ -168,7 +173,7 @@ def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small
     scaled.memory = _memory_for(first, 10)
     again = plan_run(small_run.path, out=out, **small_params)
     assert again.tags_per_chunk == 10
-    assert again.check_output() == "incomplete" and again.tags_per_chunk == 5
+    assert again.check_output() == "incomplete" and again.settle_chunks().tags_per_chunk == 5
     reads["n"] = 0
     with monkeypatch.context() as m:
         m.setattr(hdf5, "_read_block", interrupt_after(99, original[0]))
@@ -184,4 +189,5 @@ def test_a_resumed_store_keeps_the_chunking_it_was_started_with(small_run, small
     fresh = plan_run(small_run.path, out=out, **small_params)
     with dask.config.set(scheduler="sync"):
         fresh.execute(overwrite=True)
-    assert fresh.tags_per_chunk == 10 == store.stored_parameters(out)["tags_per_chunk"]
+    assert fresh.settle_chunks().tags_per_chunk == 10 \
+        == store.stored_parameters(out)["tags_per_chunk"]

@@ -27,7 +27,7 @@ from dask_procs import DaskProcesses
 from sacla_dask import store
 from sacla_dask.cluster import dask_client
 from sacla_dask.errors import ParameterError
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CHUNK = 8

@@ -39,7 +39,7 @@ from sacla_dask.correlation import (
 )
 from sacla_dask.errors import ParameterError
 from sacla_dask.io.synthetic import panel_mask, write_synthetic_run
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 
 
 # -- independent references ----------------------------------------------------

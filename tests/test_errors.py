@@ -44,7 +44,7 @@ from sacla_dask.errors import (
 )
 from sacla_dask.io.run import DETECTOR, open_run
 from sacla_dask.io.synthetic import write_synthetic_run
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 from sacla_dask.store import store_state
 
 SHAPE = (64, 64)
@@ -653,7 +653,7 @@ def test_cli_disk_full(run64, tmp_path, geo, inprocess_scheduler, monkeypatch):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import dask, zarr.storage
-    from sacla_dask.pipeline import plan_run
+    from sacla_dask.plan import plan_run
 
     run, out, qmin, qmax, cx, cy, px, dist, after = sys.argv[1:]
     orig = zarr.storage.LocalStore.set

@@ -18,7 +18,7 @@ from sacla_dask.pairs import (
     similar_pairs,
     write_pairs_file,
 )
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 
 
 def pulse_energy(path):

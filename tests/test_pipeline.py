@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import scipy.fft
@@ -15,7 +11,7 @@ from dask.array.utils import assert_eq
 import sacla_dask as sd
 from sacla_dask.io.run import open_run
 from sacla_dask.io.synthetic import write_synthetic_run
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 
 
 def tutorial_reference(images, tags, bright, geom, qmin, qmax, nphi, mask):
@@ -218,59 +214,6 @@ def test_compressed_run_matches_uncompressed(tmp_path, small_params):
     np.testing.assert_array_equal(ra, rb)
 
 
-def test_fused_polar_chunk_equals_the_separate_kernels():
-    """polar_chunk (one task: polar + normalisation) == the step-by-step kernels.
-
-    The block has a tag with a non-finite pixel, a tag whose window is all NaN
-    (unreadable: NaN in every good bin) and a fully masked q row.
-    """
-    from sacla_dask.geometry import Geometry
-    from sacla_dask.pipeline import (
-        image_ok_block,
-        nonfinite_block,
-        normalized_block,
-        polar_block,
-        polar_chunk,
-        row_mean_block,
-        tune_allocator,
-    )
-    from sacla_dask.polar import PolarTransform
-
-    rng = np.random.default_rng(3)
-    mask = np.ones((64, 64), bool)
-    mask[:, 30:34] = False
-    g = Geometry(31.5, 32.2, 50e-6, 0.053, 1.44)
-    tr = PolarTransform(g, (64, 64), float(g.radius_to_q(8)), float(g.radius_to_q(20)), mask=mask)
-    op, pm = tr.operator, tr.polar_mask
-    wy, wx = op.window_shape
-    win = rng.uniform(1, 10, (4, wy, wx)).astype(np.float32)
-    win[1, wy // 2, :] = np.nan  # a bad line: some bins NaN
-    win[2] = np.nan  # an unreadable image
-    norm, rmean, nf = polar_chunk(win, op, pm)
-    raw = polar_block(win, op)
-    np.testing.assert_array_equal(norm, normalized_block(raw, pm))
-    np.testing.assert_array_equal(rmean, row_mean_block(raw, pm))
-    np.testing.assert_array_equal(nf, nonfinite_block(raw))
-    assert nf[1] > 0 and nf[0] == 0
-    assert np.isnan(norm[2][pm]).all() and (norm[2][~pm] == 0).all()
-    ref = np.isfinite(norm[:, pm]).any(axis=1)
-    np.testing.assert_array_equal(image_ok_block(norm, pm), ref)
-    assert ref.tolist() == [True, True, False, True]
-    # glibc tuning happens in Dask workers only, never in the user's own process
-    pipeline_mod = sys.modules["sacla_dask.pipeline"]
-    was = pipeline_mod._ALLOCATOR_MODE
-    pipeline_mod._tune_worker_allocator((1000, 30000))
-    assert pipeline_mod._ALLOCATOR_MODE == was
-    with pytest.raises(sd.ParameterError, match="allocator mode"):
-        tune_allocator("keep")
-    code = ("import numpy as np\n"
-            "from sacla_dask.pipeline import tune_allocator as t\n"
-            "print(t('retain'), t('release'))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert out.stdout.split() == [str(glibc)] * 2
-
-
 def test_graph_prioritises_older_tag_chunks(small_run, small_params):
     """Each chunk's read, picks, writes, group and row copies carry priority -chunk.
 
@@ -366,17 +309,17 @@ def test_execute_graph_has_no_pick_tasks(small_run, small_params, tmp_path, monk
     import dask
     from dask.base import collections_to_expr
 
-    import sacla_dask.pipeline as pipeline
+    import sacla_dask.execute as execute
 
     seen: list = []
-    real = pipeline._compute
+    real = execute._compute
 
     def recording(objs, progress=False):
         seen.extend(collections_to_expr(list(objs), optimize_graph=True).optimize()
                     .__dask_graph__())
         return real(objs, progress)
 
-    monkeypatch.setattr(pipeline, "_compute", recording)
+    monkeypatch.setattr(execute, "_compute", recording)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "o.zarr", **small_params)
     with dask.config.set(scheduler="sync"):
         ds = plan.execute()
@@ -392,7 +335,7 @@ def test_execute_graph_has_no_pick_tasks(small_run, small_params, tmp_path, monk
 
 def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
     """Calls of the pixel reader and of the per-image polar transform (counts, live)."""
-    import sacla_dask.pipeline as pipeline
+    import sacla_dask.blocks as blocks
     from sacla_dask.io import hdf5
 
     calls = {"polar": 0, "read": 0}
@@ -405,7 +348,7 @@ def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
 
     # the per-image finish of a pick read bin by bin, or of pixels read as columns
     for name in ("polar_from_pick", "polar_from_columns"):
-        monkeypatch.setattr(pipeline, name, counted("polar", getattr(pipeline, name)))
+        monkeypatch.setattr(blocks, name, counted("polar", getattr(blocks, name)))
     monkeypatch.setattr(hdf5, "read_pixels", counted("read", hdf5.read_pixels))
     return calls
 
@@ -427,54 +370,55 @@ def test_each_chunk_read_and_transformed_once(small_run, small_params, monkeypat
 
 def test_large_polar_images_are_made_with_a_halo(small_run, small_params, monkeypatch,
                                                  tmp_path):
-    """Polar images of HALO_IMAGE_BYTES or more: each chunk's task also makes the image of
-    the tag before it, the pair across the boundary takes it from there (no row-copy
-    task), and every result is the very same as without."""
+    """Polar images of polar.halo-image-bytes or more: each chunk's task also makes the
+    image of the tag before it, the pair across the boundary takes it from there (no
+    row-copy task), and every result is the very same as without."""
     import dask
     import xarray as xr
 
-    import sacla_dask.pipeline as pipeline
+    from sacla_dask.graph import polar_arrays
 
     ref = plan_run(small_run.path, chunks=7, **small_params).dataset().compute(scheduler="sync")
-    monkeypatch.setattr(pipeline, "HALO_IMAGE_BYTES", 0)
-    calls = count_reads_and_transforms(monkeypatch)
-    plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
-    ds = plan.dataset()
-    assert plan._halos
-    kinds = {k[1] for k in ds["corr"].data.__dask_graph__() if isinstance(k, tuple)
-             and str(k[0]).startswith("pair-statistics")}
-    assert "group" in kinds and "rows" not in kinds
-    res = ds.compute(scheduler="sync")
-    xr.testing.assert_identical(res, ref)
-    # one image more per chunk after the first, read in the same pass
-    assert calls == {"polar": plan.n_tags + plan.n_chunks - 1, "read": plan.n_chunks}
-    with dask.config.set(scheduler="sync"):
-        stored = plan.execute()
-    xr.testing.assert_identical(stored.drop_attrs(), ref.drop_attrs())
-    # Bragg masking changes the rows after the polar step: no halo there
-    bragg = plan_run(small_run.path, chunks=7, bragg=4.0, **small_params).dataset()
-    monkeypatch.setattr(pipeline, "HALO_IMAGE_BYTES", 1 << 40)
-    xr.testing.assert_identical(
-        bragg.compute(scheduler="sync"),
-        plan_run(small_run.path, chunks=7, bragg=4.0, **small_params).dataset().compute(
-            scheduler="sync"))
+    halo_bytes = "sacla_dask.polar.halo-image-bytes"
+    with dask.config.set({halo_bytes: 0}):
+        calls = count_reads_and_transforms(monkeypatch)
+        plan = plan_run(small_run.path, chunks=7, out=tmp_path / "r.zarr", **small_params)
+        ds = plan.dataset()
+        assert polar_arrays(plan).halo is not None
+        kinds = {k[1] for k in ds["corr"].data.__dask_graph__() if isinstance(k, tuple)
+                 and str(k[0]).startswith("pair-statistics")}
+        assert "group" in kinds and "rows" not in kinds
+        res = ds.compute(scheduler="sync")
+        xr.testing.assert_identical(res, ref)
+        # one image more per chunk after the first, read in the same pass
+        assert calls == {"polar": plan.n_tags + plan.n_chunks - 1, "read": plan.n_chunks}
+        with dask.config.set(scheduler="sync"):
+            stored = plan.execute()
+        xr.testing.assert_identical(stored.drop_attrs(), ref.drop_attrs())
+        # Bragg masking changes the rows after the polar step: no halo there
+        bragg = plan_run(small_run.path, chunks=7, bragg=4.0, **small_params).dataset()
+    with dask.config.set({halo_bytes: 1 << 40}):
+        xr.testing.assert_identical(
+            bragg.compute(scheduler="sync"),
+            plan_run(small_run.path, chunks=7, bragg=4.0, **small_params).dataset().compute(
+                scheduler="sync"))
 
 
 def test_execute_writes_image_ok_with_each_tag_chunk(small_run, small_params, tmp_path,
                                                      monkeypatch):
     """image_ok is computed by each chunk's write from its row means: no task of its own
     and no separate write per chunk; the stored flags equal the lazy dataset's."""
-    import sacla_dask.pipeline as pipeline
+    import sacla_dask.execute as execute
 
     seen: list = []
-    real = pipeline._compute
+    real = execute._compute
 
     def recording(objs, progress=False):
         for o in objs:
             seen.extend(str(k) for k in o.__dask_graph__())
         return real(objs, progress)
 
-    monkeypatch.setattr(pipeline, "_compute", recording)
+    monkeypatch.setattr(execute, "_compute", recording)
     plan = plan_run(small_run.path, chunks=7, out=tmp_path / "o.zarr", **small_params)
     ds = plan.execute()
     assert any("write-tag-chunk" in k for k in seen)
@@ -490,39 +434,3 @@ def test_polar_operator_reports_its_size_to_dask(small_run, small_params):
     op = plan_run(small_run.path, **small_params).transform.operator
     m = op.matrix
     assert sizeof(op) == op.nbytes >= m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
-
-
-@pytest.mark.parametrize("method", ["nearest", "bilinear"])
-def test_thin_band_task_equals_polar_chunk_of_windows(tmp_path, method):
-    """The pipeline's task on a thin band (the compact operator, pixels read from the file;
-    a pick reads each bin's pixel straight into its polar image) == polar_chunk of the
-    windows read by h5py with the full operator: normalised rows, row means, NaN bins,
-    with a tag holding a line of NaN pixels through the band and one of only NaN."""
-    import h5py
-
-    from sacla_dask.io.run import DETECTOR
-    from sacla_dask.pipeline import polar_chunk, polar_chunk_from_run, worker_operator
-    from sacla_dask.polar import PolarTransform
-
-    t = write_synthetic_run(tmp_path / "thin.h5", n_tags=6, shape=(96, 96),
-                            center=(47.3, 49.1), ring_radii=(30.0,), ring_width=1.5, seed=2)
-    with h5py.File(t.path, "r+") as fh:
-        fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[1]}/detector_data"][49, :] = np.nan
-        fh[f"run_{t.run}/{DETECTOR}/tag_{t.tags[4]}/detector_data"][...] = np.nan
-    g = t.geometry
-    mask = np.ones((96, 96), bool)
-    mask[:, 60:63] = False
-    tr = PolarTransform(g, (96, 96), float(g.radius_to_q(27)), float(g.radius_to_q(33)),
-                        mask=mask, method=method)
-    op = worker_operator(tr.operator)
-    assert op.pixels is not None and (op.gather is not None) == (method == "nearest")
-    run = open_run(t.path)
-    with h5py.File(t.path, "r") as fh:
-        wins = np.stack([fh[f"run_{t.run}/{DETECTOR}/tag_{tag}/detector_data"][tr.window]
-                         for tag in t.tags])
-    want = polar_chunk(wins, tr.operator, tr.polar_mask)
-    got = polar_chunk_from_run(run.sources, tr.window, "fail", op, tr.polar_mask)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert got[2][1] > 0 and got[2][0] == 0
-    assert np.isnan(got[0][4][tr.polar_mask]).all()

@@ -707,7 +707,7 @@ def test_operator_pickles_without_cache_and_tokenizes_cheaply():
 
 @pytest.fixture
 def small_plan(small_run, small_mask, small_params):
-    from sacla_dask.pipeline import plan_run
+    from sacla_dask.plan import plan_run
 
     return plan_run(small_run.path, mask=small_mask, method="bilinear", chunks=8,
                     solid_angle=True, polarization=0.95, **small_params)

@@ -24,7 +24,7 @@ from dask_procs import DaskProcesses, reads_logged
 from sacla_dask import store
 from sacla_dask.errors import IncompleteStoreError, OutputError
 from sacla_dask.io import hdf5
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 
 CHUNK = 4  # tags per chunk: 40 tags -> 10 chunks
 _READERS = {name: getattr(hdf5, name) for name in ("_read_block", "read_pixels")}

@@ -24,7 +24,7 @@ from sacla_dask.errors import BadTagError, LayoutError, ParameterError, RunFileE
 from sacla_dask.io import hdf5
 from sacla_dask.io.run import DETECTOR, BadTag, open_run
 from sacla_dask.io.synthetic import corrupt_tag, truncate_file, write_synthetic_run
-from sacla_dask.pipeline import plan_run
+from sacla_dask.plan import plan_run
 
 SHAPE = (40, 36)
 KW = dict(shape=SHAPE, center=(17.3, 19.6), ring_radii=(7.0, 13.0), ring_width=1.2,
@@ -583,7 +583,7 @@ def test_dataset_past_the_end_of_the_file_is_an_error(tmp_path):
 def test_pipeline_same_result_direct_or_through_hdf5(tmp_path, monkeypatch):
     """A thin band is read pixel by pixel (a wide one as a window): the same store
     whether its pixels are read directly from the file or through HDF5."""
-    from sacla_dask.pipeline import worker_operator
+    from sacla_dask.graph import worker_operator
 
     t = write_synthetic_run(tmp_path / "s.h5", n_tags=12, n_dark=2, **{**KW, "noise": True})
     g = t.geometry

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import OutputError, ParameterError
 from ..geometry import Geometry, write_geometry_file
 from ..io.run import Run, mean_wavelength, open_run
-from ..pipeline import load_mask
+from ..plan import load_mask
 from ._common import Guess, _check_guess
 from .circle import CenterFit
 from .find import CenterComparison, find_center
