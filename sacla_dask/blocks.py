@@ -30,7 +30,7 @@ from .polar import (
     apply_polar,
     normalize_rows,
     polar_from_columns,
-    polar_from_pick,
+    polar_from_gathered,
 )
 from .polar import polar_into as apply_polar_into
 
@@ -142,7 +142,7 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     it reads are read (:func:`sacla_dask.io.hdf5.read_pixels`). A compact
     pixel pick (the default ``nearest`` method without corrections) reads
     each bin's pixel straight into the polar image
-    (:meth:`PolarOperator.bin_offsets`, :func:`polar_from_pick`).
+    (:meth:`PolarOperator.bin_offsets`, :func:`polar_from_gathered`).
     """
     tune_worker_allocator(op.shape)
     first = 0
@@ -154,7 +154,7 @@ def polar_chunk_from_run(sources: Sequence[TagSource], window: tuple[slice, slic
     if op.pixels is not None and op.gather is not None:
         # a pixel pick: each bin's pixel read straight into the polar image, one gather
         def picked(i: int, y: np.ndarray) -> None:
-            nonfinite_pixels[i] = polar_from_pick(y, op)
+            nonfinite_pixels[i] = polar_from_gathered(y, op)
 
         hdf5.read_pixels(sources, window, op.bin_pixels, op.bin_offsets, on_bad_tag,  # type: ignore[arg-type]
                          picked, into=raw.reshape(len(sources), -1).__getitem__)

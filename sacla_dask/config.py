@@ -35,12 +35,6 @@ with open(_DEFAULTS_FILE) as _fh:
 # (values already set, from the environment, a YAML file or dask.config.set, stay)
 dask.config.update_defaults(DEFAULTS)
 
-#: keys renamed: dask.config.set of the old one warns and sets the new one; a value
-#: given under the old one in a YAML file or the environment is moved to the new one
-#: (the old names are spelled with "-" for "_": Dask's check compares them so)
-RENAMED = {"sacla-dask.worker-saturation": "sacla_dask.worker.saturation"}
-dask.config.deprecations.update(RENAMED)
-dask.config.rename(RENAMED)
 
 
 def get(key: str) -> Any:

@@ -125,15 +125,6 @@ def test_worker_saturation_and_env_follow_the_config():
     assert dask.config.get("distributed.scheduler.worker-saturation") == before
 
 
-def test_old_worker_saturation_key_still_sets_it():
-    """The old key ``sacla_dask.worker-saturation`` is renamed (with a FutureWarning)."""
-    from sacla_dask import config
-
-    with pytest.warns(FutureWarning, match="worker.saturation"), \
-            dask.config.set({"sacla_dask.worker-saturation": 1.25}):
-        assert config.get("worker.saturation") == 1.25
-
-
 # -- a running scheduler -----------------------------------------------------------
 def test_api_uses_the_active_client(small_run, small_params, tmp_path, dask_cluster, capsys):
     """No client argument anywhere: execute() computes on the attached scheduler."""

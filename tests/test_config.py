@@ -29,10 +29,6 @@ from sacla_dask.correlation import statistics as corr_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-#: keys read by sacla_dask/pipeline.py, which another change moves to this configuration
-PIPELINE_KEYS = {"chunks.auto-bytes", "chunks.auto-min-tags", "chunks.auto-memory-fraction",
-                 "chunks.min-tags", "chunks.min-chunks", "polar.compact-max-fraction",
-                 "polar.halo-image-bytes", "worker.malloc-tune", "worker.retain-image-bytes"}
 
 
 def setting(**values):
@@ -56,8 +52,6 @@ def test_every_key_is_read_by_the_code(key):
     sources = [p.read_text() for p in (ROOT / "sacla_dask").rglob("*.py")
                if p.name != "config.py"]
     read = any(f'"{key}"' in s for s in sources)
-    if not read and key in PIPELINE_KEYS:
-        pytest.skip(f"{key} is read by pipeline.py once its constants move to the config")
     assert read, f"no module reads sacla_dask.{key}"
 
 

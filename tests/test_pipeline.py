@@ -347,7 +347,7 @@ def count_reads_and_transforms(monkeypatch) -> dict[str, int]:
         return wrapped
 
     # the per-image finish of a pick read bin by bin, or of pixels read as columns
-    for name in ("polar_from_pick", "polar_from_columns"):
+    for name in ("polar_from_gathered", "polar_from_columns"):
         monkeypatch.setattr(blocks, name, counted("polar", getattr(blocks, name)))
     monkeypatch.setattr(hdf5, "read_pixels", counted("read", hdf5.read_pixels))
     return calls

@@ -821,7 +821,7 @@ def pair_statistics(polar: da.Array, ia: np.ndarray, ib: np.ndarray, plan: Corre
         previous block (consecutive pairs across a chunk boundary) takes it
         from there, so it neither waits for nor copies from the task of the
         previous block, which may run on another worker (the pipeline makes
-        it for large polar images, :meth:`sacla_dask.pipeline.ProcessingPlan.polar`).
+        it for large polar images, :func:`sacla_dask.graph.polar_arrays`).
         Its rows must equal those of ``polar``.
     **settings
         Fields of :class:`PairStatisticsOptions` as keywords (``reject=3,

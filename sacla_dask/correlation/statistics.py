@@ -229,7 +229,7 @@ class PairSums:
             k = corr.shape[0]
             w = np.asarray(weights, dtype=np.float64).reshape(-1, k)
             self.boot_s1 += (w @ x.reshape(k, -1)).reshape(self.boot_s1.shape)
-            self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(  # type: ignore
+            self.boot_w += (w @ ok.reshape(k, -1).astype(np.float64)).reshape(
                 self.boot_w.shape)  # type: ignore[union-attr]
 
     @staticmethod

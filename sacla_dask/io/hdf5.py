@@ -47,7 +47,7 @@ try:  # registers bitshuffle/LZ4/zstd... HDF5 filters used for compressed export
 except ImportError:  # pragma: no cover - hdf5plugin is a hard dependency
     hdf5plugin = None  # type: ignore[assignment]
 
-import h5py  # type: ignore[import-untyped]
+import h5py
 
 if TYPE_CHECKING:
     from .run import TagSource

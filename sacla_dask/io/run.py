@@ -46,7 +46,7 @@ from typing import Any
 
 import dask
 import dask.array as da
-import h5py  # type: ignore[import-untyped]
+import h5py
 import numpy as np
 import xarray as xr
 

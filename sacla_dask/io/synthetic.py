@@ -35,7 +35,7 @@ try:
     import hdf5plugin
 except ImportError:  # pragma: no cover
     hdf5plugin = None  # type: ignore[assignment]
-import h5py  # type: ignore[import-untyped]
+import h5py
 
 from .run import DETECTOR
 

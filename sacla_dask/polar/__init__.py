@@ -6,8 +6,8 @@ grid, the polar mask and per-bin coverage derived from the user's pixel
 mask, the optional solid-angle and polarisation corrections, and the
 per-row masked-mean normalisation. The numerical kernels
 (:func:`apply_polar`, :func:`normalize_rows`) act on one numpy block of
-images; :mod:`sacla_dask.pipeline` lifts them with ``map_blocks``, the
-operator being one graph key shipped once to each worker.
+images; :mod:`sacla_dask.graph` lifts them over tag chunks, the operator being one
+graph key shipped once to each worker.
 
 Modules
 -------
@@ -47,9 +47,6 @@ from .operator import (
 from .sparse import SparseEngine
 from .transform import PolarTransform
 
-#: the name :mod:`sacla_dask.pipeline` imports :func:`polar_from_gathered` by
-polar_from_pick = polar_from_gathered
-
 __all__ = [
     "METHODS",
     "TILE",
@@ -67,6 +64,5 @@ __all__ = [
     "normalize_rows",
     "polar_from_columns",
     "polar_from_gathered",
-    "polar_from_pick",
     "polar_into",
 ]
