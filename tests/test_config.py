@@ -292,7 +292,8 @@ def test_read_direct_off_reads_through_hdf5(tmp_path, monkeypatch):
 def test_worker_settings_make_the_cluster_config(monkeypatch):
     from sacla_dask import cluster
 
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    for name in ("MALLOC_ARENA_MAX", "OMP_NUM_THREADS"):  # (a cluster test may set them)
+        monkeypatch.delenv(name, raising=False)
     assert cluster._worker_env() == {"MALLOC_ARENA_MAX": "1"}
     assert cluster._scheduler_config() == {"distributed.scheduler.worker-saturation": 1.0}
     with setting(worker__env={"MALLOC_ARENA_MAX": 2, "OMP_NUM_THREADS": "1"},
