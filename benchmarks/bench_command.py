@@ -184,12 +184,16 @@ def main() -> None:
     log(f"whole commands (best of {args.repeat:d}):")
     for band, n, cold in plan:
         res["cases"].append(case(path, tags, n, band, cold, args.repeat, C.WORK, args.engine))
+        if (band, n, cold) == ("ring", 1000, False):
+            # the raw read in the page-cache state the 1000-tag runs had (on a machine
+            # whose memory does not hold the whole file, partly from the disk)
+            res["raw_rate"] = max(raw_read_rate(path, tags[:1000]) for _ in range(2))
+            log(f"  raw read, 1000 tags, one reader: {res['raw_rate']:.0f} img/s")
     if not args.quick:
         by = {(c["band"], c["tags"], c["cold"]): c for c in res["cases"]}
         dt = by[("ring", 1000, False)]["best"]["command"] - by[("ring", 100, False)]["best"][
             "command"]
         res["marginal_rate"] = 900 / dt if dt > 0 else float("inf")
-        res["raw_rate"] = raw_read_rate(path, tags[:1000])
     print(markdown(res))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(C.WORK, f"command-{stamp}.json"), "w") as fh:

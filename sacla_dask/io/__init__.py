@@ -15,21 +15,46 @@
 
 from __future__ import annotations
 
-from .run import DETECTOR, BadTag, Run, TagSource, mean_wavelength, open_run
-from .synthetic import (
-    COMPRESSIONS,
-    BraggSpots,
-    Detector,
-    Rings,
-    Shots,
-    Storage,
-    SyntheticTruth,
-    corrupt_tag,
-    panel_mask,
-    ring_image,
-    truncate_file,
-    write_synthetic_run,
-)
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use (PEP 562): the reader pulls in Dask and xarray, which
+# io.prefetch, run before the rest of a command is imported, must not wait for.
+_LAZY = {
+    **dict.fromkeys(("DETECTOR", "BadTag", "Run", "TagSource", "mean_wavelength", "open_run"),
+                    "run"),
+    **dict.fromkeys(("COMPRESSIONS", "BraggSpots", "Detector", "Rings", "Shots", "Storage",
+                     "SyntheticTruth", "corrupt_tag", "panel_mask", "ring_image",
+                     "truncate_file", "write_synthetic_run"), "synthetic"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .run import DETECTOR, BadTag, Run, TagSource, mean_wavelength, open_run
+    from .synthetic import (
+        COMPRESSIONS,
+        BraggSpots,
+        Detector,
+        Rings,
+        Shots,
+        Storage,
+        SyntheticTruth,
+        corrupt_tag,
+        panel_mask,
+        ring_image,
+        truncate_file,
+        write_synthetic_run,
+    )
 
 __all__ = [
     "DETECTOR", "BadTag", "Run", "TagSource", "mean_wavelength", "open_run",
