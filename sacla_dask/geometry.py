@@ -78,6 +78,14 @@ class Geometry:
         Sample-to-detector distance in metres.
     wavelength : float
         X-ray wavelength in Angstrom.
+    rot1, rot2, rot3 : float
+        Detector rotations in radians, pyFAI's (``docs/geometry.md``); all 0
+        (the default) for a detector perpendicular to the beam. When any is
+        not 0, ``center_x``, ``center_y`` are pyFAI's point of normal
+        incidence (PONI) in pixels, ``distance`` the sample-PONI distance,
+        and the pixel radius of :meth:`radius_to_q` and the polar grid is the
+        radius on an untilted detector at ``distance`` (``tan(2 theta) *
+        distance / pixel_size``), which labels the q bins only.
     """
 
     center_x: float
@@ -85,6 +93,9 @@ class Geometry:
     pixel_size: float
     distance: float
     wavelength: float
+    rot1: float = 0.0
+    rot2: float = 0.0
+    rot3: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("center_x", "center_y"):
@@ -96,9 +107,45 @@ class Geometry:
             if not math.isfinite(fv):
                 raise ParameterError(f"{name} must be finite (got {v!r})")
             object.__setattr__(self, name, fv)
+        for name in ("rot1", "rot2", "rot3"):
+            v = getattr(self, name)
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise ParameterError(f"{name} must be a number of radians (got {v!r})") from None
+            if not math.isfinite(fv) or abs(fv) >= math.pi / 2:
+                raise ParameterError(f"{name} must be finite and within +-pi/2 rad (got {v!r})")
+            object.__setattr__(self, name, fv)
         for name, unit in (("pixel_size", "metres"), ("distance", "metres"),
                            ("wavelength", "Angstrom")):
             object.__setattr__(self, name, check_positive(name, getattr(self, name), unit))
+
+    # -- tilt ----------------------------------------------------------------
+    @property
+    def tilted(self) -> bool:
+        """True when any rotation is not 0 (the detector is not perpendicular to the beam)."""
+        return self.rot1 != 0.0 or self.rot2 != 0.0 or self.rot3 != 0.0
+
+    @property
+    def rotations(self) -> tuple[float, float, float]:
+        """``(rot1, rot2, rot3)`` in radians."""
+        return (self.rot1, self.rot2, self.rot3)
+
+    def beam_center(self) -> tuple[float, float]:
+        """Where the direct beam hits the detector, ``(x, y)`` in pixels.
+
+        The centre itself when untilted; otherwise pyFAI's Fit2D beam centre.
+        """
+        if not self.tilted:
+            return (self.center_x, self.center_y)
+        from .lab import beam_center
+
+        return beam_center(self)
+
+    def key(self) -> tuple[float, ...]:
+        """The values that define the geometry (the rotations only when tilted)."""
+        t = (self.center_x, self.center_y, self.pixel_size, self.distance, self.wavelength)
+        return t + self.rotations if self.tilted else t
 
     # -- conversions -------------------------------------------------------
     @property
@@ -138,6 +185,14 @@ class Geometry:
         off the detector: a fit that wandered there is wrong.
         """
         ny, nx = shape
+        if self.tilted:  # the direct beam's spot, not the PONI, must be on the detector
+            bx, by = self.beam_center()
+            if not (-0.5 <= bx <= nx - 0.5 and -0.5 <= by <= ny - 0.5):
+                raise GeometryError(
+                    f"the direct beam hits the tilted detector at ({bx:g}, {by:g}) px, off "
+                    f"the {ny}x{nx} detector image (PONI ({self.center_x:g}, "
+                    f"{self.center_y:g}) px, rot1..3 = {self.rotations})")
+            return
         if not (-0.5 <= self.center_x <= nx - 0.5 and -0.5 <= self.center_y <= ny - 0.5):
             raise GeometryError(
                 f"beam centre (center_x={self.center_x:g}, center_y={self.center_y:g}) px "
@@ -157,7 +212,8 @@ class Geometry:
         det = Detector(pixel1=self.pixel_size, pixel2=self.pixel_size, max_shape=shape)
         ai = AzimuthalIntegrator(dist=self.distance, poni1=(self.center_y + 0.5) * self.pixel_size,
                                  poni2=(self.center_x + 0.5) * self.pixel_size, detector=det,
-                                 wavelength=self.wavelength * 1e-10)
+                                 wavelength=self.wavelength * 1e-10, rot1=self.rot1,
+                                 rot2=self.rot2, rot3=self.rot3)
         ai.setChiDiscAtZero()
         return ai
 
@@ -166,8 +222,13 @@ class Geometry:
         return dataclasses.replace(self, **changes)
 
     def to_attrs(self) -> dict[str, float]:
-        """The geometry as a flat dict (the result store's attrs names)."""
-        return dataclasses.asdict(self)
+        """The geometry as a flat dict (the result store's attrs names; the rotations only
+        when tilted)."""
+        out = dataclasses.asdict(self)
+        if not self.tilted:
+            for k in ("rot1", "rot2", "rot3"):
+                del out[k]
+        return out
 
 
 def default_nphi(outer_radius_px: float, fast: bool = True) -> int:
