@@ -31,6 +31,8 @@ from .errors import GeometryError, ParameterError
 HC_KEV_ANGSTROM = 12.398419843320026
 
 GEOMETRY_KEYS = ("center_x", "center_y", "pixel_size", "distance", "wavelength", "mask")
+#: Further keys of the geometry YAML: a pyFAI PONI file, and the detector's rotations.
+TILT_KEYS = ("poni", "rot1", "rot2", "rot3")
 
 
 def energy_to_wavelength(energy_ev: float | np.ndarray) -> float | np.ndarray:
@@ -286,14 +288,16 @@ def read_geometry_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ParameterError(f"geometry file {p!r} is not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ParameterError(f"geometry file {p!r} must hold a mapping of {GEOMETRY_KEYS}")
-    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - {"radius", "notes", "fit"})
+    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - set(TILT_KEYS) - {"radius", "notes", "fit"})
     if unknown:
         raise ParameterError(
-            f"geometry file {p!r} has unknown keys {unknown}; allowed: {list(GEOMETRY_KEYS)}"
+            f"geometry file {p!r} has unknown keys {unknown}; allowed: "
+            f"{list(GEOMETRY_KEYS) + list(TILT_KEYS)}"
         )
     out = dict(data)
-    if out.get("mask") and not os.path.isabs(out["mask"]):
-        out["mask"] = os.path.join(os.path.dirname(os.path.abspath(p)), out["mask"])
+    for k in ("mask", "poni"):
+        if out.get(k) and not os.path.isabs(out[k]):
+            out[k] = os.path.join(os.path.dirname(os.path.abspath(p)), out[k])
     return out
 
 
@@ -316,19 +320,31 @@ class GeometrySpec:
     pixel_size: float
     distance: float
     wavelength: float | None = None
+    rotations: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shape: tuple[int, int] | None = None
+    source: str | None = None
 
     def geometry(self, wavelength: Callable[[], float]) -> Geometry:
         """The :class:`Geometry`, calling ``wavelength()`` (Angstrom) only if none was given."""
         cx, cy = self.center
         wl = self.wavelength if self.wavelength is not None else wavelength()
-        return Geometry(cx, cy, self.pixel_size, self.distance, wl)
+        return Geometry(cx, cy, self.pixel_size, self.distance, wl, *self.rotations)
+
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        """GeometryError unless the detector shape of the PONI file (if any) is ``shape``."""
+        if self.shape is not None and tuple(self.shape) != tuple(shape):
+            raise GeometryError(
+                f"PONI file {self.source!r}: Detector_config max_shape {list(self.shape)} is "
+                f"not the run's image shape {list(shape)} (a PONI of another detector?)")
 
 
 def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
                      center: tuple[float, float] | None = None,
                      pixel_size: float | None = None, distance: float | None = None,
                      wavelength: float | None = None,
-                     mask: str | None = None) -> tuple[GeometrySpec, str | None]:
+                     mask: str | None = None,
+                     poni: str | os.PathLike[str] | None = None
+                     ) -> tuple[GeometrySpec, str | None]:
     """The geometry of a geometry YAML file (optional) with the given values over it.
 
     What ``sacla-dask process --geometry FILE --center X Y ...`` uses: each
@@ -346,6 +362,10 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
         Angstrom (None in both: the run's photon energy decides).
     mask : str, optional
         Pixel mask ``.npy`` path.
+    poni : path, optional
+        A pyFAI PONI file (:mod:`sacla_dask.poni`), or the YAML's ``poni``
+        key: distance, PONI (the centre), rotations, pixel size and
+        wavelength; the YAML's other keys and then the values given go over it.
 
     Returns
     -------
@@ -358,6 +378,24 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
         names the command line flags).
     """
     geo: dict[str, Any] = read_geometry_file(path) if path else {}
+    poni = poni if poni is not None else geo.get("poni")
+    extra: dict[str, Any] = {}
+    if poni:
+        from .poni import read_poni
+
+        pg = read_poni(poni)
+        base = {"center_x": pg.center[0], "center_y": pg.center[1], "pixel_size": pg.pixel1,
+                "distance": pg.distance, "rot1": pg.rot1, "rot2": pg.rot2, "rot3": pg.rot3,
+                "wavelength": None if pg.wavelength is None else pg.wavelength * 1e10}
+        geo = {**base, **{k: v for k, v in geo.items() if v is not None}}
+        extra = {"shape": pg.shape, "source": pg.path}
+    for k in ("rot1", "rot2", "rot3"):
+        v = geo.get(k, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise ParameterError(f"geometry file {os.fspath(path or '')!r}: {k} must be a number "
+                                 f"of radians (got {v!r})")
+    rotations = (float(geo.get("rot1", 0.0)), float(geo.get("rot2", 0.0)),
+                 float(geo.get("rot3", 0.0)))
     cxy: tuple[Any, Any] = (center if center is not None
                             else (geo.get("center_x"), geo.get("center_y")))
     cx = cxy[0]
@@ -368,8 +406,9 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
     missing = [n for n, v in (("--center", cx), ("--pixel-size", pixel_size),
                               ("--distance", distance)) if v is None]
     if missing or pixel_size is None or distance is None:
-        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s) or --geometry)")
-    return GeometrySpec(cxy, pixel_size, distance, wavelength), mask
+        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s), --geometry or "
+                             "--poni)")
+    return GeometrySpec(cxy, pixel_size, distance, wavelength, rotations, **extra), mask
 
 
 def write_geometry_file(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:

@@ -34,7 +34,6 @@ in the process are reused for the same inputs.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
