@@ -7,6 +7,8 @@ analytic f(q) the images are drawn from.
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -18,8 +20,8 @@ from sacla_dask.errors import GeometryError, ParameterError
 from sacla_dask.geometry import Geometry, resolve_geometry
 from sacla_dask.io.run import DETECTOR
 from sacla_dask.io.synthetic import write_synthetic_run
-from sacla_dask.lab import rotation_matrix
-from sacla_dask.polar import PolarTransform
+from sacla_dask.lab import DetectorLayout, check_layout, layout_of_geometry, rotation_matrix
+from sacla_dask.polar import PolarTransform, apply_polar, build_operator
 from sacla_dask.poni import read_poni, write_poni
 
 pyFAI = pytest.importorskip("pyFAI")
@@ -258,3 +260,35 @@ def test_center_writes_a_poni_pyfai_reads(tmp_path):
     assert g.rotations == TILTED.rotations
     bx, by = g.beam_center()
     assert (bx, by) == pytest.approx((truth.center_x, truth.center_y), abs=0.1)
+
+
+# -- several panels (the groundwork of CrystFEL geometries) -------------------------
+def _halves(g: Geometry) -> DetectorLayout:
+    """The tilted detector cut into a top and a bottom panel, at their true places."""
+    (p,) = layout_of_geometry(g, SHAPE).panels
+    half = SHAPE[0] // 2
+    top = dataclasses.replace(p, name="top", nss=half)
+    origin = tuple(np.asarray(p.origin) + half * np.asarray(p.ss))
+    bottom = dataclasses.replace(p, name="bottom", row0=half, nss=half, origin=origin)
+    return DetectorLayout((top, bottom), SHAPE)
+
+
+def test_two_panels_give_the_single_detectors_operator():
+    """Nearest through two panels reads exactly the pixels of the one tilted plane."""
+    layout = _halves(TILTED)
+    check_layout(layout.panels, SHAPE, "halves")
+    one = PolarTransform(TILTED, SHAPE, QMIN, QMAX, method="nearest")
+    grid = one.grid
+    two = build_operator(TILTED, grid, SHAPE, method="nearest", layout=layout)
+    img = f_q(pyfai_q(TILTED, SHAPE))
+    assert np.array_equal(two.polar_mask, one.polar_mask)
+    assert np.array_equal(apply_polar(img[None][(slice(None),) + two.window], two)[0],
+                          apply_polar(img[None][(slice(None),) + one.window], one.operator)[0])
+
+
+def test_panels_off_the_data_or_overlapping_are_refused():
+    top, bottom = _halves(TILTED).panels
+    with pytest.raises(GeometryError, match=r"geom.geom: panel 'bottom'.*off the 200x256"):
+        check_layout((top, bottom), (200, 256), "geom.geom")
+    with pytest.raises(GeometryError, match="panels 'top' and 'bottom' overlap"):
+        check_layout((top, dataclasses.replace(bottom, row0=100)), SHAPE, "geom.geom")
