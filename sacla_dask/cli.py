@@ -205,6 +205,9 @@ def _performance_report(path: str | None) -> Any:
 @click.option("--geometry", type=click.Path(dir_okay=False), default=None,
               help="Geometry YAML (center_x, center_y, pixel_size, distance, wavelength, "
                    "mask); the flags below override it.")
+@click.option("--poni", type=click.Path(dir_okay=False), default=None,
+              help="pyFAI PONI file (distance, PONI, rot1..3, pixel size, wavelength: "
+                   "docs/geometry.md); --geometry's keys and the flags override it.")
 @click.option("--center", nargs=2, type=float, default=None,
               help="Beam centre X Y in pixels (X = fast/column axis, Y = slow/row axis).")
 @click.option("--qmin", type=float, required=True, help="Inner edge of the q band, 1/Angstrom.")
@@ -321,7 +324,8 @@ def process(runs: tuple[str, ...], out: str, **opts: Any) -> None:
 
     geometry, mask = resolve_geometry(
         opts["geometry"], center=opts["center"], pixel_size=opts["pixel_size"],
-        distance=opts["distance"], wavelength=opts["wavelength"], mask=opts["mask"])
+        distance=opts["distance"], wavelength=opts["wavelength"], mask=opts["mask"],
+        poni=opts["poni"])
     plan = plan_run(list(runs), geometry=geometry, polar=_polar_spec(opts, mask),
                     pairing=_pairing_spec(opts), statistics=_statistics_spec(opts),
                     output=_output_spec(out, opts), shots=_shot_spec(opts))
@@ -783,7 +787,11 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
 @click.option("--max-shots", default=100, show_default=True, type=click.IntRange(min=1),
               help="Average at most this many bright shots, evenly spread over the run(s).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Write the geometry YAML here (read by 'sacla-dask process --geometry').")
+              help="Write the geometry YAML here (read by 'sacla-dask process --geometry'); "
+                   "a name ending in .poni writes a pyFAI PONI file instead.")
+@click.option("--poni", type=click.Path(dir_okay=False), default=None,
+              help="pyFAI PONI file giving the pixel size, distance, wavelength and "
+                   "rotations (the flags override them).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: the mean image with the fitted ring and centre, and the "
                    "radial profile with the ring marked.")
@@ -809,7 +817,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
            distance: float | None, wavelength: float | None, tolerance: float,
            on_bad_tag: str, skip_first: int | None, workers: int | None,
            scheduler: str | None, scheduler_file: str | None, cluster: str,
-           jobs: int | None) -> None:
+           jobs: int | None, poni: str | None = None) -> None:
     """Find the beam centre from the mean of a run's bright shots; write a geometry file.
 
     Averages the bright shots (at most --max-shots, evenly spread over the
@@ -839,6 +847,16 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     from .center import BrightMean, center_figure, center_run
     from .errors import OutputError
 
+    rotations = (0.0, 0.0, 0.0)
+    if poni:
+        from .poni import read_poni
+
+        pg = read_poni(poni)
+        pixel_size = pixel_size if pixel_size is not None else pg.pixel1
+        distance = distance if distance is not None else pg.distance
+        if wavelength is None and pg.wavelength is not None:
+            wavelength = pg.wavelength * 1e10
+        rotations = (pg.rot1, pg.rot2, pg.rot3)
     on_cluster = workers is not None or scheduler or scheduler_file or cluster != "local"
     how = "on the Dask cluster" if on_cluster else "with Dask's threaded scheduler"
 
@@ -896,7 +914,15 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
         except OSError as exc:
             raise OutputError(f"cannot write the plot {plot_path!r}: {exc}") from None
         click.echo(f"wrote {plot_path}")
-    if out:
+    if out and out.lower().endswith(".poni"):
+        from .center.poni import write_center_poni
+
+        gp = write_center_poni(out, (c.center_x, c.center_y), result.pixel_size,
+                               result.distance, result.wavelength, result.mean.image.shape,
+                               rotations)
+        click.echo(f"wrote {out} (PONI ({gp.center_x:.3f}, {gp.center_y:.3f}) px, rot1..3 = "
+                   f"{gp.rot1:g}, {gp.rot2:g}, {gp.rot3:g} rad)")
+    elif out:
         result.write_geometry(out)
         missing = [f"--{k.replace('_', '-')}" for k in result.missing_geometry]
         click.echo(f"wrote {out}" + (f" (without {', '.join(missing)}: give them to process)"

@@ -167,6 +167,8 @@ ATTRS: dict[str, str] = {
     "center_y": "beam centre along the slow (row) axis, pixels",
     "pixel_size": "metres", "distance": "sample to detector, metres",
     "wavelength": "Angstrom",
+    "rot1": "detector rotation (pyFAI), radians; only when tilted (centre = PONI)",
+    "rot2": "detector rotation (pyFAI), radians", "rot3": "detector rotation (pyFAI), radians",
     "qmin": "inner edge of the q band, 1/Angstrom", "qmax": "outer edge, 1/Angstrom",
     "nphi": "phi bins", "nphi_default": "phi bins of one pixel of arc at the outer radius",
     "fast_nphi": "nphi rounded up to an FFT-friendly length",
@@ -364,6 +366,7 @@ def plan_attrs(plan: ProcessingPlan) -> dict[str, Any]:
     return {
         "center_x": g.center_x, "center_y": g.center_y, "pixel_size": g.pixel_size,
         "distance": g.distance, "wavelength": g.wavelength,
+        **({"rot1": g.rot1, "rot2": g.rot2, "rot3": g.rot3} if g.tilted else {}),
         "qmin": tr.qmin, "qmax": tr.qmax, "nphi": tr.nphi,
         "nphi_default": tr.grid.nphi_default, "fast_nphi": tr.fast_nphi,
         "method": tr.method, "mask": plan.polar_spec.mask_path or "",

@@ -31,6 +31,8 @@ from .errors import GeometryError, ParameterError
 HC_KEV_ANGSTROM = 12.398419843320026
 
 GEOMETRY_KEYS = ("center_x", "center_y", "pixel_size", "distance", "wavelength", "mask")
+#: Further keys of the geometry YAML: a pyFAI PONI file, and the detector's rotations.
+TILT_KEYS = ("poni", "rot1", "rot2", "rot3")
 
 
 def energy_to_wavelength(energy_ev: float | np.ndarray) -> float | np.ndarray:
@@ -78,6 +80,14 @@ class Geometry:
         Sample-to-detector distance in metres.
     wavelength : float
         X-ray wavelength in Angstrom.
+    rot1, rot2, rot3 : float
+        Detector rotations in radians, pyFAI's (``docs/geometry.md``); all 0
+        (the default) for a detector perpendicular to the beam. When any is
+        not 0, ``center_x``, ``center_y`` are pyFAI's point of normal
+        incidence (PONI) in pixels, ``distance`` the sample-PONI distance,
+        and the pixel radius of :meth:`radius_to_q` and the polar grid is the
+        radius on an untilted detector at ``distance`` (``tan(2 theta) *
+        distance / pixel_size``), which labels the q bins only.
     """
 
     center_x: float
@@ -85,6 +95,9 @@ class Geometry:
     pixel_size: float
     distance: float
     wavelength: float
+    rot1: float = 0.0
+    rot2: float = 0.0
+    rot3: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("center_x", "center_y"):
@@ -96,9 +109,45 @@ class Geometry:
             if not math.isfinite(fv):
                 raise ParameterError(f"{name} must be finite (got {v!r})")
             object.__setattr__(self, name, fv)
+        for name in ("rot1", "rot2", "rot3"):
+            v = getattr(self, name)
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise ParameterError(f"{name} must be a number of radians (got {v!r})") from None
+            if not math.isfinite(fv) or abs(fv) >= math.pi / 2:
+                raise ParameterError(f"{name} must be finite and within +-pi/2 rad (got {v!r})")
+            object.__setattr__(self, name, fv)
         for name, unit in (("pixel_size", "metres"), ("distance", "metres"),
                            ("wavelength", "Angstrom")):
             object.__setattr__(self, name, check_positive(name, getattr(self, name), unit))
+
+    # -- tilt ----------------------------------------------------------------
+    @property
+    def tilted(self) -> bool:
+        """True when any rotation is not 0 (the detector is not perpendicular to the beam)."""
+        return self.rot1 != 0.0 or self.rot2 != 0.0 or self.rot3 != 0.0
+
+    @property
+    def rotations(self) -> tuple[float, float, float]:
+        """``(rot1, rot2, rot3)`` in radians."""
+        return (self.rot1, self.rot2, self.rot3)
+
+    def beam_center(self) -> tuple[float, float]:
+        """Where the direct beam hits the detector, ``(x, y)`` in pixels.
+
+        The centre itself when untilted; otherwise pyFAI's Fit2D beam centre.
+        """
+        if not self.tilted:
+            return (self.center_x, self.center_y)
+        from .lab import beam_center
+
+        return beam_center(self)
+
+    def key(self) -> tuple[float, ...]:
+        """The values that define the geometry (the rotations only when tilted)."""
+        t = (self.center_x, self.center_y, self.pixel_size, self.distance, self.wavelength)
+        return t + self.rotations if self.tilted else t
 
     # -- conversions -------------------------------------------------------
     @property
@@ -138,6 +187,14 @@ class Geometry:
         off the detector: a fit that wandered there is wrong.
         """
         ny, nx = shape
+        if self.tilted:  # the direct beam's spot, not the PONI, must be on the detector
+            bx, by = self.beam_center()
+            if not (-0.5 <= bx <= nx - 0.5 and -0.5 <= by <= ny - 0.5):
+                raise GeometryError(
+                    f"the direct beam hits the tilted detector at ({bx:g}, {by:g}) px, off "
+                    f"the {ny}x{nx} detector image (PONI ({self.center_x:g}, "
+                    f"{self.center_y:g}) px, rot1..3 = {self.rotations})")
+            return
         if not (-0.5 <= self.center_x <= nx - 0.5 and -0.5 <= self.center_y <= ny - 0.5):
             raise GeometryError(
                 f"beam centre (center_x={self.center_x:g}, center_y={self.center_y:g}) px "
@@ -157,7 +214,8 @@ class Geometry:
         det = Detector(pixel1=self.pixel_size, pixel2=self.pixel_size, max_shape=shape)
         ai = AzimuthalIntegrator(dist=self.distance, poni1=(self.center_y + 0.5) * self.pixel_size,
                                  poni2=(self.center_x + 0.5) * self.pixel_size, detector=det,
-                                 wavelength=self.wavelength * 1e-10)
+                                 wavelength=self.wavelength * 1e-10, rot1=self.rot1,
+                                 rot2=self.rot2, rot3=self.rot3)
         ai.setChiDiscAtZero()
         return ai
 
@@ -166,8 +224,13 @@ class Geometry:
         return dataclasses.replace(self, **changes)
 
     def to_attrs(self) -> dict[str, float]:
-        """The geometry as a flat dict (the result store's attrs names)."""
-        return dataclasses.asdict(self)
+        """The geometry as a flat dict (the result store's attrs names; the rotations only
+        when tilted)."""
+        out = dataclasses.asdict(self)
+        if not self.tilted:
+            for k in ("rot1", "rot2", "rot3"):
+                del out[k]
+        return out
 
 
 def default_nphi(outer_radius_px: float, fast: bool = True) -> int:
@@ -225,14 +288,16 @@ def read_geometry_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ParameterError(f"geometry file {p!r} is not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ParameterError(f"geometry file {p!r} must hold a mapping of {GEOMETRY_KEYS}")
-    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - {"radius", "notes", "fit"})
+    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - set(TILT_KEYS) - {"radius", "notes", "fit"})
     if unknown:
         raise ParameterError(
-            f"geometry file {p!r} has unknown keys {unknown}; allowed: {list(GEOMETRY_KEYS)}"
+            f"geometry file {p!r} has unknown keys {unknown}; allowed: "
+            f"{list(GEOMETRY_KEYS) + list(TILT_KEYS)}"
         )
     out = dict(data)
-    if out.get("mask") and not os.path.isabs(out["mask"]):
-        out["mask"] = os.path.join(os.path.dirname(os.path.abspath(p)), out["mask"])
+    for k in ("mask", "poni"):
+        if out.get(k) and not os.path.isabs(out[k]):
+            out[k] = os.path.join(os.path.dirname(os.path.abspath(p)), out[k])
     return out
 
 
@@ -255,19 +320,31 @@ class GeometrySpec:
     pixel_size: float
     distance: float
     wavelength: float | None = None
+    rotations: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shape: tuple[int, int] | None = None
+    source: str | None = None
 
     def geometry(self, wavelength: Callable[[], float]) -> Geometry:
         """The :class:`Geometry`, calling ``wavelength()`` (Angstrom) only if none was given."""
         cx, cy = self.center
         wl = self.wavelength if self.wavelength is not None else wavelength()
-        return Geometry(cx, cy, self.pixel_size, self.distance, wl)
+        return Geometry(cx, cy, self.pixel_size, self.distance, wl, *self.rotations)
+
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        """GeometryError unless the detector shape of the PONI file (if any) is ``shape``."""
+        if self.shape is not None and tuple(self.shape) != tuple(shape):
+            raise GeometryError(
+                f"PONI file {self.source!r}: Detector_config max_shape {list(self.shape)} is "
+                f"not the run's image shape {list(shape)} (a PONI of another detector?)")
 
 
 def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
                      center: tuple[float, float] | None = None,
                      pixel_size: float | None = None, distance: float | None = None,
                      wavelength: float | None = None,
-                     mask: str | None = None) -> tuple[GeometrySpec, str | None]:
+                     mask: str | None = None,
+                     poni: str | os.PathLike[str] | None = None
+                     ) -> tuple[GeometrySpec, str | None]:
     """The geometry of a geometry YAML file (optional) with the given values over it.
 
     What ``sacla-dask process --geometry FILE --center X Y ...`` uses: each
@@ -285,6 +362,10 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
         Angstrom (None in both: the run's photon energy decides).
     mask : str, optional
         Pixel mask ``.npy`` path.
+    poni : path, optional
+        A pyFAI PONI file (:mod:`sacla_dask.poni`), or the YAML's ``poni``
+        key: distance, PONI (the centre), rotations, pixel size and
+        wavelength; the YAML's other keys and then the values given go over it.
 
     Returns
     -------
@@ -297,6 +378,24 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
         names the command line flags).
     """
     geo: dict[str, Any] = read_geometry_file(path) if path else {}
+    poni = poni if poni is not None else geo.get("poni")
+    extra: dict[str, Any] = {}
+    if poni:
+        from .poni import read_poni
+
+        pg = read_poni(poni)
+        base = {"center_x": pg.center[0], "center_y": pg.center[1], "pixel_size": pg.pixel1,
+                "distance": pg.distance, "rot1": pg.rot1, "rot2": pg.rot2, "rot3": pg.rot3,
+                "wavelength": None if pg.wavelength is None else pg.wavelength * 1e10}
+        geo = {**base, **{k: v for k, v in geo.items() if v is not None}}
+        extra = {"shape": pg.shape, "source": pg.path}
+    for k in ("rot1", "rot2", "rot3"):
+        v = geo.get(k, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise ParameterError(f"geometry file {os.fspath(path or '')!r}: {k} must be a number "
+                                 f"of radians (got {v!r})")
+    rotations = (float(geo.get("rot1", 0.0)), float(geo.get("rot2", 0.0)),
+                 float(geo.get("rot3", 0.0)))
     cxy: tuple[Any, Any] = (center if center is not None
                             else (geo.get("center_x"), geo.get("center_y")))
     cx = cxy[0]
@@ -307,8 +406,9 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
     missing = [n for n, v in (("--center", cx), ("--pixel-size", pixel_size),
                               ("--distance", distance)) if v is None]
     if missing or pixel_size is None or distance is None:
-        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s) or --geometry)")
-    return GeometrySpec(cxy, pixel_size, distance, wavelength), mask
+        raise ParameterError(f"missing {', '.join(missing)} (give the flag(s), --geometry or "
+                             "--poni)")
+    return GeometrySpec(cxy, pixel_size, distance, wavelength, rotations, **extra), mask
 
 
 def write_geometry_file(path: str | os.PathLike[str], values: Mapping[str, Any]) -> None:

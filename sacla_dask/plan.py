@@ -421,7 +421,9 @@ class ProcessingPlan:
             "correlation": self._correlation_summary(),
             "geometry": (f"centre ({g.center_x:.2f}, {g.center_y:.2f}) px, pixel "
                          f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
-                         f"wavelength {g.wavelength:.4f} A"),
+                         f"wavelength {g.wavelength:.4f} A"
+                         + (f", tilted: PONI centre, rot1..3 = {g.rot1:.4g}, {g.rot2:.4g}, "
+                            f"{g.rot3:.4g} rad" if g.tilted else "")),
             "q band": (f"{tr.qmin:g}..{tr.qmax:g} 1/A "
                        f"(r = {tr.radius[0]:.1f}..{tr.radius[-1]:.1f} px)"),
             "polar grid": (f"{nq} q x {nphi} phi ({tr.method}"
@@ -661,6 +663,8 @@ def make_plan_of(run: Run | PathLike | Sequence[PathLike], geometry: Geometry | 
     if not isinstance(run, Run):
         run = open_run(run, on_bad_tag=shots.on_bad_tag)  # type: ignore[arg-type]
     run = shots.apply(run)
+    if isinstance(geometry, GeometrySpec):
+        geometry.check_shape(run.image_shape)
     geom = geometry if isinstance(geometry, Geometry) else \
         geometry.geometry(lambda: mean_wavelength(run))
     transform = PolarTransform(geom, run.image_shape, polar.qmin, polar.qmax, nphi=polar.nphi,

@@ -34,7 +34,6 @@ in the process are reused for the same inputs.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -46,9 +45,11 @@ import scipy.sparse as sp
 from .. import config
 from ..errors import GeometryError, ParameterError
 from ..geometry import Geometry
+from ..lab import DetectorLayout, layout_of_geometry
 from .corrections import correction_factors, corrections_label
 from .grid import PolarGrid, check_mask
 from .operator import PolarOperator, select_engine
+from .panels import layout_corrections, layout_point_entries, layout_splitting_entries
 
 __all__ = ["METHODS", "TILE", "Method", "build_operator"]
 
@@ -190,7 +191,7 @@ def _tokenize(*args: Any) -> str:
 
 def _operator_token(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
                     good: np.ndarray, *args: Any) -> str:
-    return _tokenize(dataclasses.astuple(geometry), grid.radius, grid.phi.size,
+    return _tokenize(geometry.key(), grid.radius, grid.phi.size,
                      tuple(image_shape), good, *args)
 
 
@@ -206,6 +207,7 @@ def build_operator(
     polarization: float | None = None,
     subdivision: int = 4,
     tile: bool | None = None,
+    layout: DetectorLayout | None = None,
 ) -> PolarOperator:
     """Precompute the polar resampling operator for one geometry and mask.
 
@@ -236,6 +238,11 @@ def build_operator(
         the product's reads in cache when the operator reads its window
         densely. None (default) decides: tiled when the operator has at
         least as many weights as the window has pixels.
+    layout : DetectorLayout, optional
+        Separate panels stacked in the image (:mod:`sacla_dask.lab`); the
+        geometry then gives only the grid's distance, pixel size and
+        wavelength. Without it a tilted geometry is one tilted panel
+        (:mod:`.panels` builds both); an untilted one is built as before.
 
     Returns
     -------
@@ -250,15 +257,25 @@ def build_operator(
     if int(subdivision) < 1:
         raise ParameterError(f"subdivision must be >= 1 (got {subdivision!r})")
     ny, nx = (int(s) for s in image_shape)
-    geometry.check_on_detector((ny, nx))
+    extra: tuple[Any, ...] = ()
+    if layout is None:
+        geometry.check_on_detector((ny, nx))
+        if geometry.tilted:
+            layout = layout_of_geometry(geometry, (ny, nx))
+    else:
+        if tuple(layout.shape) != (ny, nx):
+            raise GeometryError(f"the panel layout is {layout.shape[0]}x{layout.shape[1]} but "
+                                f"the images are {ny}x{nx}")
+        extra = (layout.key(),)
     good = check_mask(mask, (ny, nx))
     key = _operator_token(geometry, grid, (ny, nx), good, method, float(min_coverage),
-                          bool(solid_angle), polarization, int(subdivision), tile)
+                          bool(solid_angle), polarization, int(subdivision), tile, *extra)
     built = _OPERATORS.get(key)
     if built is not None:
         return built
     op = _build_operator(geometry, grid, (ny, nx), good, method, float(min_coverage),
-                         bool(solid_angle), polarization, int(subdivision), tile, key)
+                         bool(solid_angle), polarization, int(subdivision), tile, key,
+                         layout)
     _OPERATORS[key] = op
     return op
 
@@ -266,7 +283,7 @@ def build_operator(
 def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int, int],
                     good: np.ndarray, method: Method, min_coverage: float, solid_angle: bool,
                     polarization: float | None, subdivision: int, tile: bool | None,
-                    key: str) -> PolarOperator:
+                    key: str, layout: DetectorLayout | None = None) -> PolarOperator:
     """:func:`build_operator` for checked inputs, named ``key`` (their token)."""
     ny, nx = image_shape
     good_flat = good.ravel()
@@ -279,7 +296,15 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
                                 tuple[int, int, int, int] | None]:
         rows = slice(i0, min(nq, i0 + rows_per))
         nb = (rows.stop - rows.start) * nphi
-        if method == "splitting":
+        if layout is not None and method == "splitting":
+            b, iy, ix, w, total = layout_splitting_entries(layout, grid, geometry, rows,
+                                                           int(subdivision))
+        elif layout is not None:
+            iy, ix, w, k = layout_point_entries(layout, grid, geometry, rows, method)
+            iy, ix, w = iy.ravel(), ix.ravel(), w.ravel()
+            b = np.repeat(np.arange(nb), k)
+            total = None
+        elif method == "splitting":
             b, iy, ix, w, total = _splitting_entries(grid, geometry, rows, (ny, nx),
                                                      int(subdivision))
         else:
@@ -303,7 +328,9 @@ def _build_operator(geometry: Geometry, grid: PolarGrid, image_shape: tuple[int,
         b, pix, w = b[keep], pix[keep], w[keep]
         if corr:
             iy, ix = np.divmod(pix, nx)
-            c = correction_factors(geometry, iy, ix, solid_angle, polarization)
+            c = (correction_factors(geometry, iy, ix, solid_angle, polarization)
+                 if layout is None else
+                 layout_corrections(layout, geometry, iy, ix, solid_angle, polarization))
             norm = np.bincount(b, weights=w * c, minlength=nb)
         else:
             norm = goodw
