@@ -719,13 +719,14 @@ def make_plan_of(run: Run | PathLike | Sequence[PathLike], geometry: Geometry | 
                                polarization=polar.polarization)
     pairing = dataclasses.replace(pairing, q_pairs=parse_q_pairs(pairing.q_pairs, transform.q))
     groups = None
+    labelled = run
     if shots.group_by is not None:
         from .shots.groups import grouped_pairs, shot_groups, with_group_labels
 
         groups = shot_groups(run, shots.group_by, shots.group_bins)
-        run = with_group_labels(run, groups)
+        labelled = with_group_labels(run, groups)  # (a new name: run is in a closure above)
         pair_arr, ia, ib, kept, groups = grouped_pairs(
-            run, groups, lambda r: _pairs(r, transform, pairing, output.chunks))
+            labelled, groups, lambda r: _pairs(r, transform, pairing, output.chunks))
     else:
         pair_arr, ia, ib, kept = _pairs(run, transform, pairing, output.chunks)
     if polar.units == "photons":
@@ -735,7 +736,7 @@ def make_plan_of(run: Run | PathLike | Sequence[PathLike], geometry: Geometry | 
     if polar.mask_path is not None:
         polar = dataclasses.replace(polar, mask=polar.mask_path)
     return ProcessingPlan(
-        run=run, transform=transform, pairs=pair_arr, ia=ia, ib=ib,
+        run=labelled, transform=transform, pairs=pair_arr, ia=ia, ib=ib,
         n_pairs_dropped=int((~kept).sum()),
         tags_per_chunk=tags_per_chunk(output.chunks, len(run), transform.shape),
         polar_spec=polar, pairing_spec=pairing, statistics_spec=statistics,

@@ -169,8 +169,8 @@ def grouped_pairs(run: Run, groups: ShotGroups, pairs_of: PairsOf
     from ..errors import PairingError
 
     ias, ibs, gs = [], [], []
-    kept_any = None
-    pair_arr = np.zeros((0, 2), np.int64)
+    arrs: list[np.ndarray] = []
+    kepts: list[np.ndarray] = []
     for g in range(groups.n):
         member = groups.labels == g
         n = int(member.sum())
@@ -185,12 +185,16 @@ def grouped_pairs(run: Run, groups: ShotGroups, pairs_of: PairsOf
             arr, ia, ib, kept = pairs_of(run._replace(events=ev))
         except PairingError as exc:
             raise PairingError(f"group {groups.label(g)}: {exc}") from None
-        pair_arr = arr
-        kept_any = kept if kept_any is None else (kept_any | kept)
+        arrs.append(arr)
+        kepts.append(kept)
         ias.append(ia)
         ibs.append(ib)
         gs.append(np.full(ia.size, g, np.int64))
-    assert kept_any is not None
+    if all(a.shape == arrs[0].shape and np.array_equal(a, arrs[0]) for a in arrs):
+        # one list of pairs asked for (a pairs file): kept when kept in any group
+        pair_arr, kept_any = arrs[0], np.logical_or.reduce(kepts)
+    else:  # pairs made for each group
+        pair_arr, kept_any = np.concatenate(arrs), np.concatenate(kepts)
     out = dataclasses.replace(groups, pair_group=np.concatenate(gs))
     return pair_arr, np.concatenate(ias), np.concatenate(ibs), kept_any, out
 

@@ -173,12 +173,12 @@ def _eval(node: ast.AST, values: dict[str, np.ndarray]) -> Any:
         return out
     if isinstance(node, ast.Compare):
         left = _eval(node.left, values)
-        out: Any = True
+        result: Any = True
         for op, right_node in zip(node.ops, node.comparators, strict=True):
             right = _eval(right_node, values)
-            out = out & _COMPARE[type(op)](_operand(left), _operand(right))
+            result = result & _COMPARE[type(op)](_operand(left), _operand(right))
             left = right
-        return out
+        return result
     raise ParameterError(f"cannot evaluate {type(node).__name__}")  # (refused when parsed)
 
 
