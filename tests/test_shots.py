@@ -255,3 +255,11 @@ def test_photon_units_without_gain_are_refused(pump_probe, tmp_path):
         sd.plan_run(pump_probe.path, **_geometry(pump_probe), units="photons",
                     out=tmp_path / "x.zarr")
     assert not os.path.exists(tmp_path / "x.zarr")
+
+
+def test_plot_draws_shot_quality_and_groups(grouped, tmp_path):
+    from sacla_dask.plot import plot_result
+
+    _, ds, _ = grouped
+    report = plot_result(ds, tmp_path)
+    assert {"shots", "groups", "correlation", "correlation_profile"} <= set(report.written)
