@@ -577,9 +577,9 @@ def _run_lines(path: str) -> list[str]:
     from .shots.fields import field_summaries
 
     fields = field_summaries(run)
-    lines.append(f"  event data : {len(fields)} fields (name [HDF5 path] dtype: range, or "
-                 "values (count); for --select and --group-by)" if fields else
-                 "  event data : none")
+    lines.append(f"  event data : {', '.join(f.split(' [', 1)[0] for f in fields)} (name "
+                 "[HDF5 path] dtype: range, or values (count); for --select and --group-by)"
+                 if fields else "  event data : none")
     lines += ["    " + f for f in fields]
     try:
         lines.append(f"  wavelength : {mean_wavelength(run):.5f} A (mean photon energy of the "
