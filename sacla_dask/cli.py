@@ -284,6 +284,20 @@ def _performance_report(path: str | None) -> Any:
                    "pulse-selector status).")
 @click.option("--drop-unselected", is_flag=True,
               help="Leave dark/unselected shots out of the store (default: kept, not paired).")
+@click.option("--select", "select", default=None, metavar="EXPR",
+              help="Pair only shots whose event data satisfy EXPR, e.g. "
+                   "'laser_pulse_selector_status == 1 and 0.5 < delay_mm <= 2' (fields by name "
+                   "or HDF5 path: see 'sacla-dask info RUN'; comparisons, and/or/not, ()).")
+@click.option("--group-by", default=None, metavar="FIELD",
+              help="Correlate each group of shots (each value of the event field FIELD, or "
+                   "each of --group-bins) on its own: corr etc. gain a 'group' dimension; two "
+                   "groups also give corr_diff and corr_diff_sem.")
+@click.option("--group-bins", default=None, metavar="E0,E1,...",
+              help="Increasing bin edges of --group-by (a continuous field such as a delay).")
+@click.option("--units", type=click.Choice(["detector", "photons"]), default="detector",
+              show_default=True,
+              help="Units of row_mean: detector units, or photons per pixel from the "
+                   "detector's absolute_gain and each shot's photon energy (docs/shots.md).")
 @click.option("--overwrite", is_flag=True, help="Replace what is at --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
@@ -358,7 +372,8 @@ def _polar_spec(o: dict[str, Any], mask: str | None) -> PolarSpec:
 
     return PolarSpec(qmin=o["qmin"], qmax=o["qmax"], nphi=o["nphi"], nq=o["nq"],
                      method=o["method"], fast_nphi=o["fast_nphi"],
-                     solid_angle=o["solid_angle"], polarization=o["polarization"], mask=mask)
+                     solid_angle=o["solid_angle"], polarization=o["polarization"], mask=mask,
+                     units=o.get("units") or "detector")
 
 
 def _pairing_spec(o: dict[str, Any]) -> PairingSpec:
@@ -390,7 +405,21 @@ def _shot_spec(o: dict[str, Any]) -> ShotSpec:
 
     return ShotSpec(tag_range=o["tag_range"] or None, min_pulse_energy=o["min_pulse_energy"],
                     skip_first=o["skip_first"], drop_unselected=o["drop_unselected"],
-                    on_bad_tag=o["on_bad_tag"])
+                    on_bad_tag=o["on_bad_tag"], select=o.get("select"),
+                    group_by=o.get("group_by"), group_bins=_bins(o.get("group_bins")))
+
+
+def _bins(text: str | None) -> list[float] | None:
+    """``--group-bins`` ("0,0.5,1") as numbers."""
+    if not text:
+        return None
+    from .errors import ParameterError
+
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ParameterError(f"group_bins must be comma-separated numbers (got {text!r})") \
+            from None
 
 
 # -- demo ----------------------------------------------------------------------
@@ -516,20 +545,6 @@ def _span(values: np.ndarray) -> str:
     return f"{v[0]}..{v[-1]}{step}"
 
 
-def _event_summary(name: str, values: np.ndarray, units: str) -> str:
-    v = np.asarray(values)
-    finite = v[np.isfinite(v)] if v.dtype.kind == "f" else v
-    u = f" {units}" if units else ""
-    missing = f", {v.size - finite.size} missing" if finite.size < v.size else ""
-    if finite.size == 0:
-        return f"{name}: no values"
-    uniq = np.unique(finite)
-    if uniq.size <= 4:
-        return f"{name}: values {{{', '.join(f'{x:g}' for x in uniq)}}}{u}{missing}"
-    return (f"{name}: {finite.min():g}..{finite.max():g}{u} (mean {finite.mean():g}{u})"
-            f"{missing}")
-
-
 def _run_lines(path: str) -> list[str]:
     import warnings
 
@@ -568,12 +583,13 @@ def _run_lines(path: str) -> list[str]:
         pxs = np.unique(np.atleast_1d(px)) if px is not None else np.array([])
         px_txt = (f", pixel {' x '.join(f'{p:g}' for p in pxs)} um" if pxs.size else "")
         lines.append(f"  detector   : {det.get('detector_name', '?')}{px_txt}")
-    names = [str(n) for n in ev.data_vars if n not in ("bright", "selected", "run", "source")]
-    lines.append(f"  event data : {', '.join(names) if names else 'none'}")
-    for n in names:
-        where = ev[n].attrs.get("hdf5_path", "")
-        lines.append("    " + _event_summary(n, ev[n].values, ev[n].attrs.get("units", ""))
-                     + (f"  [{where}]" if where else ""))
+    from .shots.fields import field_summaries
+
+    fields = field_summaries(run)
+    lines.append(f"  event data : {', '.join(f.split(' [', 1)[0] for f in fields)} (name "
+                 "[HDF5 path] dtype: range, or values (count); for --select and --group-by)"
+                 if fields else "  event data : none")
+    lines += ["    " + f for f in fields]
     try:
         lines.append(f"  wavelength : {mean_wavelength(run):.5f} A (mean photon energy of the "
                      "bright shots)")
@@ -810,6 +826,8 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
 @click.option("--skip-first", type=int, default=None,
               help="Treat the first N exposures of each run as dark (for files without a "
                    "pulse-selector status).")
+@click.option("--select", "select", default=None, metavar="EXPR",
+              help="Average only shots whose event data satisfy EXPR (as for 'process').")
 @_cluster_options
 @_handle_errors
 def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask: str | None,
@@ -817,7 +835,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
            distance: float | None, wavelength: float | None, tolerance: float,
            on_bad_tag: str, skip_first: int | None, workers: int | None,
            scheduler: str | None, scheduler_file: str | None, cluster: str,
-           jobs: int | None, poni: str | None = None) -> None:
+           jobs: int | None, poni: str | None = None, select: str | None = None) -> None:
     """Find the beam centre from the mean of a run's bright shots; write a geometry file.
 
     Averages the bright shots (at most --max-shots, evenly spread over the
@@ -874,7 +892,8 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     result = center_run(runs, guess=guess, mask=mask, max_shots=max_shots,
                         pixel_size=pixel_size, distance=distance, wavelength=wavelength,
                         tolerance=tolerance, on_bad_tag=on_bad_tag, skip_first=skip_first,
-                        compute_context=computing_mean, on_mean=report_mean)
+                        compute_context=computing_mean, on_mean=report_mean,
+                        **({"select": select} if select else {}))
     c = result.circle
     click.echo(f"circle fit  : centre x = {c.center_x:.3f} +/- {c.sigma_x:.3f}, "
                f"y = {c.center_y:.3f} +/- {c.sigma_y:.3f} px; radius {c.radius:.3f} +/- "

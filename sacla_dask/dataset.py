@@ -232,7 +232,13 @@ def build_dataset(plan: ProcessingPlan,
     pa = polar_arrays(plan) if polar is None else (
         polar if isinstance(polar, PolarArrays) else PolarArrays(*polar))
     src = correlated_polar(plan, pa.normalized)
-    st = pair_statistics_of(plan, pa, src)
+    per = None
+    if plan.groups is None:
+        st = pair_statistics_of(plan, pa, src)
+    else:  # each group's statistics over the same polar images (sacla_dask.shots.groups)
+        from .shots.groups import grouped_statistics
+
+        st, per = grouped_statistics(plan, pa, src)
     tr = plan.transform
     nf = tr.shape[1] // 2 + 1
     coords: dict[str, Any] = {
@@ -242,11 +248,20 @@ def build_dataset(plan: ProcessingPlan,
         "pair": _coord("pair", np.arange(int(plan.ia.size))),
     }
     data = _tag_and_pair_variables(plan, pa, src, st)
-    data.update(_correlation_variables(plan, st, coords))
-    data["n_pairs"] = _var(VARIABLES, "n_pairs", st.n_pairs)
+    if per is None:
+        data.update(_correlation_variables(plan, st, coords))
+        data["n_pairs"] = _var(VARIABLES, "n_pairs", st.n_pairs)
+    else:
+        from .shots.groups import grouped_variables
+
+        grouped_variables(plan, per, coords, data, _correlation_variables)
     for name in plan.run.events.data_vars:
         ev = plan.run.events[name]
         data[f"event_{name}" if name in data else str(name)] = ("tag", ev.values, ev.attrs)
+    if plan.shot_spec.select or plan.groups is not None or plan.polar_spec.units != "detector":
+        from .shots.table import shot_table
+
+        shot_table(plan, pa, data)
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(plan_attrs(plan))
     ds.attrs.update(correlation_attrs(plan))
@@ -341,8 +356,12 @@ def correlation_attrs(plan: ProcessingPlan) -> dict[str, Any]:
         qp = ",".join(f"{a}:{b}" for a, b in np.asarray(q_pairs).reshape(-1, 2))
     ia, ib = plan.ia, plan.ib
     pairs = np.stack([ia, ib], axis=1)
-    order = pair_order(ia, ib)
-    linked = int(pair_links(ia[order], ib[order]).sum())
+    linked = 0
+    for g in ([None] if plan.groups is None else range(plan.groups.n)):
+        # (each group's pairs are ordered and linked on their own)
+        mine = slice(None) if g is None else plan.groups.pair_group == g  # type: ignore[union-attr]
+        order = pair_order(ia[mine], ib[mine])
+        linked += int(pair_links(ia[mine][order], ib[mine][order]).sum())
     st = plan.statistics_spec
     return {
         "pairing": plan.pairing_spec.kind,
@@ -382,7 +401,17 @@ def plan_attrs(plan: ProcessingPlan) -> dict[str, Any]:
         "tags_per_chunk": int(plan.tags_per_chunk),
         "sacla_dask_version": __version__,
         "complete": False,
+        **_shot_attrs(plan),
     }
+
+
+def _shot_attrs(plan: ProcessingPlan) -> dict[str, Any]:
+    """``groups`` and ``units`` attrs, only with a grouping or photon units."""
+    if plan.groups is None and plan.polar_spec.units == "detector":
+        return {}
+    from .shots.table import shot_attrs
+
+    return shot_attrs(plan)
 
 
 __all__ = ["ATTRS", "COORDS", "CORRELATION", "VARIABLES", "WHAT", "Field", "build_dataset",

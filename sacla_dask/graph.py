@@ -118,7 +118,12 @@ def polar_arrays(plan: ProcessingPlan) -> PolarArrays:
     parts = da.Array(graph, name, (tchunks, (nq,), (nphi,)),
                      meta=np.empty((0, 0, 0), np.float32))
     norm = _picked(parts, 0, (tchunks, (nq,), (nphi,)), np.float32, "polar-normalized")
-    rmean = _picked(parts, 1, (tchunks, (nq,)), np.float64, "polar-row-mean")
+    if plan.polar_spec.units == "photons":
+        from .shots.units import photon_row_mean
+
+        rmean = photon_row_mean(plan, parts, (tchunks, (nq,)))
+    else:
+        rmean = _picked(parts, 1, (tchunks, (nq,)), np.float64, "polar-row-mean")
     nonfinite = _picked(parts, 2, (tchunks,), np.int64, "nonfinite-bins")
     halo_arr = None
     if halo:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import xarray as xr
 
     from .graph import PolarArrays
+    from .shots.groups import ShotGroups
 
 PathLike = str | os.PathLike[str]
 
@@ -72,6 +73,11 @@ class PolarSpec:
     mask : path or array, optional
         User pixel mask (``.npy``), 1/True = good. A plan holds a path made
         absolute.
+    units : {"detector", "photons"}
+        Units of ``row_mean``: the detector's, or photons per pixel from the
+        detector's ``absolute_gain`` and each shot's photon energy
+        (:mod:`sacla_dask.shots.units`; the normalised polar images and the
+        correlations have no units).
     """
 
     qmin: float
@@ -83,6 +89,11 @@ class PolarSpec:
     solid_angle: bool = False
     polarization: float | None = None
     mask: PathLike | np.ndarray | None = None
+    units: str = "detector"
+
+    def __post_init__(self) -> None:
+        if self.units not in ("detector", "photons"):
+            raise ParameterError(f"units must be 'detector' or 'photons' (got {self.units!r})")
 
     @property
     def mask_path(self) -> str | None:
@@ -236,6 +247,16 @@ class ShotSpec:
         :class:`~sacla_dask.errors.BadTagError`, or go on without it
         (listed in the ``bad_tags`` attr; a tag found unreadable only while
         computing is left out of every pair and flagged in ``image_ok``).
+    select : str, optional
+        Pair only the shots whose event data satisfy this expression
+        (``"laser_pulse_selector_status == 1 and 0.5 < delay_mm <= 2"``;
+        :mod:`sacla_dask.shots.select`).
+    group_by : str, optional
+        Group the selected shots by this event field (its distinct values,
+        or the bins ``group_bins``): pairs within each group, statistics of
+        each group (:mod:`sacla_dask.shots.groups`).
+    group_bins : sequence of float, optional
+        Increasing bin edges of ``group_by`` (a continuous field).
     """
 
     tag_range: tuple[int, int] | None = None
@@ -243,21 +264,39 @@ class ShotSpec:
     skip_first: int | None = None
     drop_unselected: bool = False
     on_bad_tag: str = "fail"
+    select: str | None = None
+    group_by: str | None = None
+    group_bins: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.select is not None:
+            from .shots.select import parse_selection
+
+            parse_selection(self.select)  # syntax checked now, the fields when planning
+        if self.group_bins is not None:
+            if self.group_by is None:
+                raise ParameterError("group_bins needs group_by (the field to bin)")
+            object.__setattr__(self, "group_bins", tuple(float(b) for b in self.group_bins))
 
     @property
     def selects(self) -> bool:
         """Whether any shot selection is asked for."""
         return bool(self.tag_range is not None or self.min_pulse_energy is not None
-                    or self.skip_first or self.drop_unselected)
+                    or self.skip_first or self.drop_unselected or self.select)
 
     def apply(self, run: Run) -> Run:
         """``run`` with this selection (:meth:`sacla_dask.io.run.Run.select_shots`)."""
         if not self.selects:
             return run
-        return run.select_shots(tag_range=self.tag_range,
-                                min_pulse_energy=self.min_pulse_energy,
-                                skip_first=self.skip_first,
-                                drop_unselected=self.drop_unselected)
+        run = run.select_shots(tag_range=self.tag_range,
+                               min_pulse_energy=self.min_pulse_energy,
+                               skip_first=self.skip_first,
+                               drop_unselected=self.drop_unselected and not self.select)
+        if self.select:
+            from .shots.select import select_by_events
+
+            run = select_by_events(run, self.select, drop_unselected=self.drop_unselected)
+        return run
 
 
 # -- the plan ---------------------------------------------------------------------
@@ -290,6 +329,9 @@ class ProcessingPlan:
     engine : Engine, optional
         Where :meth:`execute` will run, when known
         (:func:`sacla_dask.engine.choose_engine`).
+    groups : ShotGroups, optional
+        The groups of shots (``group_by``), with each pair's group; the
+        pairs are ordered group by group (:mod:`sacla_dask.shots.groups`).
     """
 
     run: Run
@@ -305,6 +347,7 @@ class ProcessingPlan:
     output_spec: OutputSpec = OutputSpec()
     shot_spec: ShotSpec = ShotSpec()
     engine: Engine | None = None
+    groups: ShotGroups | None = None
 
     # -- derived values ------------------------------------------------------
     @property
@@ -418,6 +461,11 @@ class ProcessingPlan:
                      + (f", {len(self.run.bad_tags)} bad left out" if self.run.bad_tags else "")),
             "pairs": (f"{self.ia.size} {self.pairing} ({self.n_pairs_dropped} dropped: tags "
                       "missing or not selected)"),
+            **({"groups": "; ".join(f"{self.groups.label(g)}: "
+                                    f"{int((self.groups.labels == g).sum())} shots, "
+                                    f"{int((self.groups.pair_group == g).sum())} pairs"
+                                    for g in range(self.groups.n))}
+               if self.groups is not None else {}),
             "correlation": self._correlation_summary(),
             "geometry": (f"centre ({g.center_x:.2f}, {g.center_y:.2f}) px, pixel "
                          f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
@@ -614,7 +662,7 @@ def plan_run(
     polar : PolarSpec, optional
         The polar grid; else its fields as keywords (``qmin``, ``qmax``
         required, ``mask``, ``nphi``, ``nq``, ``method``, ``fast_nphi``,
-        ``solid_angle``, ``polarization``).
+        ``solid_angle``, ``polarization``, ``units``).
     pairing : PairingSpec or str, optional
         The pairing; else its fields as keywords (``pairs``, ``pairing``
         as a str, ``overlapping``, ``q_pairs``).
@@ -625,7 +673,8 @@ def plan_run(
         Else ``out``, ``store_polar``, ``compression``, ``chunks``.
     shots : ShotSpec, optional
         Else ``tag_range``, ``min_pulse_energy``, ``skip_first``,
-        ``drop_unselected``, ``on_bad_tag``.
+        ``drop_unselected``, ``on_bad_tag``, ``select``, ``group_by``,
+        ``group_bins``.
     **options
         The flat keywords above (see each spec for their meaning and units).
         A keyword given both flat and in its spec is refused.
@@ -673,15 +722,29 @@ def make_plan_of(run: Run | PathLike | Sequence[PathLike], geometry: Geometry | 
                                fast_nphi=polar.fast_nphi, solid_angle=polar.solid_angle,
                                polarization=polar.polarization)
     pairing = dataclasses.replace(pairing, q_pairs=parse_q_pairs(pairing.q_pairs, transform.q))
-    pair_arr, ia, ib, kept = _pairs(run, transform, pairing, output.chunks)
+    groups = None
+    labelled = run
+    if shots.group_by is not None:
+        from .shots.groups import grouped_pairs, shot_groups, with_group_labels
+
+        groups = shot_groups(run, shots.group_by, shots.group_bins)
+        labelled = with_group_labels(run, groups)  # (a new name: run is in a closure above)
+        pair_arr, ia, ib, kept, groups = grouped_pairs(
+            labelled, groups, lambda r: _pairs(r, transform, pairing, output.chunks))
+    else:
+        pair_arr, ia, ib, kept = _pairs(run, transform, pairing, output.chunks)
+    if polar.units == "photons":
+        from .shots.units import check_photon_units
+
+        check_photon_units(run)
     if polar.mask_path is not None:
         polar = dataclasses.replace(polar, mask=polar.mask_path)
     return ProcessingPlan(
-        run=run, transform=transform, pairs=pair_arr, ia=ia, ib=ib,
+        run=labelled, transform=transform, pairs=pair_arr, ia=ia, ib=ib,
         n_pairs_dropped=int((~kept).sum()),
         tags_per_chunk=tags_per_chunk(output.chunks, len(run), transform.shape),
         polar_spec=polar, pairing_spec=pairing, statistics_spec=statistics,
-        output_spec=output, shot_spec=shots)
+        output_spec=output, shot_spec=shots, groups=groups)
 
 
 def _pairs(run: Run, transform: PolarTransform, spec: PairingSpec,

@@ -849,6 +849,12 @@ def plot_result(
     # correlation map and profile
     q_prof = ring_q(ds) if q is None else float(q)
     corr = ds["corr"].load()
+    if "group" in corr.dims:  # grouped (sacla_dask.shots.groups): the difference of two
+        # groups, else the first group, on the map and profile; each group in groups.png
+        from .shots.figure import group_profiles
+
+        save("groups", group_profiles(ds, q_prof, cut))
+        corr = ds["corr_diff"].load() if "corr_diff" in ds else corr.isel(group=0)
     has_q = "q" in corr.dims or "q1" in corr.coords
     fig, ax = plot_correlation(corr, cut=cut, mark_q=q_prof if has_q else None)
     if angles is not None:
@@ -857,6 +863,8 @@ def plot_result(
         mark_angles(ax, angles, kind="dphi", color="0.15")
     save("correlation", fig)
     sem = ds["corr_sem"].load() if "corr_sem" in ds else None
+    if sem is not None and "group" in sem.dims:
+        sem = ds["corr_diff_sem"].load() if "corr_diff_sem" in ds else sem.isel(group=0)
     fig, ax = plot_correlation_profile(corr, at=q_prof if has_q else None, sem=sem, cut=cut,
                                        title="difference correlation profile")
     if angles is not None:
@@ -883,6 +891,8 @@ def plot_result(
                                 ylabel="mean polar row intensity (detector units)")
         ax.axvline(q_prof, color="k", ls="--", lw=1, label=f"profile q = {q_prof:.4g} 1/Å")
         ax.legend(fontsize="small")
+        if "units" in rm.attrs:
+            ax.set_ylabel(f"mean polar row intensity ({rm.attrs['units']})")
         save("radial_profile", fig)
     else:
         report.skipped["radial_profile"] = "the store has no row_mean"
@@ -896,6 +906,10 @@ def plot_result(
         save("pair_statistics", fig)
     else:
         report.skipped["pair_statistics"] = "the store has no pair_stat"
+    if "shot_intensity" in ds:  # selected, grouped or in photons (sacla_dask.shots)
+        from .shots.figure import shot_quality
+
+        save("shots", shot_quality(ds)[0])
     return report
 
 

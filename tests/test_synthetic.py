@@ -19,6 +19,8 @@ from sacla_dask.io.synthetic import (
     BraggSpots,
     Detector,
     Nanocrystals,
+    PhotonCounting,
+    PumpProbe,
     Rings,
     Shots,
     Storage,
@@ -173,7 +175,9 @@ def test_groups_write_what_the_flat_keywords_write(tmp_path):
                 spots=3, spot_amplitude=900.0, spot_width=1.5, compression="gzip",
                 chunks=(10, 44), missing_data=(2,), crystals=4, crystal_lattice="bcc",
                 crystal_a=3.3, crystal_c=None, crystal_reflections=((1, 1, 0),),
-                crystal_amplitudes=(500.0,), rocking_width=0.1, crystal_spot_width=1.2)
+                crystal_amplitudes=(500.0,), rocking_width=0.1, crystal_spot_width=1.2,
+                laser="random", laser_on_order=5, laser_off_order=2, delays=(0.5, 1.5),
+                absolute_gain=3.0)
     assert set(flat) == set(KEYWORD_FIELDS)  # every keyword exercised
     a = write_synthetic_run(tmp_path / "flat.h5", seed=4, **flat)
     b = write_synthetic_run(
@@ -189,7 +193,9 @@ def test_groups_write_what_the_flat_keywords_write(tmp_path):
         storage=Storage(compression="gzip", chunks=(10, 44), missing_data=(2,)),
         nanocrystals=Nanocrystals(per_shot=4, lattice="bcc", a=3.3, c=None,
                                   reflections=((1, 1, 0),), amplitudes=(500.0,),
-                                  rocking_width=0.1, spot_width=1.2))
+                                  rocking_width=0.1, spot_width=1.2),
+        pump_probe=PumpProbe(laser="random", on_order=5, off_order=2, delays=(0.5, 1.5)),
+        photon_counting=PhotonCounting(absolute_gain=3.0))
     da, db = _datasets(a.path), _datasets(b.path)
     assert da.keys() == db.keys()
     for name in da:
@@ -230,6 +236,7 @@ def test_flat_keywords_name_existing_fields():
     """The typed keywords and their map agree, and each maps to a field of its group."""
     assert set(SyntheticKeywords.__annotations__) == set(KEYWORD_FIELDS)
     groups = {"shots": Shots, "detector": Detector, "rings": Rings,
-              "bragg_spots": BraggSpots, "storage": Storage, "nanocrystals": Nanocrystals}
+              "bragg_spots": BraggSpots, "storage": Storage, "nanocrystals": Nanocrystals,
+              "pump_probe": PumpProbe, "photon_counting": PhotonCounting}
     fields = {(g, f.name) for g, cls in groups.items() for f in dataclasses.fields(cls)}
     assert set(KEYWORD_FIELDS.values()) == fields  # every field has its keyword

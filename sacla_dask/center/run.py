@@ -304,6 +304,7 @@ def center_run(
     skip_first: int | None = None,
     compute_context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     on_mean: Callable[[BrightMean], None] | None = None,
+    select: str | None = None,
 ) -> CenterResult:
     """Beam centre of a run from the mean of its bright shots, fitted two ways.
 
@@ -337,6 +338,9 @@ def center_run(
         A damaged or missing tag image: stop, or leave it out.
     skip_first : int, optional
         Treat the first N exposures of each run as dark.
+    select : str, optional
+        Average only the bright shots whose event data satisfy this
+        expression (:mod:`sacla_dask.shots.select`).
     compute_context : callable, optional
         Called to make the context manager the mean is computed in, e.g. one
         that starts a distributed client, or
@@ -367,6 +371,11 @@ def center_run(
         os.fspath(p) for p in runs)
     run = open_run(list(paths), on_bad_tag=on_bad_tag,  # type: ignore[arg-type]
                    skip_first=skip_first)
+    if select:
+        from ..shots.select import select_by_events
+
+        run = select_by_events(run, select)
+        run = run._replace(events=run.events.assign(bright=run.events["selected"]))
     if guess is not None:  # fail before reading any image
         _check_guess(guess, run.image_shape)
     good = load_mask(mask, run.image_shape)

@@ -71,6 +71,9 @@ class SyntheticTruth:
     missing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     nanocrystals: Nanocrystals | None = None
     spots_per_shot: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    laser_on: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
+    delay: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    adu_per_photon: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     @property
     def wavelength(self) -> float:
@@ -357,6 +360,48 @@ class Storage:
         object.__setattr__(self, "missing_data", tuple(self.missing_data))
 
 
+@dataclasses.dataclass(frozen=True)
+class PumpProbe:
+    """A pump-probe run: a pump laser fires on some shots, with a delay (event data).
+
+    Writes ``bl_3/lh_1/laser_pulse_selector_status`` (1: laser on) and,
+    with ``delays``, ``bl_3/lh_1/delay_mm`` into event_info. Laser-on
+    bright shots carry the rings' modulation of order ``on_order``,
+    laser-off ones of order ``off_order`` (same amplitude, a random phase
+    per shot); drawn from their own random stream.
+
+    Attributes
+    ----------
+    laser : {"none", "alternate", "random"}
+        No laser status (default), on for every other exposure (the first
+        one on), or on with probability 1/2.
+    on_order, off_order : int
+        Modulation orders of laser-on and laser-off shots.
+    delays : sequence of float, optional
+        Delay-stage positions (mm), one drawn at random per exposure.
+    """
+
+    laser: str = "none"
+    on_order: int = 6
+    off_order: int = 4
+    delays: Sequence[float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotonCounting:
+    """Images in detector units of known photon counts.
+
+    With ``absolute_gain`` (electrons per detector unit) the noise-free
+    image is the mean number of photons per pixel; the Poisson draw counts
+    photons, and the stored value is ``photons * E / (w * absolute_gain)``
+    (``E`` the shot's photon energy, ``w = 3.65 eV`` per electron-hole pair
+    in silicon: :mod:`sacla_dask.shots.units`); ``detector_info/absolute_gain``
+    is written.
+    """
+
+    absolute_gain: float | None = None
+
+
 class SyntheticKeywords(TypedDict, total=False):
     """The flat keywords of :func:`write_synthetic_run`, one per field of a group.
 
@@ -401,6 +446,11 @@ class SyntheticKeywords(TypedDict, total=False):
     compression: str
     chunks: tuple[int, int] | None
     missing_data: Sequence[int]
+    laser: str
+    laser_on_order: int
+    laser_off_order: int
+    delays: Sequence[float] | None
+    absolute_gain: float | None
 
 
 #: flat keyword of :func:`write_synthetic_run` -> (group, field)
@@ -441,6 +491,11 @@ KEYWORD_FIELDS: dict[str, tuple[str, str]] = {
     "compression": ("storage", "compression"),
     "chunks": ("storage", "chunks"),
     "missing_data": ("storage", "missing_data"),
+    "laser": ("pump_probe", "laser"),
+    "laser_on_order": ("pump_probe", "on_order"),
+    "laser_off_order": ("pump_probe", "off_order"),
+    "delays": ("pump_probe", "delays"),
+    "absolute_gain": ("photon_counting", "absolute_gain"),
 }
 
 
@@ -455,6 +510,8 @@ def write_synthetic_run(
     storage: Storage | None = None,
     nanocrystals: Nanocrystals | None = None,
     seed: int = 0,
+    pump_probe: PumpProbe | None = None,
+    photon_counting: PhotonCounting | None = None,
     **keywords: Unpack[SyntheticKeywords],
 ) -> SyntheticTruth:
     """Write a synthetic SACLA run in the DataConvert layout.
@@ -483,6 +540,10 @@ def write_synthetic_run(
         sphere (default: none; ``crystals=`` sets their number per shot).
     seed : int
         Random seed.
+    pump_probe : PumpProbe, optional
+        Laser on/off shots of two angular symmetries, a delay (default: none).
+    photon_counting : PhotonCounting, optional
+        Images of known photon counts and the detector's absolute gain.
     **keywords
         Any field of a group by its flat name (:class:`SyntheticKeywords`,
         :data:`KEYWORD_FIELDS`): ``n_tags=``, ``shape=``, ``ring_radii=``,
@@ -501,6 +562,8 @@ def write_synthetic_run(
         "bragg_spots": BraggSpots() if bragg_spots is None else bragg_spots,
         "storage": Storage() if storage is None else storage,
         "nanocrystals": Nanocrystals() if nanocrystals is None else nanocrystals,
+        "pump_probe": PumpProbe() if pump_probe is None else pump_probe,
+        "photon_counting": PhotonCounting() if photon_counting is None else photon_counting,
     }
     changes: dict[str, dict[str, Any]] = {}
     for name, value in keywords.items():
@@ -514,12 +577,16 @@ def write_synthetic_run(
 
 
 def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: BraggSpots,
-           storage: Storage, nanocrystals: Nanocrystals, seed: int) -> SyntheticTruth:
+           storage: Storage, nanocrystals: Nanocrystals, seed: int,
+           pump_probe: PumpProbe = PumpProbe(),
+           photon_counting: PhotonCounting = PhotonCounting()) -> SyntheticTruth:
     """The writer of :func:`write_synthetic_run`, from its groups."""
     n_tags, first_image, extra_event_tags = shots.n_tags, shots.first_image, shots.extra_event_tags
     shape = detector.shape
     compression = storage.compression
     ring_radii, ring_width, order = rings.radii, rings.width, rings.modulation_order
+    if pump_probe.laser != "none":  # laser-on shots: on_order; laser-off: off_order
+        order = pump_probe.on_order
     spots = bragg_spots
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS} (got {compression!r})")
@@ -565,6 +632,7 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
     sin_n = np.sin(order * phi).astype(np.float32)
     if per_ring is not None:
         cos_n, sin_n = per_ring
+    laser_on, delay, off_mod = _pump_probe(pump_probe, phi, n_event, seed)
     del phi
 
     kw: dict = {}
@@ -586,6 +654,13 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
     xtal = _CrystalSpots.make(nanocrystals, shots.photon_energy, detector, cx, cy) \
         if nanocrystals.per_shot else None
     n_spots = np.zeros(n_tags, np.int64)
+    adu_per_photon = None
+    if photon_counting.absolute_gain is not None:
+        from ..shots.units import PAIR_ENERGY_EV
+
+        if not photon_counting.absolute_gain > 0:
+            raise ValueError("absolute_gain must be positive (electrons per detector unit)")
+        adu_per_photon = energies / (PAIR_ENERGY_EV * photon_counting.absolute_gain)
     img = np.empty(shape, np.float32)
     run = shots.run
     with h5py.File(p, "w") as fh:
@@ -601,6 +676,12 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
             ev["bl_3/eh_1/xfel_pulse_selector_status"] = bright.astype(np.int32)
         ev["bl_3/oh_2/photon_energy_in_eV"] = energies
         ev["bl_3/oh_2/bm_1_pulse_energy_in_joule"] = pulse_energy
+        if pump_probe.laser != "none":
+            ev["bl_3/lh_1/laser_pulse_selector_status"] = laser_on.astype(np.int32)
+        if delay.size:
+            ev["bl_3/lh_1/delay_mm"] = delay
+        if photon_counting.absolute_gain is not None:
+            info["absolute_gain"] = np.float64(photon_counting.absolute_gain)
         g["run_info/sacla_config/synthetic"] = np.bytes_("sacla_dask.synthetic")
         g.create_group("exp_info")
         # Contiguous datasets are written with h5py's low-level calls, much
@@ -615,8 +696,14 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
         one = np.array(1, dtype=np.int32)
         mset = set(missing)
         for k, (i, tag) in enumerate(zip(img_idx, tags, strict=True)):
-            _shot(img, bright[i], detector.background, pulse_energy[i], ring_sum, cos_n,
-                  sin_n, rings.modulation_amplitude, order, phases[i])
+            if off_mod is not None and not laser_on[i]:
+                _shot(img, bright[i], detector.background, pulse_energy[i], ring_sum,
+                      off_mod[0], off_mod[1], rings.modulation_amplitude,
+                      pump_probe.off_order, phases[i])
+            else:
+                _shot(img, bright[i], detector.background, pulse_energy[i], ring_sum, cos_n,
+                      sin_n, rings.modulation_amplitude,
+                      pump_probe.on_order if off_mod is not None else order, phases[i])
             if spots.per_ring and bright[i]:
                 _add_spots(img, spot_rng, spots.per_ring, cx, cy, ring_radii, spots.width,
                            spots.amplitude * pulse_energy[i] / 1.0e-3)
@@ -624,6 +711,8 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
                 n_spots[k] = xtal.draw(img, crystal_rng, pulse_energy[i] / 1.0e-3)
             if detector.poisson_noise:
                 img[...] = rng.poisson(np.maximum(img, 0))
+            if adu_per_photon is not None:
+                img *= np.float32(adu_per_photon[i])
             gid = h5py.h5g.create(det.id, f"tag_{tag}".encode())
             if k in mset:
                 pass
@@ -643,8 +732,33 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
         pulse_energy=pulse_energy[img_idx], event_tags=event_tags,
         missing=tags[missing] if missing else np.zeros(0, np.int64),
         nanocrystals=nanocrystals if nanocrystals.per_shot else None,
-        spots_per_shot=n_spots,
+        spots_per_shot=n_spots, laser_on=laser_on[img_idx],
+        delay=delay[img_idx] if delay.size else delay,
+        adu_per_photon=(adu_per_photon[img_idx] if adu_per_photon is not None
+                        else np.zeros(0)),
     )
+
+
+def _pump_probe(pp: PumpProbe, phi: np.ndarray, n_event: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Laser status and delay per exposure, and the (cos, sin) images of the laser-off
+    order (None without a laser)."""
+    pp_rng = np.random.default_rng((seed, 3))
+    if pp.laser == "none":
+        laser_on = np.ones(n_event, dtype=bool)
+    elif pp.laser == "alternate":
+        laser_on = np.arange(n_event) % 2 == 0
+    elif pp.laser == "random":
+        laser_on = pp_rng.random(n_event) < 0.5
+    else:
+        raise ValueError(f"laser must be 'none', 'alternate' or 'random' (got {pp.laser!r})")
+    delay = (pp_rng.choice(np.asarray(pp.delays, dtype=np.float64), n_event)
+             if pp.delays else np.zeros(0))
+    if pp.laser == "none":
+        return laser_on, delay, None
+    off = (np.cos(pp.off_order * phi).astype(np.float32),
+           np.sin(pp.off_order * phi).astype(np.float32))
+    return laser_on, delay, off
 
 
 def _shot(out: np.ndarray, bright: bool, background: float, pulse_energy: float,
