@@ -881,7 +881,9 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     def computing_mean() -> Any:
         if on_cluster:
             return _client_from(workers, scheduler, scheduler_file, cluster, jobs)
-        return dask.config.set(scheduler="threads")
+        import dask.threaded  # (the function, not its name: no distributed import)
+
+        return dask.config.set(scheduler=dask.threaded.get)
 
     def report_mean(mean: BrightMean) -> None:
         shape = mean.image.shape
