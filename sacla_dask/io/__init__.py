@@ -23,7 +23,7 @@ _LAZY = {
     **dict.fromkeys(("DETECTOR", "BadTag", "Run", "TagSource", "mean_wavelength", "open_run"),
                     "run"),
     **dict.fromkeys(("COMPRESSIONS", "BraggSpots", "Detector", "Rings", "Shots", "Storage",
-                     "SyntheticTruth", "corrupt_tag", "panel_mask", "ring_image",
+                     "Panels", "SyntheticTruth", "corrupt_tag", "panel_mask", "ring_image",
                      "truncate_file", "write_synthetic_run"), "synthetic"),
 }
 
