@@ -497,3 +497,16 @@ def panel_layout(geometry: Any, run: Any, mask: np.ndarray | None
     if bad is not None:
         mask = bad if mask is None else (np.asarray(mask, bool) & bad)
     return dataclasses.replace(layout, source=cg.path), mask
+
+
+def panel_layout_of_file(geom: str | os.PathLike[str] | None, run: Any
+                         ) -> tuple[DetectorLayout, CrystfelGeometry, np.ndarray | None] | None:
+    """The layout of a ``.geom`` on ``run``, the geometry and its bad-pixel mask (None
+    without a ``.geom``; an unassembled run without one is refused)."""
+    if geom is None:
+        panel_layout(None, run, None)  # (refuses an unassembled run)
+        return None
+    cg = read_geom(geom)
+    sensors = run.sources[0].sensors if len(run) else ()
+    layout = dataclasses.replace(cg.layout(run.image_shape, len(sensors) or None), source=cg.path)
+    return layout, cg, cg.mask(layout)
