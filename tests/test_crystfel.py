@@ -37,7 +37,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("panels")
     ta = write_synthetic_run(d / "assembled.h5", **KW)
-    tp = write_synthetic_run(d / "panels.h5", sensors=8, **KW)
+    tp = write_synthetic_run(d / "panels.h5", panels=Panels(8), **KW)
     ts = write_synthetic_run(d / "stacked.h5", panels=Panels(8, per_sensor_data=False), **KW)
     mask = d / "sensors.npy"
     np.save(mask, sensor_mask(SHAPE, Panels(8)))
@@ -91,8 +91,8 @@ def test_stacked_image_holds_the_sensors(runs: dict) -> None:
 
 
 def test_a_tag_missing_from_one_sensor_is_a_bad_tag(tmp_path) -> None:
-    t = write_synthetic_run(tmp_path / "r.h5", n_tags=4, n_dark=0, shape=(40, 30), sensors=4,
-                            seed=1)
+    t = write_synthetic_run(tmp_path / "r.h5", n_tags=4, n_dark=0, shape=(40, 30),
+                            panels=Panels(4), seed=1)
     with h5py.File(t.path, "a") as fh:
         del fh[f"run_{t.run}/detector_2d_3/tag_{t.tags[1]}/detector_data"]
     with pytest.raises(BadTagError, match=r"detector_2d_3/tag_\d+"):

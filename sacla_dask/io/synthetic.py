@@ -404,9 +404,6 @@ class SyntheticKeywords(TypedDict, total=False):
     compression: str
     chunks: tuple[int, int] | None
     missing_data: Sequence[int]
-    sensors: int
-    sensor_gap: int
-    geom: str | None
 
 
 #: flat keyword of :func:`write_synthetic_run` -> (group, field)
@@ -447,9 +444,6 @@ KEYWORD_FIELDS: dict[str, tuple[str, str]] = {
     "compression": ("storage", "compression"),
     "chunks": ("storage", "chunks"),
     "missing_data": ("storage", "missing_data"),
-    "sensors": ("panels", "sensors"),
-    "sensor_gap": ("panels", "gap"),
-    "geom": ("panels", "geom"),
 }
 
 
@@ -493,7 +487,7 @@ def write_synthetic_run(
         sphere (default: none; ``crystals=`` sets their number per shot).
     panels : Panels, optional
         Write the images as separate sensor datasets plus a CrystFEL
-        ``.geom`` (:mod:`.synthetic_panels`; ``sensors=8``); default assembled.
+        ``.geom`` (:mod:`.synthetic_panels`, ``Panels(8)``); default assembled.
     seed : int
         Random seed.
     **keywords
