@@ -252,7 +252,7 @@ def test_assembled_and_panels_give_the_same_correlation(runs: dict, tmp_path,
     # (bilinear: a bin centre in a gap, within a pixel of a sensor, keeps the edge pixel's
     # weight < 1/2 on the assembled grid and none off a panel: invalid either way)
     assert (cov_a[~pm] < 0.5).all() and (cov_p[~pm] < 0.5).all()
-    assert 0.2 < pm.mean() < 0.95  # gaps and edges do cut the band
+    assert 0.5 < pm.mean() < 0.9  # gaps and edges do cut the band (77 % valid)
     pa, pp = da_["polar"].values, dp["polar"].values
     ca, cp = da_["corr"].values, dp["corr"].values
     assert np.isfinite(ca).sum() > 0.5 * ca.size
