@@ -858,9 +858,12 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     import dask
 
     from .center import BrightMean, center_figure, center_run
-    from .errors import OutputError
+    from .errors import OutputError, ParameterError
 
     rotations = (0.0, 0.0, 0.0)
+    if geom and out and not out.lower().endswith(".geom"):
+        raise ParameterError(f"with --geom, --out writes the .geom with its corners shifted to "
+                             f"the fitted beam: give a name ending in .geom (got {out!r})")
     if poni:
         from .poni import read_poni
 

@@ -305,6 +305,8 @@ def test_center_on_panels_finds_the_beam_and_shifts_the_geom(runs: dict, tmp_pat
         assert q1.corner_y == pytest.approx(q0.corner_y - by, abs=1e-3)
     code, out = invoke("center", p.path)
     assert code != 0 and "--geom" in out
+    code, out = invoke("center", p.path, "--geom", p.geom, "--out", str(tmp_path / "g.yaml"))
+    assert code != 0 and "give a name ending in .geom" in out
 
 
 def test_process_cli_with_geom(runs: dict, tmp_path) -> None:
