@@ -208,6 +208,9 @@ def _performance_report(path: str | None) -> Any:
 @click.option("--poni", type=click.Path(dir_okay=False), default=None,
               help="pyFAI PONI file (distance, PONI, rot1..3, pixel size, wavelength: "
                    "docs/geometry.md); --geometry's keys and the flags override it.")
+@click.option("--geom", type=click.Path(dir_okay=False), default=None,
+              help="CrystFEL .geom of the detector's panels (an unassembled detector_2d_1..N "
+                   "run, or an assembled one): it places every pixel (docs/geometry.md).")
 @click.option("--center", nargs=2, type=float, default=None,
               help="Beam centre X Y in pixels (X = fast/column axis, Y = slow/row axis).")
 @click.option("--qmin", type=float, required=True, help="Inner edge of the q band, 1/Angstrom.")
@@ -339,7 +342,7 @@ def process(runs: tuple[str, ...], out: str, **opts: Any) -> None:
     geometry, mask = resolve_geometry(
         opts["geometry"], center=opts["center"], pixel_size=opts["pixel_size"],
         distance=opts["distance"], wavelength=opts["wavelength"], mask=opts["mask"],
-        poni=opts["poni"])
+        poni=opts["poni"], geom=opts["geom"])
     plan = plan_run(list(runs), geometry=geometry, polar=_polar_spec(opts, mask),
                     pairing=_pairing_spec(opts), statistics=_statistics_spec(opts),
                     output=_output_spec(out, opts), shots=_shot_spec(opts))
@@ -577,6 +580,12 @@ def _run_lines(path: str) -> list[str]:
     ny, nx = run.image_shape
     lines.append(f"  images     : {ny} x {nx} px (rows x cols), {run.image_dtype}, "
                  f"{format_bytes(ny * nx * run.image_dtype.itemsize)} each")
+    sensors = run.sources[0].sensors
+    lines.append("  layout     : " + (
+        f"unassembled: {len(sensors)} sensors of {ny // len(sensors)} x {nx} px "
+        f"({sensors[0]}..{sensors[-1]}), read as one {ny} x {nx} stacked image; give "
+        "their CrystFEL geometry to process (--geom)" if sensors
+        else "assembled (detector_2d_assembled_1)"))
     lines.append(f"  compression: {storage}")
     if det:
         px = det.get("pixel_size_in_micro_meter")
@@ -808,6 +817,10 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
 @click.option("--poni", type=click.Path(dir_okay=False), default=None,
               help="pyFAI PONI file giving the pixel size, distance, wavelength and "
                    "rotations (the flags override them).")
+@click.option("--geom", type=click.Path(dir_okay=False), default=None,
+              help="CrystFEL .geom of the run's panels: the mean is drawn on a lab grid and "
+                   "the beam's offset from where the .geom puts it is fitted; --out x.geom "
+                   "writes the .geom with its corners shifted to the fitted beam.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: the mean image with the fitted ring and centre, and the "
                    "radial profile with the ring marked.")
@@ -835,7 +848,8 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
            distance: float | None, wavelength: float | None, tolerance: float,
            on_bad_tag: str, skip_first: int | None, workers: int | None,
            scheduler: str | None, scheduler_file: str | None, cluster: str,
-           jobs: int | None, poni: str | None = None, select: str | None = None) -> None:
+           jobs: int | None, poni: str | None = None, geom: str | None = None,
+           select: str | None = None) -> None:
     """Find the beam centre from the mean of a run's bright shots; write a geometry file.
 
     Averages the bright shots (at most --max-shots, evenly spread over the
@@ -860,12 +874,14 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
       sacla-dask process run_178884.h5 --geometry geom.yaml --qmin 2.64 --qmax 2.71 \\
           --out run_178884.zarr
     """
-    import dask
 
     from .center import BrightMean, center_figure, center_run
-    from .errors import OutputError
+    from .errors import OutputError, ParameterError
 
     rotations = (0.0, 0.0, 0.0)
+    if geom and out and not out.lower().endswith(".geom"):
+        raise ParameterError(f"with --geom, --out writes the .geom with its corners shifted to "
+                             f"the fitted beam: give a name ending in .geom (got {out!r})")
     if poni:
         from .poni import read_poni
 
@@ -894,7 +910,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     result = center_run(runs, guess=guess, mask=mask, max_shots=max_shots,
                         pixel_size=pixel_size, distance=distance, wavelength=wavelength,
                         tolerance=tolerance, on_bad_tag=on_bad_tag, skip_first=skip_first,
-                        compute_context=computing_mean, on_mean=report_mean,
+                        compute_context=computing_mean, on_mean=report_mean, geom=geom,
                         **({"select": select} if select else {}))
     c = result.circle
     click.echo(f"circle fit  : centre x = {c.center_x:.3f} +/- {c.sigma_x:.3f}, "
@@ -935,7 +951,16 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
         except OSError as exc:
             raise OutputError(f"cannot write the plot {plot_path!r}: {exc}") from None
         click.echo(f"wrote {plot_path}")
-    if out and out.lower().endswith(".poni"):
+    if result.panels is not None:
+        bx, by = result.panels.beam_offset((c.center_x, c.center_y))
+        click.echo(f"panels      : the beam is at ({bx:+.3f}, {by:+.3f}) px of where {geom} "
+                   f"puts it (centre on its lab grid, origin {result.panels.origin})")
+    if out and result.panels is not None and out.lower().endswith(".geom"):
+        from .center.panels import shift_geom
+
+        n = shift_geom(geom, out, (bx, by))  # type: ignore[arg-type]
+        click.echo(f"wrote {out} ({n} corners shifted by ({-bx:+.3f}, {-by:+.3f}) px)")
+    elif out and out.lower().endswith(".poni"):
         from .center.poni import write_center_poni
 
         gp = write_center_poni(out, (c.center_x, c.center_y), result.pixel_size,

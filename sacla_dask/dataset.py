@@ -386,6 +386,8 @@ def plan_attrs(plan: ProcessingPlan) -> dict[str, Any]:
         "center_x": g.center_x, "center_y": g.center_y, "pixel_size": g.pixel_size,
         "distance": g.distance, "wavelength": g.wavelength,
         **({"rot1": g.rot1, "rot2": g.rot2, "rot3": g.rot3} if g.tilted else {}),
+        **({"geom": lay.source, "n_panels": len(lay.panels)}
+           if (lay := getattr(tr, "layout", None)) is not None else {}),
         "qmin": tr.qmin, "qmax": tr.qmax, "nphi": tr.nphi,
         "nphi_default": tr.grid.nphi_default, "fast_nphi": tr.fast_nphi,
         "method": tr.method, "mask": plan.polar_spec.mask_path or "",

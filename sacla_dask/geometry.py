@@ -288,14 +288,15 @@ def read_geometry_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ParameterError(f"geometry file {p!r} is not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
         raise ParameterError(f"geometry file {p!r} must hold a mapping of {GEOMETRY_KEYS}")
-    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - set(TILT_KEYS) - {"radius", "notes", "fit"})
+    unknown = sorted(set(data) - set(GEOMETRY_KEYS) - set(TILT_KEYS) - {"radius", "notes", "fit"}
+                     - {"geom"})
     if unknown:
         raise ParameterError(
             f"geometry file {p!r} has unknown keys {unknown}; allowed: "
-            f"{list(GEOMETRY_KEYS) + list(TILT_KEYS)}"
+            f"{list(GEOMETRY_KEYS) + list(TILT_KEYS) + ['geom']}"
         )
     out = dict(data)
-    for k in ("mask", "poni"):
+    for k in ("mask", "poni", "geom"):
         if out.get(k) and not os.path.isabs(out[k]):
             out[k] = os.path.join(os.path.dirname(os.path.abspath(p)), out[k])
     return out
@@ -323,6 +324,8 @@ class GeometrySpec:
     rotations: tuple[float, float, float] = (0.0, 0.0, 0.0)
     shape: tuple[int, int] | None = None
     source: str | None = None
+    #: a CrystFEL geometry of separate panels (:mod:`sacla_dask.crystfel`), else None
+    panels: Any = dataclasses.field(default=None, compare=False)
 
     def geometry(self, wavelength: Callable[[], float]) -> Geometry:
         """The :class:`Geometry`, calling ``wavelength()`` (Angstrom) only if none was given."""
@@ -343,7 +346,8 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
                      pixel_size: float | None = None, distance: float | None = None,
                      wavelength: float | None = None,
                      mask: str | None = None,
-                     poni: str | os.PathLike[str] | None = None
+                     poni: str | os.PathLike[str] | None = None,
+                     geom: str | os.PathLike[str] | None = None
                      ) -> tuple[GeometrySpec, str | None]:
     """The geometry of a geometry YAML file (optional) with the given values over it.
 
@@ -366,6 +370,12 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
         A pyFAI PONI file (:mod:`sacla_dask.poni`), or the YAML's ``poni``
         key: distance, PONI (the centre), rotations, pixel size and
         wavelength; the YAML's other keys and then the values given go over it.
+    geom : path, optional
+        A CrystFEL geometry of separate panels (:mod:`sacla_dask.crystfel`),
+        or the YAML's ``geom`` key: it places every pixel, so no centre,
+        pixel size, distance or rotation may be given with it; the
+        wavelength: the one given, else the file's ``photon_energy``, else
+        the run's.
 
     Returns
     -------
@@ -378,6 +388,13 @@ def resolve_geometry(path: str | os.PathLike[str] | None = None, *,
         names the command line flags).
     """
     geo: dict[str, Any] = read_geometry_file(path) if path else {}
+    geom = geom if geom is not None else geo.get("geom")
+    if geom:
+        from .crystfel import geometry_spec
+
+        return geometry_spec(geom, geo, path, center=center, pixel_size=pixel_size,
+                             distance=distance, wavelength=wavelength, poni=poni), \
+            (mask if mask is not None else (geo.get("mask") or None))
     poni = poni if poni is not None else geo.get("poni")
     extra: dict[str, Any] = {}
     if poni:

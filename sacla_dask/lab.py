@@ -98,6 +98,8 @@ class DetectorLayout:
 
     panels: tuple[Panel, ...]
     shape: tuple[int, int]
+    #: where the layout comes from (a ``.geom`` file), for messages and the store's attrs
+    source: str = dataclasses.field(default="", compare=False)
 
     def panel_of(self, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
         """Index of the panel holding each stacked pixel (-1: none)."""

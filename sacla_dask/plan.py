@@ -471,7 +471,9 @@ class ProcessingPlan:
                          f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
                          f"wavelength {g.wavelength:.4f} A"
                          + (f", tilted: PONI centre, rot1..3 = {g.rot1:.4g}, {g.rot2:.4g}, "
-                            f"{g.rot3:.4g} rad" if g.tilted else "")),
+                            f"{g.rot3:.4g} rad" if g.tilted else "")
+                         + (f"; {len(lay.panels)} panels of {lay.source}"
+                            if (lay := getattr(tr, "layout", None)) is not None else "")),
             "q band": (f"{tr.qmin:g}..{tr.qmax:g} 1/A "
                        f"(r = {tr.radius[0]:.1f}..{tr.radius[-1]:.1f} px)"),
             "polar grid": (f"{nq} q x {nphi} phi ({tr.method}"
@@ -716,11 +718,14 @@ def make_plan_of(run: Run | PathLike | Sequence[PathLike], geometry: Geometry | 
         geometry.check_shape(run.image_shape)
     geom = geometry if isinstance(geometry, Geometry) else \
         geometry.geometry(lambda: mean_wavelength(run))
+    from .crystfel import panel_layout  # (separate panels: a CrystFEL .geom)
+
+    layout, mask = panel_layout(geometry, run, load_mask(polar.mask, run.image_shape))
     transform = PolarTransform(geom, run.image_shape, polar.qmin, polar.qmax, nphi=polar.nphi,
-                               nq=polar.nq, mask=load_mask(polar.mask, run.image_shape),
+                               nq=polar.nq, mask=mask,
                                method=polar.method,  # type: ignore[arg-type]
                                fast_nphi=polar.fast_nphi, solid_angle=polar.solid_angle,
-                               polarization=polar.polarization)
+                               polarization=polar.polarization, layout=layout)
     pairing = dataclasses.replace(pairing, q_pairs=parse_q_pairs(pairing.q_pairs, transform.q))
     groups = None
     labelled = run

@@ -212,6 +212,9 @@ class CenterResult:
     wavelength_error: str | None
     paths: tuple[str, ...]
     mask_path: str | None
+    #: with a CrystFEL ``.geom``: the panels drawn on a lab grid (:mod:`.panels`), where
+    #: the centre is fitted; ``panels.beam_offset(centre)`` is the beam in the .geom's frame
+    panels: Any = None
 
     @property
     def circle(self) -> CenterFit:
@@ -305,6 +308,7 @@ def center_run(
     compute_context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     on_mean: Callable[[BrightMean], None] | None = None,
     select: str | None = None,
+    geom: PathLike | None = None,
 ) -> CenterResult:
     """Beam centre of a run from the mean of its bright shots, fitted two ways.
 
@@ -349,6 +353,11 @@ def center_run(
     on_mean : callable, optional
         Called with the :class:`BrightMean` as soon as it is computed, before
         the (possibly failing) fit: lets a caller report the slow step.
+    geom : path, optional
+        A CrystFEL geometry of the run's panels (needed for an unassembled
+        run): the mean is drawn on a lab grid (:mod:`.panels`) and fitted
+        there (``guess`` in that grid's pixels); pixel size and distance
+        default to the file's.
 
     Returns
     -------
@@ -376,10 +385,27 @@ def center_run(
 
         run = select_by_events(run, select)
         run = run._replace(events=run.events.assign(bright=run.events["selected"]))
-    if guess is not None:  # fail before reading any image
+    from ..crystfel import panel_layout_of_file
+
+    layout = panel_layout_of_file(geom, run)  # (None: assembled, no .geom)
+    if guess is not None and layout is None:  # fail before reading any image
         _check_guess(guess, run.image_shape)
     good = load_mask(mask, run.image_shape)
     mean = _mean_of_bright_shots(run, paths, max_shots, compute_context)
+    view = None
+    if layout is not None:
+        from .panels import render
+
+        lay, cg, bad = layout
+        both = bad if good is None else good if bad is None else good & bad
+        view = render(cg, lay, mean.image, both)
+        mean = dataclasses.replace(mean, image=view.image)
+        good = view.good
+        if guess is not None:
+            _check_guess(guess, view.image.shape)
+        pixel_size = cg.pixel_size if pixel_size is None else pixel_size
+        distance = cg.distance if distance is None else distance
+        wavelength = cg.wavelength if wavelength is None else wavelength
     if on_mean is not None:
         on_mean(mean)
     fit = find_center(mean.image, good, guess, tolerance=tolerance)
@@ -395,4 +421,5 @@ def center_run(
                  and os.fspath(mask) else None)
     return CenterResult(mean=mean, mask=good, fit=fit, pixel_size=pixel_size,
                         distance=distance, wavelength=wavelength,
-                        wavelength_error=wavelength_error, paths=paths, mask_path=mask_path)
+                        wavelength_error=wavelength_error, paths=paths, mask_path=mask_path,
+                        panels=view)

@@ -23,7 +23,7 @@ _LAZY = {
     **dict.fromkeys(("DETECTOR", "BadTag", "Run", "TagSource", "mean_wavelength", "open_run"),
                     "run"),
     **dict.fromkeys(("COMPRESSIONS", "BraggSpots", "Detector", "Rings", "Shots", "Storage",
-                     "SyntheticTruth", "corrupt_tag", "panel_mask", "ring_image",
+                     "Panels", "SyntheticTruth", "corrupt_tag", "panel_mask", "ring_image",
                      "truncate_file", "write_synthetic_run"), "synthetic"),
 }
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         COMPRESSIONS,
         BraggSpots,
         Detector,
+        Panels,
         Rings,
         Shots,
         Storage,
@@ -59,5 +60,5 @@ if TYPE_CHECKING:
 __all__ = [
     "DETECTOR", "BadTag", "Run", "TagSource", "mean_wavelength", "open_run",
     "COMPRESSIONS", "Shots", "Detector", "Rings", "BraggSpots", "Storage", "SyntheticTruth",
-    "corrupt_tag", "panel_mask", "ring_image", "truncate_file", "write_synthetic_run",
+    "Panels", "corrupt_tag", "panel_mask", "ring_image", "truncate_file", "write_synthetic_run",
 ]

@@ -88,6 +88,10 @@ def _read_one(fid: h5py.h5f.FileID, src: TagSource, window: tuple[slice, slice],
     depends on the machine, see :data:`READ_STRATEGY`). HDF5 converts
     integer pixels to float32 on the way.
     """
+    if src.sensors:  # an unassembled run: the window of its stacked image
+        from .panels import read_stacked
+
+        return read_stacked(fid, src, window, out)
     (y0, y1), (x0, x1) = (window[0].start, window[0].stop), (window[1].start, window[1].stop)
     dsid = h5py.h5d.open(fid, src.dataset.encode())
     fspace = dsid.get_space()
@@ -257,6 +261,9 @@ def read_pixels(
                 # error met looking it up
                 where: list[_Contiguous | BaseException | None] = []
                 for i in idx:
+                    if sources[i].sensors:  # a stacked image: HDF5 reads the window
+                        where.append(None)
+                        continue
                     try:
                         dsid = h5py.h5d.open(fh.id, sources[i].dataset.encode())
                         if y1 > dsid.shape[0] or window[1].stop > dsid.shape[1]:

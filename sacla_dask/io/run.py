@@ -75,10 +75,14 @@ class TagSource:
     path: str
     run: int
     tag: int
+    #: the sensor groups of an unassembled run (:mod:`.panels`), read as one stacked image
+    sensors: tuple[str, ...] = ()
 
     @property
     def dataset(self) -> str:
-        return f"/run_{self.run}/{DETECTOR}/tag_{self.tag}/detector_data"
+        """The image's dataset (an unassembled run's: its first sensor's)."""
+        det = self.sensors[0] if self.sensors else DETECTOR
+        return f"/run_{self.run}/{det}/tag_{self.tag}/detector_data"
 
 
 class BadTag(str):
@@ -180,8 +184,7 @@ def _scan_open_file(fh: h5py.File, path: str, on_bad_tag: OnBadTag,
         if rgrp not in fh:
             raise LayoutError(f"{path!r}: run {rn} is listed but /{rgrp} is missing")
         g = fh[rgrp]
-        if DETECTOR not in g:
-            raise LayoutError(f"{path!r}: /{rgrp}/{DETECTOR} is missing")
+        sensors = _sensors(g, path, rgrp) if DETECTOR not in g else ()
         if "event_info" not in g or "tag_number_list" not in g["event_info"]:
             raise LayoutError(f"{path!r}: /{rgrp}/event_info/tag_number_list is missing")
         event_tags = np.asarray(g["event_info/tag_number_list"][()], dtype=np.int64).ravel()
@@ -190,9 +193,12 @@ def _scan_open_file(fh: h5py.File, path: str, on_bad_tag: OnBadTag,
             raise LayoutError(f"{path!r}: /{rgrp}/event_info/tag_number_list repeats tags "
                               f"{uniq[counts > 1][:5].tolist()}")
         events = _event_datasets(g["event_info"], event_tags.size)
-        det = g[DETECTOR]
-        image_tags = []
-        shape = dtype = None
+        if sensors:  # an unassembled run (io.panels)
+            image_tags, shape, dtype = _scan_sensors(g, sensors, path, rn, on_bad_tag, bad)
+        det = g[DETECTOR] if not sensors else {}
+        if not sensors:
+            image_tags = []
+            shape = dtype = None
         for name in det:
             m = TAG_RE.match(name)
             if not m:
@@ -218,7 +224,36 @@ def _scan_open_file(fh: h5py.File, path: str, on_bad_tag: OnBadTag,
             image_tags.append(tag)
         runs.append(dict(run=rn, event_tags=event_tags, events=events,
                          image_tags=np.array(sorted(image_tags), dtype=np.int64),
-                         shape=shape, dtype=dtype))
+                         shape=shape, dtype=dtype, sensors=sensors))
+
+
+def _sensors(g: h5py.Group, path: str, rgrp: str) -> tuple[str, ...]:
+    """The sensor groups of a run without ``DETECTOR`` (LayoutError if none)."""
+    from .panels import sensor_groups
+
+    try:
+        sensors = sensor_groups(g)
+    except ValueError as exc:
+        raise LayoutError(f"{path!r}: /{rgrp}: {exc}") from None
+    if not sensors:
+        raise LayoutError(f"{path!r}: /{rgrp}/{DETECTOR} is missing (and no per-sensor "
+                          "detector_2d_1.. groups)")
+    return sensors
+
+
+def _scan_sensors(g: h5py.Group, sensors: tuple[str, ...], path: str, rn: int,
+                  on_bad_tag: OnBadTag, bad: list[BadTag]) -> tuple[list[int], Any, Any]:
+    """:func:`.panels.scan_sensor_tags` with bad tags handled as the assembled scan does."""
+    from .panels import scan_sensor_tags
+
+    tags, bad_tags, shape, dtype = scan_sensor_tags(g, sensors, _check_tag)
+    for tag, why in bad_tags:
+        bt = BadTag(path, rn, tag, why)
+        if on_bad_tag == "fail":
+            raise BadTagError(f"{bt}; use on_bad_tag='skip' (--on-bad-tag skip) to go on "
+                              "without it") from None
+        bad.append(bt)
+    return tags, shape, dtype
 
 
 # -- the run -----------------------------------------------------------------------
@@ -577,7 +612,7 @@ def open_run(
                     raise LayoutError(f"tag {t} appears twice: in {seen[t]!r} and {p!r}; "
                                       "give each tag's file once")
                 seen[t] = p
-                sources.append(TagSource(p, r["run"], t))
+                sources.append(TagSource(p, r["run"], t, r["sensors"]))
             sub = ev.reindex(tag=tags)
             sub["source"] = ("tag", np.full(tags.size, fi, dtype=np.int64))
             sub["run"] = ("tag", np.full(tags.size, r["run"], dtype=np.int64))

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
 import h5py
 
 from .run import DETECTOR
+from .synthetic_panels import Panels, sensor_rects, write_panels_geom
 
 COMPRESSIONS = ("none", "gzip", "bitshuffle-lz4", "zstd")
 
@@ -74,6 +75,8 @@ class SyntheticTruth:
     laser_on: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
     delay: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     adu_per_photon: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    #: the CrystFEL geometry of an unassembled run (:class:`Panels`), else None
+    geom: str | None = None
 
     @property
     def wavelength(self) -> float:
@@ -512,6 +515,7 @@ def write_synthetic_run(
     seed: int = 0,
     pump_probe: PumpProbe | None = None,
     photon_counting: PhotonCounting | None = None,
+    panels: Panels | None = None,
     **keywords: Unpack[SyntheticKeywords],
 ) -> SyntheticTruth:
     """Write a synthetic SACLA run in the DataConvert layout.
@@ -538,6 +542,9 @@ def write_synthetic_run(
     nanocrystals : Nanocrystals, optional
         Randomly oriented crystallites whose reflections meet the Ewald
         sphere (default: none; ``crystals=`` sets their number per shot).
+    panels : Panels, optional
+        Write the images as separate sensor datasets plus a CrystFEL
+        ``.geom`` (:mod:`.synthetic_panels`, ``Panels(8)``); default assembled.
     seed : int
         Random seed.
     pump_probe : PumpProbe, optional
@@ -564,6 +571,7 @@ def write_synthetic_run(
         "nanocrystals": Nanocrystals() if nanocrystals is None else nanocrystals,
         "pump_probe": PumpProbe() if pump_probe is None else pump_probe,
         "photon_counting": PhotonCounting() if photon_counting is None else photon_counting,
+        "panels": Panels() if panels is None else panels,
     }
     changes: dict[str, dict[str, Any]] = {}
     for name, value in keywords.items():
@@ -579,7 +587,8 @@ def write_synthetic_run(
 def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: BraggSpots,
            storage: Storage, nanocrystals: Nanocrystals, seed: int,
            pump_probe: PumpProbe = PumpProbe(),
-           photon_counting: PhotonCounting = PhotonCounting()) -> SyntheticTruth:
+           photon_counting: PhotonCounting = PhotonCounting(),
+           panels: Panels | None = None) -> SyntheticTruth:
     """The writer of :func:`write_synthetic_run`, from its groups."""
     n_tags, first_image, extra_event_tags = shots.n_tags, shots.first_image, shots.extra_event_tags
     shape = detector.shape
@@ -646,6 +655,10 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
         kw["chunks"] = tuple(int(c) for c in storage.chunks)
     elif kw:
         kw["chunks"] = tuple(shape)
+    rects = sensor_rects(shape, panels) if panels is not None and panels.sensors else []
+    if rects and "chunks" in kw:  # (one chunk per sensor image, at most)
+        kw["chunks"] = tuple(min(c, s) for c, s in zip(kw["chunks"], (rects[0].h, rects[0].w),
+                                                       strict=True))
 
     if spots.per_ring < 0 or spots.width <= 0 or spots.amplitude < 0:
         raise ValueError("spots and spot_amplitude must be >= 0 and spot_width > 0")
@@ -666,10 +679,13 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
     with h5py.File(p, "w") as fh:
         fh["file_info/run_number_list"] = np.array([run], dtype=np.int64)
         g = fh.create_group(f"run_{run}")
-        det = g.create_group(DETECTOR)
-        info = det.create_group("detector_info")
-        info["pixel_size_in_micro_meter"] = np.array([detector.pixel_size * 1e6] * 2)
-        info["detector_name"] = np.bytes_("MPCCD-8N0-synthetic")
+        dets = [g.create_group(f"detector_2d_{r.index + 1}") for r in rects] or \
+            [g.create_group(DETECTOR)]
+        det = dets[0]
+        for d in dets:
+            info = d.create_group("detector_info")
+            info["pixel_size_in_micro_meter"] = np.array([detector.pixel_size * 1e6] * 2)
+            info["detector_name"] = np.bytes_("MPCCD-8N0-synthetic")
         ev = g.create_group("event_info")
         ev["tag_number_list"] = event_tags
         if shots.pulse_selector:
@@ -713,6 +729,14 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
                 img[...] = rng.poisson(np.maximum(img, 0))
             if adu_per_photon is not None:
                 img *= np.float32(adu_per_photon[i])
+            if rects:  # the same pixels, as separate sensors
+                for r, d in zip(rects, dets, strict=True):
+                    sid = h5py.h5g.create(d.id, f"tag_{tag}".encode())
+                    if k not in mset:
+                        _write_image(sid, r.take(img), kw)
+                    st = h5py.h5d.create(sid, b"detector_status", stype, sspace)
+                    st.write(h5py.h5s.ALL, h5py.h5s.ALL, one)
+                continue
             gid = h5py.h5g.create(det.id, f"tag_{tag}".encode())
             if k in mset:
                 pass
@@ -723,8 +747,13 @@ def _write(p: str, shots: Shots, detector: Detector, rings: Rings, bragg_spots: 
                 dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, img)
             st = h5py.h5d.create(gid, b"detector_status", stype, sspace)
             st.write(h5py.h5s.ALL, h5py.h5s.ALL, one)
+    geom = None
+    if rects:
+        assert panels is not None
+        geom = write_panels_geom(panels.geom or os.path.splitext(p)[0] + ".geom", shape,
+                                 panels, (cx, cy), detector.pixel_size, detector.distance)
     return SyntheticTruth(
-        path=p, run=run, tags=tags, bright=bright[img_idx], shape=(ny, nx),
+        geom=geom, path=p, run=run, tags=tags, bright=bright[img_idx], shape=(ny, nx),
         center_x=cx, center_y=cy, ring_radii=tuple(float(x) for x in ring_radii),
         ring_width=ring_width, pixel_size=detector.pixel_size, distance=detector.distance,
         photon_energy=shots.photon_energy, modulation_order=order,
@@ -759,6 +788,16 @@ def _pump_probe(pp: PumpProbe, phi: np.ndarray, n_event: int, seed: int
     off = (np.cos(pp.off_order * phi).astype(np.float32),
            np.sin(pp.off_order * phi).astype(np.float32))
     return laser_on, delay, off
+
+
+def _write_image(gid: h5py.h5g.GroupID, image: np.ndarray, kw: dict[str, Any]) -> None:
+    """``detector_data`` of one image in the tag group ``gid`` (filters ``kw``, or contiguous)."""
+    if kw:
+        h5py.Group(gid).create_dataset("detector_data", data=image, **kw)
+        return
+    dsid = h5py.h5d.create(gid, b"detector_data", h5py.h5t.py_create(np.dtype("<f4")),
+                           h5py.h5s.create_simple(image.shape))
+    dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, image)
 
 
 def _shot(out: np.ndarray, bright: bool, background: float, pulse_energy: float,

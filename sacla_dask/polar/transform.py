@@ -8,6 +8,7 @@ from typing import cast
 import numpy as np
 
 from ..geometry import Geometry
+from ..lab import DetectorLayout
 from .build import Method, build_operator
 from .grid import make_grid
 from .operator import apply_polar
@@ -45,6 +46,9 @@ class PolarTransform:
         Samples per pixel length of ``splitting``.
     min_coverage : float
         Least fraction of a bin's weight on good pixels for it to be good.
+    layout : DetectorLayout, optional
+        Separate panels in a stacked image (:mod:`sacla_dask.crystfel`):
+        the geometry then gives only the grid's units and the wavelength.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class PolarTransform:
         polarization: float | None = None,
         subdivision: int = 4,
         min_coverage: float = 0.5,
+        layout: DetectorLayout | None = None,
     ) -> None:
         self.geometry = geometry
         self.image_shape = cast(tuple[int, int], tuple(int(s) for s in image_shape))
@@ -72,10 +77,12 @@ class PolarTransform:
         self.fast_nphi = bool(fast_nphi)
         self.solid_angle = bool(solid_angle)
         self.polarization = None if polarization is None else float(polarization)
+        self.layout = layout
         self.grid = make_grid(geometry, qmin, qmax, nphi=nphi, nq=nq, fast_nphi=fast_nphi)
         self.operator = build_operator(geometry, self.grid, self.image_shape, mask, method,
                                        min_coverage, solid_angle=solid_angle,
-                                       polarization=polarization, subdivision=subdivision)
+                                       polarization=polarization, subdivision=subdivision,
+                                       layout=layout)
         empty = ~self.operator.polar_mask.any(axis=1)
         if empty.any():
             r = self.grid.radius[empty]
