@@ -277,6 +277,10 @@ class Follower:
         qp = parse_q_pairs(o.pairing.q_pairs, tr.q)
         self.q_pairs = qp
         self.cplan = make_plan(tr.polar_mask, qp)
+        nq = tr.shape[0]
+        self.rows = {"": (0, nq)}
+        if self.cplan.n_cross:
+            self.rows["_cross"] = (nq, self.cplan.nqp)
         self.op = worker_operator(tr.operator)
         if self.sums is None:
             self.sums = PairSums.for_plan(self.cplan, o.statistics.bootstrap,
@@ -370,9 +374,8 @@ class Follower:
             var("bragg_bins", ("tag", "q"), np.zeros((0, nq), np.int32),
                 nsigma=float(o.statistics.bragg))
         var("n_pairs", (), np.int64(0))
-        rows = {"": (0, nq)}
+        rows = self.rows
         if cplan.n_cross:
-            rows["_cross"] = (nq, cplan.nqp)
             cq1, cq2 = cplan.q1[nq:], cplan.q2[nq:]
             for name, vals in (("q1", tr.q[cq1]), ("q2", tr.q[cq2]), ("q1_index", cq1),
                                ("q2_index", cq2)):
@@ -382,7 +385,6 @@ class Follower:
         if o.statistics.bootstrap:
             corr_names += ["corr_ci_low", "corr_ci_high", "corr_fourier_ci_low",
                            "corr_fourier_ci_high"]
-        self.rows = rows
         for suffix, (lo, hi) in rows.items():
             dim = "q" if suffix == "" else "qpair"
             attrs_of = {n: CORRELATION[n].attrs(what=WHAT[suffix], level=level)
