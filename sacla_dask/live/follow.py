@@ -40,11 +40,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -377,9 +376,9 @@ class Follower:
         rows = self.rows
         if cplan.n_cross:
             cq1, cq2 = cplan.q1[nq:], cplan.q2[nq:]
-            for name, vals in (("q1", tr.q[cq1]), ("q2", tr.q[cq2]), ("q1_index", cq1),
-                               ("q2_index", cq2)):
-                coords[name] = ("qpair", vals, COORDS[name].attrs())
+            for name, cv in (("q1", tr.q[cq1]), ("q2", tr.q[cq2]), ("q1_index", cq1),
+                             ("q2_index", cq2)):
+                coords[name] = ("qpair", cv, COORDS[name].attrs())
         level = f"{100 * o.statistics.ci_level:g}%"
         corr_names = ["corr", "corr_sem", "corr_count", "corr_fourier"]
         if o.statistics.bootstrap:

@@ -137,7 +137,7 @@ def save_state(path: str | os.PathLike[str], meta: Mapping[str, Any], sums: Pair
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = final + f".{os.getpid()}.tmp"
     buf = io.BytesIO()
-    np.savez(buf, **out)
+    np.savez(buf, **out)  # type: ignore[arg-type]
     with writing(path):
         with open(tmp, "wb") as fh:
             fh.write(buf.getbuffer())

@@ -37,7 +37,7 @@ def _title(st: LiveStatus) -> str:
 def make_document(status: LiveStatus, period_ms: int = 1000) -> Any:
     """The Bokeh application function: fills a document that follows ``status``."""
     from bokeh.layouts import column, row
-    from bokeh.models import (
+    from bokeh.models import (  # type: ignore[attr-defined]
         Band,
         ColorBar,
         ColumnDataSource,
@@ -57,7 +57,7 @@ def make_document(status: LiveStatus, period_ms: int = 1000) -> Any:
         fmap = figure(title="C(q, dphi): mean over pairs", width=560, height=360,
                       x_axis_label="dphi (rad)", y_axis_label="q (1/A)")
         fmap.image(image="image", x="x", y="y", dw="dw", dh="dh", source=img,
-                   color_mapper=mapper)
+                   color_mapper=mapper)  # type: ignore[call-arg]
         fmap.add_layout(ColorBar(color_mapper=mapper, width=10), "right")
         fprof = figure(title="C(dphi) at q, +/- 1 s.e.m.", width=560, height=300,
                        x_axis_label="dphi (rad)", y_axis_label="C")
@@ -116,14 +116,16 @@ def make_document(status: LiveStatus, period_ms: int = 1000) -> Any:
             c = corr[qi, lo:hi]
             s = np.nan_to_num(st["sem"][qi, lo:hi])
             prof.data = {"dphi": dphi[lo:hi], "c": c, "lo": c - s, "hi": c + s}
-            fprof.title.text = f"C(dphi) at q = {q[qi]:.4f} 1/A (row {qi}), +/- 1 s.e.m."
+            fprof.title.text = (  # type: ignore[union-attr]
+                f"C(dphi) at q = {q[qi]:.4f} 1/A (row {qi}), +/- 1 s.e.m.")
             hist = st["history"]
             if hist:
                 cols = [HISTORY_ORDERS.index(n) for n in SHOWN_ORDERS]
                 conv.data = {"pairs": [h[0] for h in hist],
                              **{f"c{n}": [float(h[1][qi, j]) for h in hist]
                                 for n, j in zip(SHOWN_ORDERS, cols, strict=True)}}
-            fconv.title.text = f"c_n at q = {q[qi]:.4f} 1/A against pairs (convergence)"
+            fconv.title.text = (  # type: ignore[union-attr]
+                f"c_n at q = {q[qi]:.4f} 1/A against pairs (convergence)")
 
         doc.title = "sacla-dask live"
         draw()
