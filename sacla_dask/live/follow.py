@@ -808,9 +808,11 @@ def follow(source: Source, options: LiveOptions, *, idle_timeout: float = IDLE_T
                     if idle >= idle_timeout:
                         say(f"no new data for {idle:.0f} s: finalising {out}")
                         break
-                    fol.status.update(state=f"idle {idle:.0f} s (finalises after "
-                                            f"{idle_timeout:g} s)"
-                                      if fol.store is not None else "waiting for data")
+                    if fol.store is None:
+                        fol.status.update(state="waiting for data")
+                    elif idle > 2.0:
+                        fol.status.update(state=f"no new data for {idle:.0f} s (finalised "
+                                                f"after {idle_timeout:g} s)")
                     time.sleep(poll_interval)
             fol.finish()
             return _store.open_result(out)

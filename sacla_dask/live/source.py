@@ -173,16 +173,14 @@ class DirectorySource(Source):
     opened once, when first seen. A file that cannot be opened yet (still
     being copied in place by a tool that does not rename) is tried again at
     the next polls, and given up with an error after ``retry_seconds``.
-    New files are returned sorted by their first tag.
+    New files are returned sorted by their first tag. A folder that does not
+    exist yet is waited for (the conversion may not have started).
     """
 
     def __init__(self, where: str | os.PathLike[str], on_bad_tag: str = "fail",
                  retry_seconds: float = 60.0) -> None:
         w = os.fspath(where)
-        self.pattern = os.path.join(w, "*.h5") if os.path.isdir(w) else w
-        if not glob.has_magic(self.pattern) and not os.path.isdir(os.path.dirname(
-                os.path.abspath(self.pattern)) or "."):
-            raise RunFileError(f"source folder {w!r} does not exist")
+        self.pattern = w if glob.has_magic(w) else os.path.join(w, "*.h5")
         self.description = w
         self.on_bad_tag = on_bad_tag
         self.retry_seconds = retry_seconds
@@ -339,10 +337,10 @@ def open_source(where: str | os.PathLike[str], on_bad_tag: str = "fail") -> Sour
     """The source for ``where``: a folder or glob (:class:`DirectorySource`), or one
     ``.h5`` file being appended to (:class:`SWMRFileSource`)."""
     w = os.fspath(where)
-    if os.path.isfile(w):
-        return SWMRFileSource(w)
-    if os.path.isdir(w) or glob.has_magic(w):
-        return DirectorySource(w, on_bad_tag=on_bad_tag)
+    if os.path.isfile(w) or (w.endswith(".h5") and not glob.has_magic(w)):
+        return SWMRFileSource(w)  # (waits for the file to appear)
+    if os.path.isdir(w) or glob.has_magic(w) or not os.path.exists(w):
+        return DirectorySource(w, on_bad_tag=on_bad_tag)  # (waits for the folder too)
     raise SaclaDaskError(f"source {w!r} is neither a folder, a glob pattern nor an HDF5 file")
 
 
