@@ -71,7 +71,7 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
 
 # -- synth ---------------------------------------------------------------------
 @main.command()
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), required=False)
 @click.option("--tags", "n_tags", default=60, show_default=True, help="Tags with images.")
 @click.option("--dark", "n_dark", default=5, show_default=True,
               help="Leading shutter-closed (dark) tags.")
@@ -94,21 +94,47 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
 @click.option("--mask-out", type=click.Path(dir_okay=False), default=None,
               help="Also write a panel-gap mask (.npy, 1 = good) for these images.")
 @click.option("--seed", default=0, show_default=True, help="Random seed.")
+@click.option("--live", "live_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the run into this folder as it would arrive during beamtime: "
+                   "block files of --block tags at --rate tags/s (for 'follow'); no OUT.")
+@click.option("--rate", default=30.0, show_default=True, help="With --live: tags per second.")
+@click.option("--block", default=20, show_default=True, help="With --live: tags per file.")
 @_handle_errors
-def synth(out: str, n_tags: int, n_dark: int, shape: tuple[int, int],
+def synth(out: str | None, n_tags: int, n_dark: int, shape: tuple[int, int],
           center: tuple[float, float] | None, rings: tuple[float, ...], ring_width: float,
           pixel_size: float, distance: float, energy: float, order: int, amplitude: float,
-          compression: str, mask_out: str | None, seed: int) -> None:
+          compression: str, mask_out: str | None, seed: int, live_dir: str | None = None,
+          rate: float = 30.0, block: int = 20) -> None:
     """Write a synthetic SACLA run (DataConvert layout) with known truth.
 
     \b
     Example:
       sacla-dask synth run.h5 --tags 200 --shape 1024 1024 --mask-out mask.npy
+      sacla-dask synth --live incoming/ --tags 600 --rate 30 --block 20
     """
     from .io.synthetic import panel_mask, write_synthetic_run
 
     half = min(shape) / 2
     radii = rings or (0.3 * half, 0.6 * half)
+    if live_dir is not None or out is None:
+        from .live.synth import write_live_run
+
+        if live_dir is None or out is not None:
+            raise click.UsageError("give either OUT (one file) or --live DIR (block files)")
+        if mask_out:
+            np.save(mask_out, panel_mask((shape[0], shape[1])))
+
+        def arrived(path: str, truth: Any, when: float) -> None:
+            click.echo(f"{time.strftime('%H:%M:%S')} {path}: {len(truth.tags)} tags "
+                       f"{truth.tags[0]}..{truth.tags[-1]}")
+
+        write_live_run(live_dir, n_tags, block=block, rate=rate or None, n_dark=n_dark,
+                       shape=(shape[0], shape[1]), center=center, ring_radii=radii,
+                       ring_width=ring_width, pixel_size=pixel_size, distance=distance,
+                       photon_energy=energy, modulation_order=order,
+                       modulation_amplitude=amplitude, compression=compression, seed=seed,
+                       on_block=arrived)
+        return
     truth = write_synthetic_run(out, n_tags=n_tags, n_dark=n_dark, shape=(shape[0], shape[1]),
                                 center=center, ring_radii=radii, ring_width=ring_width,
                                 pixel_size=pixel_size, distance=distance,
@@ -975,6 +1001,103 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
                                      if missing else ""))
     else:
         click.echo("(give --out geom.yaml to save the geometry for 'sacla-dask process')")
+
+
+# -- follow --------------------------------------------------------------------
+#: options of 'process' that 'follow' does not take (where the work runs, whole-run ones)
+_NOT_FOLLOWED = ("runs", "out", "dry_run", "report", "engine", "scheduler", "scheduler_file",
+                 "cluster", "jobs", "progress")
+
+
+def _follow_command() -> click.Command:
+    """'follow': every option of 'process' (as 'process' defines them) and its own."""
+    params: list[click.Parameter] = [
+        click.Argument(["source"], type=click.Path()),
+        click.Option(["--out", "-o"], required=True, type=click.Path(),
+                     help="Output Zarr store (grows as the run arrives)."),
+        click.Option(["--idle-timeout"], type=float, default=None, metavar="SECONDS",
+                     help="Finalise when no new data arrived for this long (default 300: "
+                          "outlasts SACLA's conversion of a run's next block)."),
+        click.Option(["--serve"], type=int, default=None, metavar="PORT",
+                     help="Serve a live page at http://127.0.0.1:PORT/ (correlation map, "
+                          "profile with its SEM band, Fourier coefficients against pairs, "
+                          "rates)."),
+        click.Option(["--poll"], type=float, default=0.2, show_default=True,
+                     help="Seconds between looks at the source."),
+    ]
+    for p in process.params:
+        if p.name not in _NOT_FOLLOWED:
+            params.append(p)
+    return click.Command(
+        "follow", params=params, callback=_handle_errors(_follow),
+        help=_follow.__doc__, short_help="Follow a run live as its files arrive.")
+
+
+def _follow(source: str, out: str, idle_timeout: float | None, serve: int | None,
+            poll: float, **opts: Any) -> None:
+    """Follow a run while it is taken: fold each new block into the store as it arrives.
+
+    SOURCE is a folder (or a glob) into which the run's DataConvert files
+    arrive (names ending in .h5; each a complete file of some tags, written
+    under another name and renamed), or one HDF5 file that a writer appends
+    to with SWMR. Each new block is read, transformed and its pairs folded
+    into the running sums at once; the store grows along tag and is readable
+    at any moment (sacla_dask.open_result(OUT, allow_incomplete=True): the
+    tags so far, the current corr, corr_sem, corr_fourier, pairs). Pairs
+    across blocks are those 'process' makes over the same files. When no
+    data arrived for --idle-timeout seconds the store is finalised
+    ('complete'): it then equals 'process' over the same files. Ctrl-C, or
+    a kill, leaves a store that the same command resumes (nothing lost or
+    counted twice). One writer per store: a second 'follow' or 'process' on
+    OUT is refused while this runs. Not live: --pairs, --pairing other than
+    consecutive, --reject-outliers (use 'process' afterwards).
+
+    \b
+    Example:
+      sacla-dask synth --live incoming --tags 600 --rate 30 --block 20 &
+      sacla-dask follow incoming --out live.zarr --qmin 1.6 --qmax 1.8 \\
+          --center 259.3 253.9 --pixel-size 5e-5 --distance 0.053 --serve 5006
+    """
+    from .geometry import resolve_geometry
+    from .live.follow import IDLE_TIMEOUT, LiveOptions, LiveStatus, follow
+    from .live.source import open_source
+
+    geometry, mask = resolve_geometry(
+        opts["geometry"], center=opts["center"], pixel_size=opts["pixel_size"],
+        distance=opts["distance"], wavelength=opts["wavelength"], mask=opts["mask"])
+    options = LiveOptions(geometry=geometry, polar=_polar_spec(opts, mask),
+                          pairing=_pairing_spec(opts), statistics=_statistics_spec(opts),
+                          output=_output_spec(out, opts), shots=_shot_spec(opts),
+                          threads=opts.get("workers"))
+    options.check()
+    src = open_source(source, on_bad_tag=opts["on_bad_tag"])
+    status = LiveStatus()
+    server = None
+    if serve is not None:
+        from .live.page import serve_page
+
+        server = serve_page(status, serve)
+        click.echo(f"live page: http://127.0.0.1:{serve}/", err=True)
+    timeout = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+    click.echo(f"following {source} into {out} (finalised after {timeout:g} s without new "
+               "data; Ctrl-C stops, the same command resumes)", err=True)
+    try:
+        ds = follow(src, options, idle_timeout=timeout, poll_interval=poll,
+                    overwrite=opts["overwrite"], status=status,
+                    say=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {out} keeps every block folded so far; run the same "
+                   "command again to go on", err=True)
+        sys.exit(130)
+    finally:
+        if server is not None:
+            server.stop()
+    if ds is not None:
+        click.echo(f"wrote {out}: {ds.sizes['tag']} tags, {int(ds['n_pairs'])} pairs, "
+                   f"corr {dict(ds['corr'].sizes)}")
+
+
+main.add_command(_follow_command())
 
 
 # -- structure -----------------------------------------------------------------

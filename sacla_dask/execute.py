@@ -158,6 +158,16 @@ def execute(plan: ProcessingPlan, progress: bool = False, overwrite: bool = Fals
     xarray.Dataset
         The store, opened (:func:`sacla_dask.store.open_result`).
     """
+    from .live.lock import store_lock
+
+    if plan.out is None:
+        return _execute(plan, progress, overwrite, resume)  # (refused there)
+    with store_lock(plan.out, what="sacla-dask process"):  # one writer per store
+        return _execute(plan, progress, overwrite, resume)
+
+
+def _execute(plan: ProcessingPlan, progress: bool, overwrite: bool,
+             resume: bool) -> xr.Dataset:
     o = _output_state(plan, overwrite, resume)
     out = str(o.plan.out)
     if o.plan.tags_per_chunk != plan.tags_per_chunk:

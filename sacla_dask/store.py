@@ -708,6 +708,10 @@ def open_result(path: str | os.PathLike[str], allow_incomplete: bool = False,
             + ": the run that wrote it was interrupted or is still running; "
             "re-run the same command to finish it"
         )
+    if state == "incomplete" and "live_tags" in (_attrs(p) or {}):
+        from .live.growing import open_live  # a store being followed: its committed part
+
+        return open_live(p, **kwargs)
     if state == "complete":
         # left over only if the writer died between marking and cleaning up
         g = zarr.open_group(p, mode="r")
