@@ -30,14 +30,14 @@ CLUSTER_KINDS = ("local", "jobqueue")
 # (``distributed.nanny.pre-spawn-environ``), unless this process's environment has
 # the variable. MALLOC_ARENA_MAX=1: one glibc arena, so the task thread's large blocks
 # come from the same heap as the rest and are reused rather than fragmenting
-# per-thread arenas (benchmarks/README.md). Batch jobs export it in their prologue
+# per-thread arenas (docs/benchmarks.md). Batch jobs export it in their prologue
 # (deploy/); workers you start yourself should too.
 #
 # worker.saturation: root tasks (a tag chunk's read) a scheduler this module starts
 # hands a worker per thread (``distributed.scheduler.worker-saturation``; Dask's
 # default 1.1 with one-thread workers queues a second read behind the running one, so
 # a finished block's write and correlation wait behind the next read; 1.0 lowers the
-# peak memory, benchmarks/README.md). A scheduler you start yourself keeps its own
+# peak memory, docs/benchmarks.md). A scheduler you start yourself keeps its own
 # setting (deploy/README.md).
 
 

@@ -4,8 +4,8 @@ graph, and asks of the scheduler that will run it.
 Dask orders a graph by its shape (``dask.order``), which for a run's graph
 interleaves tag chunks: a worker could start reading chunk 15 while the
 write and the correlation of chunk 11, whose polar block it holds, were
-ready and waiting, so blocks piled up (measured: three ring-band blocks
-held at once where one or two suffice). The layers built inside
+ready and waiting, so blocks piled up (three ring-band blocks held at
+once where one or two suffice). The layers built inside
 :func:`chunk_first` carry a ``priority`` annotation of minus their tag
 chunk index, so a worker finishes what an older block feeds before it
 starts a newer one, and root tasks (the reads) are handed out in chunk

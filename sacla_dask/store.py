@@ -417,8 +417,8 @@ def write_template(path: str | os.PathLike[str], ds: xr.Dataset, chunk_vars: Seq
     ``to_zarr(path, compute=False)`` would be, file for file, but made in
     an in-memory Zarr store and then written as files: writing straight to
     disk takes xarray and Zarr ~80 store calls, each a trip to Zarr's event
-    loop and a thread doing the file I/O (0.13-0.39 s for a 30-array
-    result against 0.07 s in memory; benchmarks/README.md).
+    loop and a thread doing the file I/O, several times slower than in
+    memory (docs/benchmarks.md).
     """
     p = os.fspath(path)
     tmpl, encoding = template_dataset(ds, chunk_vars, tags_per_chunk, compression, params,
@@ -573,7 +573,7 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
     token = dask.base.tokenize(p, [a.name for a in arrs], todo, extra)
     name, final = "write-tag-chunk-" + token, "tag-chunks-written-" + token
     # opened here once, not by each task: an array opened in a task reads its metadata
-    # (for the ring band 4 opens took 2-8 ms per chunk write, next to ~3 ms of writes)
+    # (opening an array reads its metadata: as long as the chunk's writes themselves)
     targets = {n: _open_for_writing(p, n) for n in names + [d.name for d in extra] + [DONE]}
     dsk: dict[Any, Any] = {}
     keys = []
