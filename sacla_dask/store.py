@@ -572,8 +572,8 @@ def chunk_writes(path: str | os.PathLike[str], arrays: Mapping[str, da.Array],
             raise ValueError(f"{d.name}: source array {d.source!r} is not written")
     token = dask.base.tokenize(p, [a.name for a in arrs], todo, extra)
     name, final = "write-tag-chunk-" + token, "tag-chunks-written-" + token
-    # opened here once, not by each task: an array opened in a task reads its metadata
-    # (opening an array reads its metadata: as long as the chunk's writes themselves)
+    # opened here once, not by each task: an array opened in a task reads its metadata,
+    # which takes as long as the chunk's writes themselves
     targets = {n: _open_for_writing(p, n) for n in names + [d.name for d in extra] + [DONE]}
     dsk: dict[Any, Any] = {}
     keys = []
