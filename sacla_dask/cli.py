@@ -356,11 +356,6 @@ def process(runs: tuple[str, ...], out: str, **opts: Any) -> None:
           --qmin 2.64 --qmax 2.71 --pixel-size 5e-5 --distance 0.053 \\
           --mask mask.npy --workers 2
     """
-    local = not (opts["scheduler"] or opts["scheduler_file"] or opts["cluster"] != "local")
-    if local and not opts["dry_run"]:  # the disk reads ahead while the stack imports
-        from .io.prefetch import start_prefetch
-
-        start_prefetch(list(runs), first_tag=(opts["tag_range"] or (None,))[0])
     from .engine import choose_engine
     from .geometry import resolve_geometry
     from .plan import plan_run

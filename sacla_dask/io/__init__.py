@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# Names are imported on first use (PEP 562): the reader pulls in Dask and xarray, which
-# io.prefetch, run before the rest of a command is imported, must not wait for.
+# Names are imported on first use (PEP 562), as for the package itself: importing one
+# module of sacla_dask.io (io.hdf5, say) does not import the reader's Dask and xarray.
 _LAZY = {
     **dict.fromkeys(("DETECTOR", "BadTag", "Run", "TagSource", "mean_wavelength", "open_run"),
                     "run"),
