@@ -110,3 +110,31 @@ def test_bad_input(tilted_run, tmp_path):
     res = run(tilted_run, "--ring-q", "20.0")
     assert res.exit_code == 2 and "not reachable" in res.output
     assert "Traceback" not in res.output
+
+
+def test_ring_too_weak_and_no_wavelength(tilted_run, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from sacla_dask.cli import _center_tilt
+    from sacla_dask.errors import ParameterError
+
+    weak = tmp_path / "weak.h5"
+    shutil.copy(tilted_run, weak)
+    rng = np.random.default_rng(1)
+    with h5py.File(weak, "r+") as fh:
+        run_group = next(k for k in fh if k.startswith("run_"))
+        grp = fh[f"{run_group}/{DETECTOR}"]
+        for name in grp:
+            if name.startswith("tag_"):
+                grp[f"{name}/detector_data"][...] = (20 + rng.normal(0, 4.0, SHAPE)).astype(
+                    np.float32)
+    res = run(weak, "--distance", "0.02", "--ring-q", Q_RING)
+    assert res.exit_code == 2 and "no powder ring found" in res.output
+    assert "Traceback" not in res.output
+    # the wavelength unknown (no --wavelength, no photon energy in the file)
+    fake = SimpleNamespace(pixel_size=5e-5, wavelength=None, distance=0.02,
+                           wavelength_error="no photon energy",
+                           circle=SimpleNamespace(ellipse=object(), n_used=100))
+    with pytest.raises(ParameterError, match="--ring-q needs the wavelength"):
+        _center_tilt(fake, Q_RING)
