@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -821,6 +822,106 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
 
 
 # -- center --------------------------------------------------------------------
+def _center_tilt(result: Any, ring_q: float | None) -> dict[str, float]:
+    """Print the tilt the ellipse implies (and, with ``ring_q``, its refinement).
+
+    Returns the tilted geometry to write: ``center_x``, ``center_y`` (the
+    PONI, px), ``distance`` (m), ``rot1``, ``rot2``, ``rot3``.
+    """
+    from .center.tilt import choose_tilt_sign, refine_tilt, ring_two_theta, tilt_from_ellipse
+    from .errors import GeometryError, NoRingFoundError, ParameterError
+
+    c, e = result.circle, result.circle.ellipse
+    opt = "--ring-q" if ring_q is not None else "--tilt"
+    if result.pixel_size is None:
+        raise ParameterError(f"{opt} needs the pixel size (--pixel-size: the file has none)")
+    if e is None:
+        raise NoRingFoundError(f"{opt}: no ellipse could be fitted to the ring's "
+                               f"{c.n_used} peak points, so no tilt can be estimated")
+    p = result.pixel_size
+    tth = None
+    if ring_q is not None:
+        if result.wavelength is None:
+            raise ParameterError("--ring-q needs the wavelength (--wavelength, or photon "
+                                 f"energies in the run file: {result.wavelength_error})")
+        tth = ring_two_theta(ring_q, result.wavelength)
+        if result.distance is not None:
+            ny, nx = result.mean.image.shape
+            far = max(np.hypot(x - c.center_x, y - c.center_y)
+                      for x in (-0.5, nx - 0.5) for y in (-0.5, ny - 0.5))
+            r = math.tan(tth) * result.distance / p if tth < math.pi / 2 else math.inf
+            if r > 1.5 * far:
+                raise GeometryError(
+                    f"--ring-q {ring_q:g} 1/A lies at r = {r:.0f} px at distance "
+                    f"{result.distance * 1e3:g} mm, beyond the detector (its farthest corner "
+                    f"is {far:.0f} px from the centre): not the fitted ring at r = "
+                    f"{c.radius:.1f} px")
+    elif result.distance is None:
+        raise ParameterError("--tilt needs the distance (--distance or --poni)")
+    cands = tilt_from_ellipse((e.center_x, e.center_y), e.semi_major, e.semi_minor, e.angle,
+                              p, distance=result.distance if tth is None else None,
+                              two_theta=tth)
+    k, t = choose_tilt_sign(cands, result.mean.image, c.points, p)
+    est, mirror = cands[k], cands[1 - k]
+    sign_note = (f"its brightness (solid angle) favours the first, t = {t:.1f}" if t >= 3
+                 else f"its brightness does not tell either (t = {t:.1f}): the first is a "
+                      "guess")
+    click.echo(f"tilt        : ellipse implies rot1 = {est.rot1:.5f}, rot2 = {est.rot2:.5f} rad "
+               f"(tilt {math.degrees(est.tilt):.3f} deg about an axis at "
+               f"{est.axis_angle:.1f} deg), PONI ({est.center_x:.3f}, {est.center_y:.3f}) px "
+               f"at {est.distance * 1e3:.4g} mm, beam at ({est.beam_x:.3f}, "
+               f"{est.beam_y:.3f}) px")
+    click.echo(f"              or its mirror rot1 = {mirror.rot1:.5f}, rot2 = {mirror.rot2:.5f} "
+               f"rad, PONI ({mirror.center_x:.3f}, {mirror.center_y:.3f}) px: one ring's "
+               f"shape cannot tell them apart; {sign_note}")
+    if tth is None:
+        return {"center_x": est.center_x, "center_y": est.center_y, "distance": est.distance,
+                "rot1": est.rot1, "rot2": est.rot2, "rot3": 0.0}
+    fits = [refine_tilt(c.points, s, tth, p) for s in (est, mirror)]
+    f = fits[0]
+    sg = f.sigma
+    click.echo(f"refined     : q = {ring_q:g} 1/A (2theta {math.degrees(tth):.4f} deg): "
+               f"distance {f.distance * 1e3:.4f} +/- {sg['distance'] * 1e3:.4f} mm, PONI "
+               f"({f.center_x:.3f} +/- {sg['center_x']:.3f}, {f.center_y:.3f} +/- "
+               f"{sg['center_y']:.3f}) px, rot1 = {f.rot1:.5f} +/- {sg['rot1']:.5f}, rot2 = "
+               f"{f.rot2:.5f} +/- {sg['rot2']:.5f} rad; ring residual rms {f.rms_px:.3f} px "
+               f"over {f.n_points} points (mirror: rms {fits[1].rms_px:.3f} px)")
+    if result.distance is not None and abs(f.distance / result.distance - 1) > 0.1:
+        click.echo(f"note: the refined distance {f.distance * 1e3:.4g} mm is "
+                   f"{f.distance / result.distance:.3g} x the given one: is q = {ring_q:g} "
+                   "1/A the fitted ring?", err=True)
+    return {"center_x": f.center_x, "center_y": f.center_y, "distance": f.distance,
+            "rot1": f.rot1, "rot2": f.rot2, "rot3": 0.0}
+
+
+def _write_tilted(result: Any, tilted: dict[str, float], out: str) -> None:
+    """Write the tilted geometry to ``out`` (a PONI file, or the geometry YAML)."""
+    from .errors import OutputError, ParameterError
+    from .geometry import Geometry, write_geometry_file
+
+    if out.lower().endswith(".poni"):
+        from .poni import write_poni
+
+        if result.wavelength is None:
+            raise ParameterError("a PONI file needs --wavelength (give it, or --poni)")
+        g = Geometry(pixel_size=result.pixel_size, wavelength=result.wavelength, **tilted)
+        try:
+            write_poni(out, g, result.mean.image.shape,
+                       comment="tilted geometry fitted by sacla-dask center")
+        except OSError as exc:
+            raise OutputError(f"cannot write the PONI file {out!r}: {exc}") from None
+    else:
+        values = result.geometry_values()
+        values.update({k: float(v) for k, v in tilted.items()})
+        try:
+            write_geometry_file(out, values)
+        except OSError as exc:
+            raise OutputError(f"cannot write the geometry file {out!r}: {exc}") from None
+    click.echo(f"wrote {out} (tilted: PONI ({tilted['center_x']:.3f}, "
+               f"{tilted['center_y']:.3f}) px, distance {tilted['distance'] * 1e3:.4g} mm, "
+               f"rot1..3 = {tilted['rot1']:g}, {tilted['rot2']:g}, 0 rad)")
+
+
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--guess", nargs=3, type=float, default=None, metavar="X Y R",
@@ -862,6 +963,14 @@ def plot(store: str, out_dir: str, cut: float, q_profile: float | None, tag: int
                    "pulse-selector status).")
 @click.option("--select", "select", default=None, metavar="EXPR",
               help="Average only shots whose event data satisfy EXPR (as for 'process').")
+@click.option("--tilt", "tilt", is_flag=True, default=False,
+              help="Print the detector tilt the ring's ellipse implies (needs --distance) "
+                   "and write that tilted geometry (PONI and rot1, rot2) to --out.")
+@click.option("--ring-q", "ring_q", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="Q",
+              help="q (1/A) of the fitted ring (e.g. a calibrant's line; needs the "
+                   "wavelength): refine distance, PONI, rot1, rot2 from the ellipse's "
+                   "estimate so that the ring's peaks all have this q; --out gets the result.")
 @_cluster_options
 @_handle_errors
 def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask: str | None,
@@ -870,7 +979,8 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
            on_bad_tag: str, skip_first: int | None, workers: int | None,
            scheduler: str | None, scheduler_file: str | None, cluster: str,
            jobs: int | None, poni: str | None = None, geom: str | None = None,
-           select: str | None = None) -> None:
+           select: str | None = None, tilt: bool = False,
+           ring_q: float | None = None) -> None:
     """Find the beam centre from the mean of a run's bright shots; write a geometry file.
 
     Averages the bright shots (at most --max-shots, evenly spread over the
@@ -900,6 +1010,9 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     from .errors import OutputError, ParameterError
 
     rotations = (0.0, 0.0, 0.0)
+    if geom and (tilt or ring_q is not None):
+        raise ParameterError("--tilt and --ring-q fit one flat detector: not with --geom "
+                             "(its panels place every pixel)")
     if geom and out and not out.lower().endswith(".geom"):
         raise ParameterError(f"with --geom, --out writes the .geom with its corners shifted to "
                              f"the fitted beam: give a name ending in .geom (got {out!r})")
@@ -966,6 +1079,7 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
         click.echo(f"ring        : r = {c.radius:.3f} px -> q = {result.q_ring:.5f} 1/A (pixel "
                    f"{g.pixel_size * 1e6:g} um, distance {g.distance * 1e3:g} mm, "
                    f"wavelength {g.wavelength:.5f} A)")
+    tilted = _center_tilt(result, ring_q) if (tilt or ring_q is not None) else None
     if plot_path:
         try:
             center_figure(result).savefig(plot_path, dpi=110)
@@ -981,6 +1095,8 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
 
         n = shift_geom(geom, out, (bx, by))  # type: ignore[arg-type]
         click.echo(f"wrote {out} ({n} corners shifted by ({-bx:+.3f}, {-by:+.3f}) px)")
+    elif out and tilted is not None:
+        _write_tilted(result, tilted, out)
     elif out and out.lower().endswith(".poni"):
         from .center.poni import write_center_poni
 
