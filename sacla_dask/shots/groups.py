@@ -327,5 +327,6 @@ def group_attrs(plan: ProcessingPlan) -> dict[str, Any]:
     return {} if plan.groups is None else {"groups": plan.groups.describe()}
 
 
-__all__ = ["GROUP_VARIABLE", "ShotGroups", "group_attrs", "group_plans", "grouped_pairs",
-           "fourier_sem_bound", "grouped_statistics", "grouped_variables", "shot_groups", "with_group_labels"]
+__all__ = ["GROUP_VARIABLE", "ShotGroups", "fourier_sem_bound", "group_attrs", "group_plans",
+           "grouped_pairs", "grouped_statistics", "grouped_variables", "shot_groups",
+           "with_group_labels"]
