@@ -267,6 +267,10 @@ def test_structure_on_a_grouped_store_fits_each_group(runs, cli_store, tmp_path)
             np.testing.assert_allclose(ds[name].isel(group=g).values, alone[name].values,
                                        rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=name)
     xr.testing.assert_equal(ds["group"], sd.open_result(cli_store[0])["group"])
+    res = CliRunner().invoke(main, ["plot", out, "--out", str(tmp_path / "fig")])
+    assert res.exit_code == 0, res.output
+    drawn = {p.name for p in (tmp_path / "fig").iterdir()}
+    assert {"correlation_psi_group0.png", "correlation_psi_group1.png"} <= drawn, drawn
 
 
 def test_cli_center_select_averages_only_the_selected_shots(runs):
