@@ -21,7 +21,9 @@ read once whatever the number of groups. The dataset
 ``group`` dimension; with exactly two groups it adds their difference
 ``corr_diff`` (the second group minus the first, as the attr
 ``difference`` says) and its standard error ``corr_diff_sem`` (the groups
-share no shot: independent, ``sqrt(sem_a^2 + sem_b^2)``).
+share no shot: independent, ``sqrt(sem_a^2 + sem_b^2)``), and ``corr_fourier_diff``
+with an upper bound of its standard error (:func:`fourier_sem_bound`). With more
+groups the user takes the differences wanted (``docs/shots.md``).
 """
 
 from __future__ import annotations
