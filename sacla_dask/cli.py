@@ -386,7 +386,11 @@ def process(runs: tuple[str, ...], out: str, **opts: Any) -> None:
                    "command again to resume", err=True)
         sys.exit(130)
     dt = time.perf_counter() - t0
-    click.echo(f"wrote {out}: {ds.sizes['tag']} tags, {int(ds['n_pairs'])} pairs, "
+    npairs = np.asarray(ds["n_pairs"].values)
+    ptxt = (f"{int(npairs)} pairs" if npairs.ndim == 0 else
+            f"{int(npairs.sum())} pairs ({' + '.join(map(str, npairs.tolist()))} in "
+            f"{npairs.size} groups)")
+    click.echo(f"wrote {out}: {ds.sizes['tag']} tags, {ptxt}, "
                f"corr {dict(ds['corr'].sizes)} in {dt:.1f} s "
                f"({ds.sizes['tag'] / dt:.1f} tags/s)")
 
@@ -700,6 +704,16 @@ def _result_lines(path: str) -> list[str]:
     if a.get("unlinked_sharing"):
         ptxt += f"; {a['unlinked_sharing']} other sharing pairs not counted (SEM optimistic)"
     lines.append(f"  pairs      : {ptxt}")
+    grp = a.get("groups")
+    if isinstance(grp, dict) and "group" in ds.dims:
+        counts = "; ".join(f"{lab}: {ns} shots, {npr} pairs" for lab, ns, npr in zip(
+            grp.get("labels", []), grp.get("n_shots", []), grp.get("n_pairs", []), strict=False))
+        across = (f"; {grp['n_pairs_across']} listed pairs across groups dropped"
+                  if grp.get("n_pairs_across") else "")
+        diff = ("; corr_diff = " + str(ds["corr_diff"].attrs.get("difference", "?"))
+                if "corr_diff" in ds else "; no difference variable (more than two groups)")
+        lines.append(f"  groups     : {ds.sizes['group']} by {grp.get('field')} "
+                     f"({counts}){across}{diff}")
     try:
         lines.append(f"  geometry   : centre ({a['center_x']:.3f}, {a['center_y']:.3f}) px, "
                      f"pixel {a['pixel_size'] * 1e6:g} um, distance {a['distance'] * 1e3:g} mm, "

@@ -464,7 +464,9 @@ class ProcessingPlan:
             **({"groups": "; ".join(f"{self.groups.label(g)}: "
                                     f"{int((self.groups.labels == g).sum())} shots, "
                                     f"{int((self.groups.pair_group == g).sum())} pairs"
-                                    for g in range(self.groups.n))}
+                                    for g in range(self.groups.n))
+                                  + (f"; {self.groups.n_pairs_across} listed pairs across "
+                                     "groups dropped" if self.groups.n_pairs_across else "")}
                if self.groups is not None else {}),
             "correlation": self._correlation_summary(),
             "geometry": (f"centre ({g.center_x:.2f}, {g.center_y:.2f}) px, pixel "

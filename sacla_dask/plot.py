@@ -875,8 +875,13 @@ def plot_result(
     if "corr_psi" in ds:
         from .structure.plot import structure_figures
 
-        for name, fig in structure_figures(ds, q_prof, angles).items():
-            save(name, fig)
+        if "group" in ds["corr_psi"].dims:  # a grouped store: each group's figures
+            for g in range(ds.sizes["group"]):
+                for name, fig in structure_figures(ds.isel(group=g), q_prof, angles).items():
+                    save(f"{name}_group{g}", fig)
+        else:
+            for name, fig in structure_figures(ds, q_prof, angles).items():
+                save(name, fig)
 
     # radial profile over the band (row means before normalisation)
     if "row_mean" in ds:

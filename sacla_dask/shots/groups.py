@@ -21,7 +21,9 @@ read once whatever the number of groups. The dataset
 ``group`` dimension; with exactly two groups it adds their difference
 ``corr_diff`` (the second group minus the first, as the attr
 ``difference`` says) and its standard error ``corr_diff_sem`` (the groups
-share no shot: independent, ``sqrt(sem_a^2 + sem_b^2)``).
+share no shot: independent, ``sqrt(sem_a^2 + sem_b^2)``), and ``corr_fourier_diff``
+with an upper bound of its standard error (:func:`fourier_sem_bound`). With more
+groups the user takes the differences wanted (``docs/shots.md``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class ShotGroups:
         The group of each tag (-1: none, or not selected).
     pair_group : ndarray int64 (npair,)
         The group of each of the plan's pairs (set by :func:`grouped_pairs`).
+    n_pairs_across : int
+        Pairs of a list (``pairs=``, a pairs file) whose two shots are in
+        different groups: dropped (counted in ``n_pairs_dropped`` too).
     """
 
     field: str
@@ -72,6 +77,7 @@ class ShotGroups:
     labels: np.ndarray
     pair_group: np.ndarray = dataclasses.field(
         default_factory=lambda: np.zeros(0, np.int64))
+    n_pairs_across: int = 0
 
     @property
     def n(self) -> int:
@@ -92,6 +98,7 @@ class ShotGroups:
             "labels": [self.label(g) for g in range(self.n)],
             "n_shots": [int((self.labels == g).sum()) for g in range(self.n)],
             "n_pairs": [int((self.pair_group == g).sum()) for g in range(self.n)],
+            "n_pairs_across": int(self.n_pairs_across),
         }
         if self.low is not None and self.high is not None:
             out["edges"] = [float(v) for v in self.low] + [float(self.high[-1])]
@@ -159,7 +166,8 @@ def grouped_pairs(run: Run, groups: ShotGroups, pairs_of: PairsOf
 
     Returns the pairs asked for, the positions of those kept (group by
     group), which were kept (in any group), and ``groups`` with
-    ``pair_group``.
+    ``pair_group`` (and, for a list of pairs, ``n_pairs_across``: listed
+    pairs whose two selected shots are in different groups, dropped).
 
     Raises
     ------
@@ -193,10 +201,21 @@ def grouped_pairs(run: Run, groups: ShotGroups, pairs_of: PairsOf
     if all(a.shape == arrs[0].shape and np.array_equal(a, arrs[0]) for a in arrs):
         # one list of pairs asked for (a pairs file): kept when kept in any group
         pair_arr, kept_any = arrs[0], np.logical_or.reduce(kepts)
+        across = _pairs_across(run, groups, pair_arr)
     else:  # pairs made for each group
         pair_arr, kept_any = np.concatenate(arrs), np.concatenate(kepts)
-    out = dataclasses.replace(groups, pair_group=np.concatenate(gs))
+        across = 0
+    out = dataclasses.replace(groups, pair_group=np.concatenate(gs), n_pairs_across=across)
     return pair_arr, np.concatenate(ias), np.concatenate(ibs), kept_any, out
+
+
+def _pairs_across(run: Run, groups: ShotGroups, pair_arr: np.ndarray) -> int:
+    """Listed pairs whose two tags are in the run, in a group, but not the same one."""
+    from ..pairs import pair_indices
+
+    ia, ib, _ = pair_indices(pair_arr, run.tags)
+    ga, gb = groups.labels[ia], groups.labels[ib]
+    return int(((ga >= 0) & (gb >= 0) & (ga != gb)).sum())
 
 
 def group_plans(plan: ProcessingPlan) -> list[ProcessingPlan]:
@@ -275,6 +294,34 @@ def grouped_variables(plan: ProcessingPlan, per: list[LazyPairStatistics],
             data[f"{stem}_diff_sem"] = (dims[1:], da.sqrt(sem[0] ** 2 + sem[1] ** 2), {
                 "long_name": "standard error of the difference (the groups share no shot: "
                              "independent)", "difference": diff})
+        if "corr_fourier" in data:
+            dims, four, _ = data["corr_fourier"]
+            bound = fourier_sem_bound(data["corr_sem"][1], np.asarray(coords["dphi"][1]),
+                                      four.shape[-1])
+            data["corr_fourier_diff"] = (dims[1:], four[1] - four[0], {
+                "long_name": f"difference of the groups' Fourier coefficients Re c_n: {diff}",
+                "difference": diff})
+            data["corr_fourier_diff_sem"] = (dims[1:], da.sqrt(bound[0] ** 2 + bound[1] ** 2),
+                                             {"long_name": "upper bound of the standard error "
+                                                           "of corr_fourier_diff (each group's "
+                                                           "(1/nphi) sum_k corr_sem_k |cos(n "
+                                                           "dphi_k)|: lags taken as fully "
+                                                           "correlated), groups independent",
+                                              "difference": diff})
+
+
+def fourier_sem_bound(sem: Any, dphi: np.ndarray, nn: int) -> Any:
+    """An upper bound of the standard error of ``Re c_n`` from the per-lag ``sem``
+    (``(..., dphi)``): ``(1/nphi) sum_k sem_k |cos(n dphi_k)|``, n = 0..nn-1.
+
+    ``Re c_n`` is a fixed linear combination of the lags; the lags of a mean
+    correlation are correlated with each other (every pair contributes to
+    all of them), in an unknown way, and the standard deviation of a sum is
+    at most the sum of the standard deviations (Minkowski): a bound, exact
+    when the lags are fully correlated. NaN where any lag's sem is NaN.
+    """
+    weights = np.abs(np.cos(np.outer(dphi, np.arange(nn)))) / dphi.size
+    return sem @ weights
 
 
 def group_attrs(plan: ProcessingPlan) -> dict[str, Any]:
@@ -282,5 +329,6 @@ def group_attrs(plan: ProcessingPlan) -> dict[str, Any]:
     return {} if plan.groups is None else {"groups": plan.groups.describe()}
 
 
-__all__ = ["GROUP_VARIABLE", "ShotGroups", "group_attrs", "group_plans", "grouped_pairs",
-           "grouped_statistics", "grouped_variables", "shot_groups", "with_group_labels"]
+__all__ = ["GROUP_VARIABLE", "ShotGroups", "fourier_sem_bound", "group_attrs", "group_plans",
+           "grouped_pairs", "grouped_statistics", "grouped_variables", "shot_groups",
+           "with_group_labels"]

@@ -62,7 +62,9 @@ def summary_lines(ds: xr.Dataset, path: str, seconds: float) -> list[str]:
     lmax = int(a.get("structure_lmax", 0))
     lines = [f"wrote corr_psi, bl (l = 0..{lmax}, "
              f"{'all l' if a.get('structure_odd_l') else 'even l'}) to {path} in "
-             f"{seconds:.2f} s; errors from {a.get('structure_errors', '?')}"]
+             f"{seconds:.2f} s; errors from {a.get('structure_errors', '?')}"
+             + (f"; each of {ds.sizes['group']} groups on its own (a group dimension)"
+                if "group" in ds.get("bl", xr.DataArray()).dims else "")]
     for suffix, dim in (("", "q"), ("_cross", "qpair")):
         if f"bl{suffix}" not in ds:
             continue

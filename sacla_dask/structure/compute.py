@@ -152,6 +152,9 @@ def compute_structure(ds: xr.Dataset, lmax: int = DEFAULT_LMAX, *, odd: bool = F
         The variables listed in :func:`structure_variables` that apply,
         on the result's ``q`` / ``qpair`` and the new ``psi`` (radians) and
         ``l`` coordinates; its attrs are the ``structure_*`` parameters.
+        A grouped result (``corr`` on ``group``, :mod:`sacla_dask.shots.groups`)
+        gives every variable a leading ``group`` dimension: each group's
+        correlations fitted on their own, with that group's errors.
 
     Raises
     ------
@@ -162,6 +165,9 @@ def compute_structure(ds: xr.Dataset, lmax: int = DEFAULT_LMAX, *, odd: bool = F
     if "corr" not in ds or "dphi" not in ds["corr"].dims:
         raise ParameterError("the result has no corr (q, dphi): nothing to resample; "
                              "process the run first")
+    if "group" in ds["corr"].dims:  # a grouped result: each group on its own
+        return _per_group(ds, lmax=lmax, odd=odd, skip_lags=skip_lags, npsi=npsi,
+                          max_vif=max_vif, errors=errors, cross=cross)
     lmax = _check_int("lmax", lmax, 0)
     skip = _check_int("skip_lags", skip_lags, 0)
     if errors not in ERRORS:
@@ -224,6 +230,16 @@ def compute_structure(ds: xr.Dataset, lmax: int = DEFAULT_LMAX, *, odd: bool = F
         "structure_npsi": n_psi, "structure_max_vif": vif_max,
         "structure_errors": "; ".join(f"{k}: {v}" for k, v in err_src.items())})
     return out
+
+
+def _per_group(ds: xr.Dataset, **kw: Any) -> xr.Dataset:
+    """:func:`compute_structure` of each group of a grouped result, stacked on ``group``."""
+    parts = [compute_structure(ds.isel(group=g), **kw) for g in range(ds.sizes["group"])]
+    out = xr.concat(parts, dim="group", data_vars="all", coords="minimal",
+                    compat="override", combine_attrs="override")
+    return out.assign_coords({k: ("group", ds[k].values, dict(ds[k].attrs))
+                              for k in ("group", "group_index", "group_low", "group_high")
+                              if k in ds.coords})
 
 
 def _rows(c: np.ndarray, s: np.ndarray, n: np.ndarray, dphi: np.ndarray, t1: np.ndarray,
