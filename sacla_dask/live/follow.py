@@ -552,10 +552,11 @@ class Follower:
         now = time.time()
         self._rate.append((now, len(block)))
         self._publish(now, lag=now - block.arrived)
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f"{now % 1:.3f}"[1:]
         self.say(f"block {os.path.basename(block.name)}: tags {block.tags[0]}..{block.tags[-1]} "
                  f"({len(block)}, {int(selected.sum())} selected), {len(pairs)} pairs -> "
-                 f"{m['n_tags']} tags, {m['n_pairs']} pairs in store at {now:.3f} "
-                 f"({now - t0:.2f} s; {now - block.arrived:.2f} s after arrival)")
+                 f"{m['n_tags']} tags, {m['n_pairs']} pairs in store at {stamp} "
+                 f"({now - t0:.2f} s; {now - block.arrived:.3f} s after arrival)")
         return len(block)
 
     def _polar(self, block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
