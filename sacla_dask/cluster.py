@@ -18,6 +18,7 @@ from typing import Any
 import dask
 
 from . import config
+from .engine import usable_cores
 from .errors import ParameterError
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,6 @@ def _worker_env() -> dict[str, str]:
     (a user's own value wins), as strings."""
     env = config.get("worker.env") or {}
     return {str(k): str(v) for k, v in env.items() if k not in os.environ}
-
-
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _wait_for_file(path: str, timeout: str) -> None:
@@ -180,7 +174,7 @@ def dask_client(
             client.close()
             jq.close()
         return
-    n = _default_workers() if workers is None else workers
+    n = usable_cores() if workers is None else workers
     if n < 1:
         raise ParameterError(f"--workers must be >= 1 (got {workers})")
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
