@@ -375,7 +375,9 @@ def process(runs: tuple[str, ...], out: str, **opts: Any) -> None:
     click.echo(repr(plan))
     if opts["dry_run"]:
         return
-    plan.check_output(overwrite=opts["overwrite"])  # refuse a bad --out before a cluster starts
+    if plan.engine is not None and plan.engine.kind != "threads":
+        # refuse a bad --out before a cluster starts (on threads, execute checks it first)
+        plan.check_output(overwrite=opts["overwrite"])
     t0 = time.perf_counter()
     try:
         with _engine(plan.engine, opts["scheduler"], opts["scheduler_file"], opts["jobs"]), \
