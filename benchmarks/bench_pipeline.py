@@ -13,7 +13,7 @@ writes itself into ``benchmarks/_work/`` (reused across invocations):
 4. peak RSS of every worker for a short and a long run, and the number of
    tasks in the graph (also for a 5050-tag run);
 
-then prints the ratios against the targets of issue 8 (PASS/MISS) and
+then prints the ratios against its targets (PASS/MISS) and
 writes every figure to ``benchmarks/_work/results-<time>.json``.
 
 Usage::
@@ -953,7 +953,7 @@ def _find(pipe: list[dict], **kw: Any) -> dict | None:
 
 
 def summary(res: dict, workers: list[int]) -> list[dict]:
-    """Ratios against the issue's targets; printed as a table."""
+    """Ratios against the targets; printed as a table."""
     rows: list[dict] = []
     pipe = res.get("pipeline", [])
     nw = max(workers)
@@ -1074,7 +1074,7 @@ def summary(res: dict, workers: list[int]) -> list[dict]:
                 le=True, note=f"4 x chunk ({lg['chunk_mib']:.0f} MiB) + 300 MiB")
     for k, v in res.get("graph_5050", {}).items():
         add(f"tasks, 5050 tags, {k}", v["tasks"], TARGETS["graph_tasks_5050"], le=True)
-    log("\nsummary (targets of issue 8)")
+    log("\nsummary (targets)")
     log(C.table([[r["figure"], r["value"], r["target"], r["verdict"], r["note"]] for r in rows],
                 ["figure", "value", "target", "verdict", "note"]))
     return rows

@@ -12,7 +12,7 @@ process run:
   reads from HDF5: the band's bounding box, C-contiguous);
 * pyFAI ``integrate2d_ng`` on the same grid (``r_mm`` over the band,
   nq x nphi bins), CSR engine in Cython, ``OMP_NUM_THREADS=1``: full pixel
-  splitting (``("full", "csr", "cython")``, the target of issue 8) and no
+  splitting (``("full", "csr", "cython")``, the target) and no
   splitting (``("no", "csr", "cython")``);
 
 and prints images/s and the ratios. Everything runs on one core: the
@@ -242,7 +242,7 @@ def _print_band(rows: dict[str, dict[str, Any]]) -> None:
 
 
 def _print_targets(results: dict[str, Any]) -> None:
-    log("\nissue 8 target: sacla_dask bilinear at least as fast per image as pyFAI's CSR engine "
+    log("\ntarget: sacla_dask bilinear at least as fast per image as pyFAI's CSR engine "
         "(full splitting), one core")
     for band, b in results["bands"].items():
         rows = b["rows"]
