@@ -1047,9 +1047,9 @@ def center(runs: tuple[str, ...], guess: tuple[float, float, float] | None, mask
     def computing_mean() -> Any:
         if on_cluster:
             return _client_from(workers, scheduler, scheduler_file, cluster, jobs)
-        import dask.threaded  # (the function, not its name: no distributed import)
+        from .engine import local_threads
 
-        return dask.config.set(scheduler=dask.threaded.get)
+        return local_threads()
 
     def report_mean(mean: BrightMean) -> None:
         shape = mean.image.shape

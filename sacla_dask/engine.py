@@ -163,6 +163,19 @@ def choose_engine(run: Run, engine: str = "auto", *, workers: int | None = None,
                                   "global lock: one process per core decodes in parallel")
 
 
+def local_threads(workers: int | None = None) -> Any:
+    """Dask's threaded scheduler in this process for the block (``with``), ``workers`` threads.
+
+    The scheduler is given as its function, not its name: behind a name Dask
+    looks for a distributed client, importing distributed (about a second)
+    for nothing.
+    """
+    import dask
+    import dask.threaded
+
+    return dask.config.set(scheduler=dask.threaded.get, num_workers=workers)
+
+
 @contextlib.contextmanager
 def engine_context(engine: Engine, *, jobs: int | None = None, scheduler: str | None = None,
                    scheduler_file: str | None = None) -> Iterator[Any]:
@@ -172,13 +185,8 @@ def engine_context(engine: Engine, *, jobs: int | None = None, scheduler: str | 
     threads for the block (nothing is started); the others open a client
     with :func:`sacla_dask.cluster.dask_client` and close what they started.
     """
-    import dask
-    import dask.threaded
-
     if engine.kind == "threads":
-        # the scheduler function itself, not its name: Dask looks for a distributed client
-        # behind a name, importing distributed (about a second) for nothing
-        with dask.config.set(scheduler=dask.threaded.get, num_workers=engine.workers):
+        with local_threads(engine.workers):
             yield None
         return
     from .cluster import dask_client
